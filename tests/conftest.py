@@ -1,0 +1,28 @@
+"""Shared test setup: offline Hugging Face, the shared data root, small deterministic torch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# A hub lookup without these hangs ~45 s before failing on machines with no network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_SHARED = REPO_ROOT.parent / "shared" / "data"
+if "KBIT_DATA_ROOT" not in os.environ and _SHARED.is_dir():
+    os.environ["KBIT_DATA_ROOT"] = str(_SHARED)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The evaluation data root (shared/data layout); tests needing it are skipped without it."""
+    root = os.environ.get("KBIT_DATA_ROOT")
+    if not root or not Path(root).is_dir():
+        pytest.skip("KBIT_DATA_ROOT not set and ../shared/data not found")
+    return Path(root)
