@@ -141,7 +141,6 @@ SCHEMA = pa.schema(
 )
 
 _FIELDS = [f.name for f in dataclasses.fields(Record)]
-assert _FIELDS == SCHEMA.names, "Record fields and SCHEMA must list the same columns in order"
 
 
 def cell_path(results_dir: str | os.PathLike, sweep: str, cell_id: str) -> Path:
@@ -156,7 +155,9 @@ def to_table(records: list[Record]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 
-def write_cell(records: list[Record], path: str | os.PathLike, config_yaml: str | None = None) -> Path:
+def write_cell(
+    records: list[Record], path: str | os.PathLike, config_yaml: str | None = None
+) -> Path:
     """Atomically write all rows of one cell to ``path`` (and its config beside it).
 
     The rows go to a temporary file in the destination folder, which is flushed, fsynced and

@@ -1,0 +1,176 @@
+"""``kbit-plot RESULTS_DIR --out DIR`` and ``kbit-advise RESULTS_DIR --budget 4GiB``."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.advise import NothingFits, advise, format_advice, parse_budget
+from analysis.figures import (
+    DEFAULT_PPL_CAP,
+    block_size_figure,
+    dtype_figure,
+    perplexity_figure,
+    proxy_centering_figure,
+    save_figure,
+    scaling_figure,
+)
+from analysis.load import ACC_COLUMN, Results, load_results
+from analysis.stats import ppl_acc_correlation
+from analysis.tables import (
+    best_config_table,
+    bit_optimal_table,
+    cell_table,
+    default_budgets,
+    main_curves,
+    to_markdown,
+)
+
+log = logging.getLogger("analysis")
+
+
+def ppl_columns(cells: pd.DataFrame) -> list[str]:
+    """The ``<task>:ppl`` columns present, wikitext2 first (the paper's perplexity set)."""
+    cols = sorted(c for c in cells.columns if c.endswith(":ppl"))
+    return sorted(cols, key=lambda c: c != "wikitext2:ppl")
+
+
+def _write_table(frame: pd.DataFrame, out: Path, name: str) -> list[Path]:
+    csv, md = out / f"{name}.csv", out / f"{name}.md"
+    frame.to_csv(csv, index=False)
+    md.write_text(to_markdown(frame))
+    return [csv, md]
+
+
+def make_figures(
+    cells: pd.DataFrame, out: Path, k: int, ppl_column: str | None, cap: float
+) -> list[Path]:
+    """Build and save the five figures that the data support; returns the files written."""
+    figures = {
+        "scaling_acc": lambda: scaling_figure(cells, ACC_COLUMN, "mean zero-shot accuracy"),
+        "scaling_ppl": lambda: perplexity_figure(cells, ppl_column, cap) if ppl_column else None,
+        f"block_size_k{k}": lambda: block_size_figure(cells, k),
+        f"dtype_k{k}": lambda: dtype_figure(cells, k),
+        f"proxy_centering_k{k}": lambda: proxy_centering_figure(cells, k),
+    }
+    paths: list[Path] = []
+    for name, build in figures.items():
+        fig = build()
+        if fig is None:
+            log.info("figure %s: no matching cells; skipped", name)
+            continue
+        paths += save_figure(fig, out, name)
+    return paths
+
+
+def make_tables(results: Results, out: Path, ppl_column: str | None, cap: float) -> list[Path]:
+    """bit_optimal_k, best_config, cells (.md + .csv) and stats.md."""
+    cells = results.cells
+    paths = _write_table(cell_table(cells), out, "cells")
+    if not results.failed.empty:
+        paths += _write_table(results.failed, out, "failed_cells")
+    if ACC_COLUMN not in cells.columns:
+        log.warning("no %s measurements: bit-optimal and best-config tables skipped", ACC_COLUMN)
+        return paths
+    curves = main_curves(cells, ACC_COLUMN)
+    budgets = default_budgets(curves)
+    paths += _write_table(bit_optimal_table(curves, budgets), out, "bit_optimal_k")
+    paths += _write_table(best_config_table(cells, budgets), out, "best_config")
+    lines = ["# Statistics", ""]
+    for col in ppl_columns(cells):
+        r, n = ppl_acc_correlation(cells, col, ACC_COLUMN, cap=cap)
+        lines.append(
+            f"- Pearson r({col}, {ACC_COLUMN}) = {r:.3f} over {n} stable cells "
+            f"(ppl <= {cap:g}); the paper reports -0.94"
+        )
+    if results.failed.shape[0]:
+        lines.append(f"- {len(results.failed)} failed cell(s) dropped (failed_cells.md)")
+    (out / "stats.md").write_text("\n".join(lines) + "\n")
+    return [*paths, out / "stats.md"]
+
+
+def _common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results_dir", metavar="RESULTS_DIR", help="the result store")
+    parser.add_argument("--sweep", action="append", help="only this sweep (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _setup(args: argparse.Namespace) -> Results:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    root = Path(args.results_dir)
+    if not root.is_dir():
+        raise SystemExit(f"RESULTS_DIR {args.results_dir!r} is not a folder")
+    known = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for sweep in args.sweep or []:
+        if sweep not in known:
+            close = difflib.get_close_matches(sweep, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise SystemExit(f"--sweep {sweep!r}: no such sweep in {root}; known: {known}{hint}")
+    return load_results(root, args.sweep)
+
+
+def plot_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kbit-plot``: figures (PNG+PDF) and tables (.md+.csv) into --out."""
+    p = argparse.ArgumentParser(prog="kbit-plot", description=plot_main.__doc__)
+    _common_args(p)
+    p.add_argument("--out", default="figures", help="output folder (default: figures)")
+    p.add_argument("--k", type=int, default=4, help="fixed k for figures 3-5 (default 4)")
+    p.add_argument("--ppl-task", help="perplexity task (default: wikitext2, else the first)")
+    p.add_argument(
+        "--ppl-cap",
+        type=float,
+        default=DEFAULT_PPL_CAP,
+        help="perplexity above this is unstable: clipped and marked (default 100)",
+    )
+    args = p.parse_args(argv)
+    results = _setup(args)
+    if results.cells.empty:
+        log.error(
+            "no ok cells in %s%s", args.results_dir, f" (sweeps {args.sweep})" if args.sweep else ""
+        )
+        return 1
+    cols = ppl_columns(results.cells)
+    ppl_column = f"{args.ppl_task}:ppl" if args.ppl_task else (cols[0] if cols else None)
+    if ppl_column and ppl_column not in results.cells.columns:
+        raise SystemExit(f"--ppl-task {args.ppl_task!r}: no such perplexity task; known: {cols}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = make_figures(results.cells, out, args.k, ppl_column, args.ppl_cap)
+    paths += make_tables(results, out, ppl_column, args.ppl_cap)
+    log.info("wrote %d file(s) to %s", len(paths), out)
+    return 0
+
+
+def advise_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kbit-advise``: the best measured configuration under a memory budget."""
+    p = argparse.ArgumentParser(prog="kbit-advise", description=advise_main.__doc__)
+    _common_args(p)
+    p.add_argument("--budget", required=True, help="e.g. 4GiB, 500MB, 3.5GB, 2e9bits")
+    p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap replicates")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = p.parse_args(argv)
+    try:
+        budget = parse_budget(args.budget)
+    except ValueError as err:
+        p.error(f"--budget: {err}")
+    results = _setup(args)
+    try:
+        advice = advise(results, budget, n_boot=args.n_boot, level=args.level, seed=args.seed)
+    except NothingFits as err:
+        sys.stderr.write(f"kbit-advise: {err}\n")
+        return 1
+    sys.stdout.write(
+        (json.dumps(advice.to_dict(), indent=2) if args.json else format_advice(advice)) + "\n"
+    )
+    return 0

@@ -1,0 +1,83 @@
+"""Load and plot ~10,000 synthetic records (about 1,000 cell files); target <= 5 s.
+
+    python benchmarks/analysis_bench.py [--keep DIR]
+
+Prints each phase (read the store, build frames, five figures as PNG+PDF, tables) and the
+total of load + figures + tables, with the reference loader (``harness.records.read_store``,
+one ``pq.read_table`` per file, all columns) timed side by side for the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from analysis.cli import make_figures, make_tables
+from analysis.load import load_results
+from analysis.synthetic import write_synthetic_store
+from harness.records import read_store
+
+TARGET_S = 5.0
+
+
+def _grid() -> dict:
+    # 2 families x 6 sizes x (5 k x 3 variants x 2 dtypes x 3 block sizes + 16-bit)
+    # = 1,092 cells x 10 rows = 10,920 records.
+    return dict(
+        families=("pythia", "opt"),
+        sizes=(125e6, 350e6, 1.3e9, 2.7e9, 6.7e9, 13e9),
+        ks=(3, 4, 5, 6, 8, 16),
+        dtypes=("int", "quantile"),
+        block_sizes=(64, 256, None),
+        variants=(("blockwise", False, 0.0), ("blockwise", True, 0.0), ("proxy", False, 0.02)),
+        n_examples=500,
+    )
+
+
+def _timed(label: str, fn, timings: dict, cpu: dict):
+    """Wall and CPU seconds: on a shared machine the CPU time is the stabler number."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    timings[label], cpu[label] = time.perf_counter() - t0, time.process_time() - c0
+    print(f"  {label:<32s} wall {timings[label]:7.3f} s   cpu {cpu[label]:7.3f} s")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--keep", help="store and outputs here (reused if present), not a temp dir")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    root = Path(args.keep or tempfile.mkdtemp(prefix="kbit-analysis-bench-"))
+    store, out = root / "store", root / "out"
+    if not any(store.glob("*/*.parquet")):
+        write_synthetic_store(store, **_grid())
+    t, cpu = {}, {}
+    print(f"store: {store}")
+    ref = _timed("reference read_store (all cols)", lambda: read_store(store), t, cpu)
+    results = _timed("load_results (dataset, proj.)", lambda: load_results(store), t, cpu)
+    print(f"  records: {ref.num_rows}, cells: {len(results.cells)}")
+    _timed(
+        "5 figures (PNG + PDF)",
+        lambda: make_figures(results.cells, out, 4, "wikitext2:ppl", 100.0),
+        t,
+        cpu,
+    )
+    _timed("tables + stats", lambda: make_tables(results, out, "wikitext2:ppl", 100.0), t, cpu)
+    phases = ["load_results (dataset, proj.)", "5 figures (PNG + PDF)", "tables + stats"]
+    total, total_cpu = sum(t[p] for p in phases), sum(cpu[p] for p in phases)
+    ratio = t["reference read_store (all cols)"] / t["load_results (dataset, proj.)"]
+    print(f"load speed-up vs reference reader: {ratio:.2f}x")
+    print(
+        f"load + figures + tables: wall {total:.3f} s, cpu {total_cpu:.3f} s "
+        f"(target <= {TARGET_S:.0f} s): "
+        f"{'OK' if total <= TARGET_S else 'OVER'}"
+    )
+    print(f"outputs: {out}")
+
+
+if __name__ == "__main__":
+    main()

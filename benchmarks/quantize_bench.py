@@ -1,0 +1,114 @@
+"""Block-wise quantizer speed, side by side in one run.
+
+    python benchmarks/quantize_bench.py            # 4096 x 4096 float32, B = 64, + 100M quantiles
+    python benchmarks/quantize_bench.py --no-100m  # skip the 100M-element quantile estimation
+
+Every candidate is timed once per round, rounds interleaved, median reported, so machine
+load hits all of them alike. Ratios: vs bitsandbytes' CPU quantize_blockwise +
+dequantize_blockwise (8-bit dynamic; target <= 1.0) and vs a plain copy_ of the tensor into
+a preallocated buffer (the memory floor; target <= 5). Quantile estimation of a 100M-element
+tensor is compared with torch.sort of the same tensor (target <= 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from harness.dtypes import codebook, is_data_dependent
+from harness.quantize import dequantize_blockwise, fake_quantize, quantize_blockwise
+from harness.quantize.blockwise import normalised_values
+
+CASES = [
+    (name, k)
+    for k in (4, 8)
+    for name in ("int", "int_asym", "float", "dynamic", "normal", "quantile", "quantile_approx")
+]
+CASES += [("nf4", 4), ("e2m1", 4), ("fp8_e4m3", 8)]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def candidates(x: torch.Tensor, block: int) -> dict[str, Callable[[], object]]:
+    dst = torch.empty_like(x)
+    out = {"copy_ (floor)": lambda: dst.copy_(x)}
+    try:
+        import bitsandbytes.functional as bnb
+
+        dyn = bnb.create_dynamic_map(signed=True)
+
+        def bnb_qdq():
+            q, state = bnb.quantize_blockwise(x, code=dyn, blocksize=block)
+            return bnb.dequantize_blockwise(q, state)
+
+        out["bitsandbytes dynamic k=8"] = bnb_qdq
+    except ImportError:
+        print("bitsandbytes not installed: no reference kernel")
+    for name, k in CASES:
+
+        def qdq(name=name, k=k):
+            fitted = normalised_values(x, block) if is_data_dependent(name) else None
+            return dequantize_blockwise(quantize_blockwise(x, codebook(name, k, fitted), block))
+
+        out[f"{name} k={k} q+dq"] = qdq
+        out[f"{name} k={k} fake"] = lambda name=name, k=k: fake_quantize(x, name, k, block)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--cols", type=int, default=4096)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--no-100m", action="store_true", help="skip the 100M quantile estimation")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(args.rows, args.cols)
+    cands = candidates(x, args.block_size)
+    t0 = time.perf_counter()
+    for fn in cands.values():  # warm-up: torch.compile, caches, allocator
+        fn()
+        fn()
+    print(
+        f"warm-up (incl. torch.compile) {time.perf_counter() - t0:.1f} s; threads {torch.get_num_threads()}"
+    )
+    times: dict[str, list[float]] = {name: [] for name in cands}
+    for _ in range(args.rounds):
+        for name, fn in cands.items():
+            times[name].append(timed(fn))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    ref = med.get("bitsandbytes dynamic k=8")
+    floor = med["copy_ (floor)"]
+    print(
+        f"\n{args.rows}x{args.cols} float32, B={args.block_size}, median of {args.rounds} interleaved rounds"
+    )
+    print(f"{'candidate':34s} {'ms':>9s} {'/bnb':>7s} {'/copy':>7s}")
+    for name, t in med.items():
+        r_bnb = f"{t / ref:7.2f}" if ref else "    n/a"
+        print(f"{name:34s} {t * 1e3:9.1f} {r_bnb} {t / floor:7.1f}")
+    if not args.no_100m:
+        bench_quantiles()
+
+
+def bench_quantiles(n: int = 100_000_000) -> None:
+    x = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    t_sort = timed(lambda: torch.sort(x))
+    t_exact = timed(lambda: codebook("quantile", 8, x))
+    t_approx = timed(lambda: codebook("quantile_approx", 8, x))
+    print(f"\nquantile codebook of a {n:,}-element tensor (k=8) vs torch.sort of it")
+    print(f"torch.sort          {t_sort:7.2f} s")
+    print(f"quantile (exact)    {t_exact:7.2f} s   ratio {t_exact / t_sort:5.2f}")
+    print(f"quantile_approx     {t_approx:7.2f} s   ratio {t_approx / t_sort:5.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""``kbit-demo``: the README's main job, offline, from nothing to the k-bit scaling plot.
+
+Three stages, each visible as it runs and each resumable (re-running skips finished work):
+
+1. build (or reuse) the ``demo`` zoo family: 4 GPT-NeoX models trained on the corpus shipped
+   inside the package, so a fresh machine without a network has everything it needs;
+2. run ``sweeps/demo.yaml`` through ``kbit-run --multirun`` with Hydra's basic launcher (local
+   and in-process, so consecutive cells of one model reuse the loaded model), writing one
+   parquet file per cell into the result store;
+3. ``kbit-plot`` the store: the scaling figures and the bit-optimal table.
+
+The sweep runs in a child process, exactly the command a user would type, so the demo
+exercises the same path as a real sweep (grid validation, resume, records).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("harness.demo")
+
+SWEEP = "demo"
+FAMILY = "demo"
+HEADLINE = "scaling_acc.png"  # the figure shown in the README
+
+
+def checkout_figure() -> Path | None:
+    """docs/img/demo_scaling.png of the source checkout kbit runs from, if it runs from one.
+
+    The README shows the figure the demo makes; an editable install in a checkout refreshes it.
+    An installed wheel has no docs/ folder, and then nothing outside --out is written.
+    """
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    return docs / "img" / "demo_scaling.png" if docs.is_dir() else None
+
+
+def sweep_command(results_dir: Path, zoo_dir: Path | None, extra: Sequence[str]) -> list[str]:
+    """The ``kbit-run --multirun`` command of the demo sweep (as the first line of its YAML)."""
+    cmd = [sys.executable, "-m", "harness.run", "--multirun", f"+sweeps@_global_={SWEEP}"]
+    cmd.append(f"results_dir={results_dir}")
+    if zoo_dir is not None:
+        cmd.append(f"zoo_dir={zoo_dir}")
+    return cmd + list(extra)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="kbit-demo",
+        description="Build the demo model family, run the demo sweep offline, plot the results.",
+    )
+    p.add_argument("--results", default="results", help="result store (default: ./results)")
+    p.add_argument("--out", default="figures", help="figures and tables (default: ./figures)")
+    p.add_argument("--zoo-dir", help="model cache (default: $KBIT_ZOO_DIR or ~/.cache/kbit/zoo)")
+    p.add_argument(
+        "--corpus",
+        help="train the family on this folder of .txt files instead of the packaged corpus "
+        "(sets $KBIT_CORPUS_DIR for the sweep too, so zoo:demo/... resolves to this build)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads for the family build"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="extra Hydra overrides for the sweep, e.g. eval.limit=50 or device=cuda",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kbit-demo``; returns the process exit status."""
+    args = _parse(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    from analysis.cli import plot_main  # deferred: keeps `kbit-demo --help` instant
+    from harness.zoo import build_family
+
+    results, out = Path(args.results).resolve(), Path(args.out).resolve()
+    zoo_dir = Path(args.zoo_dir).resolve() if args.zoo_dir else None
+    env = dict(os.environ)
+    if args.corpus:
+        env["KBIT_CORPUS_DIR"] = str(Path(args.corpus).resolve())
+    start = time.time()
+
+    log.info("1/3 building (or reusing) the %r model family", FAMILY)
+    corpus = env.get("KBIT_CORPUS_DIR")
+    build_family(FAMILY, zoo_dir=zoo_dir, corpus=corpus, threads=args.threads)
+    built = time.time()
+
+    cmd = sweep_command(results, zoo_dir, args.overrides)
+    log.info("2/3 running the demo sweep: %s", " ".join(cmd[2:]))
+    status = subprocess.run(cmd, env=env, check=False).returncode
+    if status != 0:
+        log.error("the demo sweep failed (exit %d); re-run kbit-demo to resume it", status)
+        return status
+    swept = time.time()
+
+    log.info("3/3 plotting %s into %s", results, out)
+    status = plot_main([str(results), "--out", str(out), "--sweep", SWEEP])
+    if status != 0:
+        return status
+    figure = checkout_figure()
+    if figure is not None and (out / HEADLINE).is_file():
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / HEADLINE, figure)
+        log.info("README figure refreshed: %s", figure)
+    table = out / "bit_optimal_k.md"
+    if table.is_file():
+        sys.stdout.write(f"\nBit-optimal k per total-bit budget ({table}):\n\n")
+        sys.stdout.write(table.read_text() + "\n")
+    log.info(
+        "done in %.0f s (family %.0f s, sweep %.0f s, plots %.0f s); figures in %s",
+        time.time() - start, built - start, swept - built, time.time() - swept, out,
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

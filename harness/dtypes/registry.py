@@ -1,0 +1,275 @@
+"""Family registry and the catalogue of named data type entries.
+
+*Families are code, data types are data*: a family is one function registered here with
+:func:`register_family`; a named data type is one YAML file in ``conf/dtype/`` that picks a
+family and its options. :func:`codebook` is the single lookup that turns a name into values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from harness.dtypes.spec import DtypeSpec
+
+log = logging.getLogger(__name__)
+
+# Modules whose import registers the built-in families (imported lazily on first lookup).
+_BUILTIN_FAMILY_MODULES = (
+    "harness.dtypes.integer",
+    "harness.dtypes.floating",
+    "harness.dtypes.dynamic",
+    "harness.dtypes.normal",
+    "harness.dtypes.quantile",
+)
+DTYPE_DIR_ENV = "KBIT_DTYPE_DIR"
+
+BuildFn = Callable[[DtypeSpec, int, "torch.Tensor | None"], torch.Tensor]
+ValidateFn = Callable[[DtypeSpec, int], None]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A registered family: how to build its codebook and which k it supports."""
+
+    name: str
+    build: BuildFn  # (spec, k, tensor) -> codebook values (any float dtype, any order)
+    bits: tuple[int, ...]  # every k the family can build in principle
+    needs_tensor: bool = False  # data-dependent codebook (quantile): built from the tensor
+    validate: ValidateFn | None = None  # extra (spec, k) checks, raising ValueError
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(
+    name: str,
+    bits: Sequence[int],
+    *,
+    needs_tensor: bool = False,
+    validate: ValidateFn | None = None,
+) -> Callable[[BuildFn], BuildFn]:
+    """Decorator: register ``fn(spec, k, tensor) -> values`` as family ``name``."""
+
+    def wrap(fn: BuildFn) -> BuildFn:
+        if name in _FAMILIES and _FAMILIES[name].build is not fn:
+            raise ValueError(f"family {name!r} is already registered")
+        _FAMILIES[name] = Family(name, fn, tuple(bits), needs_tensor, validate)
+        return fn
+
+    return wrap
+
+
+def _unknown(field: str, value: str, known: Sequence[str]) -> ValueError:
+    close = difflib.get_close_matches(value, known, n=1, cutoff=0.0)
+    hint = f"; closest match: {close[0]!r}" if close else ""
+    return ValueError(f"{field}={value!r} is unknown; known: {sorted(known)}{hint}")
+
+
+def families() -> dict[str, Family]:
+    """All registered families by name (built-ins imported on first use)."""
+    for module in _BUILTIN_FAMILY_MODULES:
+        importlib.import_module(module)
+    return dict(_FAMILIES)
+
+
+def get_family(name: str) -> Family:
+    fams = families()
+    if name not in fams:
+        raise _unknown("family", name, list(fams))
+    return fams[name]
+
+
+# --------------------------------------------------------------------------- entries (YAML)
+def default_dtype_dirs(dtype_dir: str | os.PathLike | None = None) -> tuple[Path, ...]:
+    """Folders searched for entries, later ones overriding earlier ones by name.
+
+    The repo's ``conf/dtype``, then ``$KBIT_DTYPE_DIR`` if set, then ``dtype_dir`` if given:
+    a user can add or shadow data types without touching the checkout.
+    """
+    import harness
+
+    dirs = [Path(harness.__file__).resolve().parents[1] / "conf" / "dtype"]
+    if os.environ.get(DTYPE_DIR_ENV):
+        dirs.append(Path(os.environ[DTYPE_DIR_ENV]))
+    if dtype_dir is not None:
+        dirs.append(Path(dtype_dir))
+    return tuple(d.resolve() for d in dirs)
+
+
+def parse_entry(path: Path) -> DtypeSpec:
+    """One YAML file -> a validated :class:`DtypeSpec` (the Hydra schema, applied by hand)."""
+    raw = OmegaConf.load(path)
+    if "defaults" in raw:
+        raw.pop("defaults")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(DtypeSpec), raw)
+        spec = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"dtype entry {path}: {exc}") from exc
+    if spec.name != path.stem:
+        raise ValueError(f"dtype entry {path}: name={spec.name!r} must equal the file stem")
+    return spec
+
+
+@lru_cache(maxsize=16)
+def _load_entries(dirs: tuple[Path, ...]) -> dict[str, DtypeSpec]:
+    entries: dict[str, DtypeSpec] = {}
+    for folder in dirs:
+        if not folder.is_dir():
+            raise ValueError(f"dtype folder {folder} does not exist")
+        for path in sorted(folder.glob("*.yaml")):
+            entries[path.stem] = parse_entry(path)
+    return entries
+
+
+def entries(dtype_dir: str | os.PathLike | None = None) -> dict[str, DtypeSpec]:
+    """Every named data type entry, parsed once per set of folders (see ``clear_cache``)."""
+    return {
+        k: dataclasses.replace(v) for k, v in _load_entries(default_dtype_dirs(dtype_dir)).items()
+    }
+
+
+def clear_cache() -> None:
+    """Forget parsed entries and built codebooks (after editing YAML files in a session)."""
+    _load_entries.cache_clear()
+    _static_codebook.cache_clear()
+
+
+def get_spec(name: str, dtype_dir: str | os.PathLike | None = None, **overrides: Any) -> DtypeSpec:
+    """The entry ``name`` with ``overrides`` applied and type-checked by the schema."""
+    known = entries(dtype_dir)
+    if name not in known:
+        raise _unknown("dtype", name, list(known))
+    spec = known[name]
+    if not overrides:
+        return spec
+    fields = [f.name for f in dataclasses.fields(DtypeSpec)]
+    for key in overrides:
+        if key not in fields:
+            raise _unknown(f"dtype {name!r} override", key, fields)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(spec), overrides)
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"dtype {name!r} overrides {overrides}: {exc}") from exc
+    return OmegaConf.to_object(merged)
+
+
+# --------------------------------------------------------------------------- checks
+def _check_spec(spec: DtypeSpec, bits: int) -> Family:
+    family = get_family(spec.family)
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ValueError(f"bits={bits!r} must be an int; allowed for {spec.name!r}: {_legal(spec)}")
+    if spec.bits is not None and bits != spec.bits:
+        raise ValueError(
+            f"bits={bits} is not allowed for dtype {spec.name!r}: it only exists at bits={spec.bits}"
+        )
+    if bits not in family.bits:
+        raise ValueError(
+            f"bits={bits} is outside the range of family {family.name!r} (dtype {spec.name!r}); "
+            f"allowed: {list(family.bits)}"
+        )
+    if family.validate is not None:
+        family.validate(spec, bits)
+    return family
+
+
+def _legal(spec: DtypeSpec) -> list[int]:
+    family = get_family(spec.family)
+    candidates = [spec.bits] if spec.bits is not None else list(family.bits)
+    legal = []
+    for k in candidates:
+        try:
+            _check_spec(spec, k)
+        except ValueError:
+            continue
+        legal.append(k)
+    return legal
+
+
+def legal_bits(
+    name: str, dtype_dir: str | os.PathLike | None = None, **overrides: Any
+) -> list[int]:
+    """Every k at which entry ``name`` (with ``overrides``) exists, ascending."""
+    return _legal(get_spec(name, dtype_dir, **overrides))
+
+
+def check(
+    name: str, bits: int, dtype_dir: str | os.PathLike | None = None, **overrides: Any
+) -> None:
+    """Raise a ValueError naming the field, the value and what is allowed, unless legal."""
+    _check_spec(get_spec(name, dtype_dir, **overrides), bits)
+
+
+def is_data_dependent(name: str, dtype_dir: str | os.PathLike | None = None) -> bool:
+    """True when the codebook is fitted per tensor (and so must be stored with it)."""
+    return get_family(get_spec(name, dtype_dir).family).needs_tensor
+
+
+# --------------------------------------------------------------------------- codebooks
+def validate_codebook(values: torch.Tensor, bits: int, what: str) -> torch.Tensor:
+    """Sorted, unique, at most 2^k finite values in [-1, 1] with max |v| = 1, or ValueError."""
+    values = values.detach().to(torch.float32).flatten()
+    if values.numel() == 0 or not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{what}: codebook is empty or not finite")
+    if values.numel() > 2**bits:
+        raise ValueError(f"{what}: {values.numel()} values exceed 2^{bits}")
+    if bool((values[1:] <= values[:-1]).any()):
+        raise ValueError(f"{what}: codebook must be strictly increasing")
+    if float(values.abs().max()) != 1.0:
+        raise ValueError(f"{what}: max |v| is {float(values.abs().max())}, must be 1")
+    return values
+
+
+def _finish(values: torch.Tensor, bits: int, what: str) -> torch.Tensor:
+    """Family output -> the canonical codebook: float32, unique, sorted, max |v| = 1."""
+    values = torch.unique(values.detach().to(torch.float64).flatten().cpu())
+    values = (values / values.abs().max()).to(torch.float32) + 0.0  # -0.0 -> +0.0
+    return validate_codebook(torch.unique(values), bits, what)
+
+
+@lru_cache(maxsize=256)
+def _static_codebook(key: tuple, bits: int) -> torch.Tensor:
+    spec = DtypeSpec(**dict(key))
+    values = get_family(spec.family).build(spec, bits, None)
+    return _finish(values, bits, f"dtype {spec.name!r} at bits={bits}")
+
+
+def codebook(
+    name: str,
+    bits: int,
+    tensor: torch.Tensor | None = None,
+    *,
+    dtype_dir: str | os.PathLike | None = None,
+    **overrides: Any,
+) -> torch.Tensor:
+    """The sorted float32 codebook of data type ``name`` at ``k = bits`` (on the CPU).
+
+    ``tensor`` is required by data-dependent families (``quantile``), which fit their
+    values to ``tensor / max|tensor|``; pass the block-absmax-normalised values to fit what
+    is quantised (``fake_quantize`` does). Other families ignore it. ``overrides`` replace
+    entry fields, e.g. ``codebook("float", 6, exponent_bits=2)``.
+    """
+    spec = get_spec(name, dtype_dir, **overrides)
+    family = _check_spec(spec, bits)
+    if not family.needs_tensor:
+        key = tuple(sorted(dataclasses.asdict(spec).items()))
+        return _static_codebook(key, bits).clone()
+    if tensor is None:
+        raise ValueError(
+            f"tensor=None: dtype {name!r} (family {family.name!r}) is fitted to a tensor; pass one"
+        )
+    values = family.build(spec, bits, tensor)
+    return _finish(values, bits, f"dtype {name!r} at bits={bits}")

@@ -1,0 +1,114 @@
+"""Perplexity with the GPTQ protocol.
+
+Tokenize the whole text once; cut it into non-overlapping windows of ``seqlen`` tokens,
+dropping the tail that does not fill a window; every window is evaluated independently (no
+context carried over), and ``ppl = exp(mean NLL over every predicted token)`` (``seqlen - 1``
+predictions per window). Because all windows have the same length this equals GPTQ's
+``exp(sum(window_mean_nll * seqlen) / (n_windows * seqlen))``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from harness.evaluate.datasets import token_ids
+from harness.evaluate.timing import ForwardTimer
+
+DEFAULT_MAX_SEQLEN = 2048
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean per-token cross-entropy (nats)
+    n_tokens: int  # predicted tokens
+    n_windows: int
+    seqlen: int
+    forward_s: float  # seconds inside model forward
+
+
+def default_seqlen(model: nn.Module) -> int:
+    """min(model max positions, 2048): the paper's and GPTQ's window."""
+    cfg = model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, DEFAULT_MAX_SEQLEN)
+    return DEFAULT_MAX_SEQLEN
+
+
+def windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
+    """(n_windows, seqlen) non-overlapping windows; the incomplete tail is dropped."""
+    if seqlen < 2:
+        raise ValueError(f"seqlen={seqlen}: need at least 2 tokens per window")
+    n = ids.numel() if max_tokens is None else min(ids.numel(), max_tokens)
+    n_windows = n // seqlen
+    if n_windows == 0:
+        raise ValueError(
+            f"perplexity: text has {ids.numel()} tokens (max_tokens={max_tokens}), "
+            f"fewer than one window of seqlen={seqlen}"
+        )
+    return ids[: n_windows * seqlen].view(n_windows, seqlen)
+
+
+@torch.no_grad()
+def window_nll_sum(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (float64) of a batch of windows, logits upcast to float32."""
+    logits = model(batch, use_cache=False).logits
+    total = torch.zeros((), dtype=torch.float64, device=batch.device)
+    for row in range(batch.shape[0]):  # one row at a time: fp32 logits of a whole batch are huge
+        loss = F.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="sum")
+        total += loss.double()
+    return total
+
+
+def perplexity_details(
+    model: nn.Module,
+    tokenizer: object,
+    text: str,
+    seqlen: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 1,
+    *,
+    progress: bool = True,
+) -> PerplexityResult:
+    """GPTQ-protocol perplexity of ``text`` (see module docstring), with counts and timing."""
+    seqlen = seqlen or default_seqlen(model)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    device = next(model.parameters()).device
+    wins = windows(token_ids(tokenizer, text), seqlen, max_tokens)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    starts = range(0, wins.shape[0], batch_size)
+    with ForwardTimer(model) as timer:
+        for start in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
+            batch = wins[start : start + batch_size].to(device, non_blocking=True)
+            total += window_nll_sum(model, batch)
+    n_tokens = wins.shape[0] * (seqlen - 1)
+    nll = float(total) / n_tokens
+    return PerplexityResult(
+        ppl=math.exp(nll) if nll < 700 else math.inf,
+        nll=nll,
+        n_tokens=n_tokens,
+        n_windows=wins.shape[0],
+        seqlen=seqlen,
+        forward_s=timer.seconds,
+    )
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer: object,
+    text: str,
+    seqlen: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 1,
+) -> float:
+    """``exp(mean NLL)`` over non-overlapping ``seqlen`` windows of ``text`` (GPTQ protocol)."""
+    return perplexity_details(model, tokenizer, text, seqlen, max_tokens, batch_size).ppl

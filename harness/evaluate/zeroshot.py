@@ -1,0 +1,141 @@
+"""Zero-shot accuracy through lm-eval, on the quantized model already in memory.
+
+``HFLM(pretrained=<model object>)`` evaluates the weights as they are now, so no quantized
+model is ever saved. Tasks are lm-eval names. When a data root is given, kbit's local
+definitions of the same names (``harness.evaluate.tasks``) are used, offline; without one,
+lm-eval's built-in tasks load their data from the Hub. The zoo tasks always read the model
+folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from harness.evaluate.tasks import LOCAL_TASKS, materialize
+from harness.evaluate.timing import ForwardTimer
+
+log = logging.getLogger(__name__)
+METRICS = ("acc", "acc_norm")
+
+
+@dataclass
+class TaskResult:
+    """One task's accuracies, their standard errors and per-example correctness."""
+
+    task: str
+    n: int
+    values: dict[str, float] = field(default_factory=dict)  # metric -> value
+    stderr: dict[str, float | None] = field(default_factory=dict)
+    per_sample: dict[str, list[float]] = field(default_factory=dict)  # metric -> 0/1 by doc_id
+
+
+@dataclass
+class ZeroShotResult:
+    tasks: dict[str, TaskResult]
+    forward_s: float
+
+
+def split_tasks(
+    names: list[str], data_root: str | os.PathLike | None, model_dir: str | os.PathLike | None
+) -> tuple[list[str], list[str]]:
+    """(names served by kbit's local definitions, names left to lm-eval's built-ins)."""
+    local = [
+        n
+        for n in names
+        if n in LOCAL_TASKS and (LOCAL_TASKS[n].root == "model" or data_root is not None)
+    ]
+    return local, [n for n in names if n not in local]
+
+
+def task_manager(
+    names: list[str], data_root: str | os.PathLike | None, model_dir: str | os.PathLike | None
+):
+    """A TaskManager that knows ``names``; without built-ins when all are local (fast)."""
+    from lm_eval.tasks import TaskManager
+
+    local, builtin = split_tasks(names, data_root, model_dir)
+    include = str(materialize(local, data_root, model_dir)) if local else None
+    manager = TaskManager(include_path=include, include_defaults=bool(builtin))
+    missing = [n for n in names if n not in manager.all_tasks]
+    if missing:
+        from harness.evaluate.tasks import unknown_task_error
+
+        raise unknown_task_error(missing[0], sorted(set(manager.all_tasks) | set(LOCAL_TASKS)))
+    return manager
+
+
+def _task_result(name: str, results: dict) -> TaskResult:
+    metrics = results["results"][name]
+    samples = sorted(results["samples"][name], key=lambda s: s["doc_id"])
+    out = TaskResult(task=name, n=int(results["n-samples"][name]["effective"]))
+    for metric in METRICS:
+        key = f"{metric},none"
+        if key not in metrics:
+            continue
+        out.values[metric] = float(metrics[key])
+        stderr = metrics.get(f"{metric}_stderr,none")
+        out.stderr[metric] = float(stderr) if isinstance(stderr, int | float) else None
+        out.per_sample[metric] = [float(s[metric]) for s in samples]
+    if not out.values:
+        raise ValueError(f"task={name!r} reports none of {METRICS}; got {sorted(metrics)}")
+    return out
+
+
+def evaluate_zeroshot(
+    model: nn.Module,
+    tokenizer: object,
+    tasks: list[str],
+    *,
+    data_root: str | os.PathLike | None = None,
+    model_dir: str | os.PathLike | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    num_fewshot: int = 0,
+    bootstrap_iters: int = 1000,
+    seed: int = 0,
+) -> ZeroShotResult:
+    """Run lm-eval's ``simple_evaluate`` on the in-memory model; see the module docstring."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    manager = task_manager(tasks, data_root, model_dir)
+    device = next(model.parameters()).device
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    with ForwardTimer(model) as timer, torch.no_grad():
+        results = simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=True,
+            bootstrap_iters=bootstrap_iters,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    return ZeroShotResult({n: _task_result(n, results) for n in tasks}, timer.seconds)
+
+
+def mean_accuracy(results: dict[str, TaskResult], mean_of: list[str]) -> tuple[float, float, int]:
+    """(mean acc, its stderr assuming independent tasks, total examples) over ``mean_of``."""
+    missing = [t for t in mean_of if t not in results]
+    if missing:
+        raise ValueError(
+            f"mean_of: tasks {missing} were not evaluated; evaluated: {sorted(results)}"
+        )
+    accs = [results[t].values["acc"] for t in mean_of]
+    errs = [results[t].stderr.get("acc") for t in mean_of]
+    stderr = (
+        math.sqrt(sum(e * e for e in errs)) / len(errs)
+        if all(e is not None for e in errs)
+        else math.nan
+    )
+    return sum(accs) / len(accs), stderr, sum(results[t].n for t in mean_of)

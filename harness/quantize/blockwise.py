@@ -1,0 +1,278 @@
+"""Block-wise absmax quantization of one tensor to a k-bit codebook, and back.
+
+============  ===============================================================================
+block_size    meaning
+============  ===============================================================================
+``B`` (int)   the flattened tensor is cut into blocks of B consecutive elements (the last,
+              *tail* block may be shorter); each block has its own absmax scale
+``None``      one scale for the whole tensor (per-tensor quantization)
+============  ===============================================================================
+
+Per block: (optionally) the block mean is subtracted (``centering``, the mean rounded to the
+scale format and stored); the scale is ``max |x|`` rounded to ``scale_format`` (``fp16``
+default, ``bf16``, ``fp32``, or ``e8m0``: a power of two, rounded *up* so values never
+clip); values are divided by the stored scale, clamped to [-1, 1] and mapped to the nearest
+code. Ties go to the lower code (the more negative value). The stored (rounded) scale and
+mean are exactly what dequantization uses, so ``dequantize(quantize(x))`` is reproducible
+from the codes alone. A scale that rounds to zero (fp16 underflow, all-zero block) zeroes its
+block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from harness.dtypes import codebook, is_data_dependent
+from harness.quantize import _kernel
+
+SCALE_FORMATS = ("fp16", "bf16", "fp32", "e8m0")
+MAX_CODES = 256  # codes are stored as uint8
+
+
+@dataclass
+class QuantizedTensor:
+    """Codes, scales (and means) of one quantized tensor: everything dequantization needs."""
+
+    codes: torch.Tensor  # uint8 [numel]: index into `code` per element (flattened order)
+    scales: torch.Tensor  # float32 [n_blocks]: absmax per block, already rounded to scale_format
+    means: torch.Tensor | None  # float32 [n_blocks] when centering, rounded likewise; else None
+    code: torch.Tensor  # float32 [<= 2^k]: the sorted codebook
+    shape: torch.Size  # original shape
+    dtype: torch.dtype  # original dtype (dequantize returns it)
+    block_size: int | None  # None = one block for the whole tensor
+    scale_format: str
+
+
+round_to_format = _kernel.round_to_format
+
+
+def _check_inputs(
+    x: torch.Tensor, block_size: int | None, scale_format: str, centering: bool
+) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"x: expected a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.numel() == 0:
+        raise ValueError(
+            f"x: the tensor is empty (shape {tuple(x.shape)}); need at least one element"
+        )
+    if block_size is not None and (
+        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0
+    ):
+        raise ValueError(
+            f"block_size={block_size!r}: must be a positive int (e.g. 64..4096) or None (one scale per tensor)"
+        )
+    if scale_format not in SCALE_FORMATS:
+        raise ValueError(
+            f"scale_format={scale_format!r} is unknown; allowed: {list(SCALE_FORMATS)}"
+        )
+    if centering and scale_format == "e8m0":
+        raise ValueError(
+            "centering=True with scale_format='e8m0': an unsigned power of two cannot store a block mean; use fp16, bf16 or fp32"
+        )
+
+
+def _check_code(code: torch.Tensor) -> torch.Tensor:
+    code = code.detach().to(torch.float32).flatten()
+    if not 1 <= code.numel() <= MAX_CODES:
+        raise ValueError(f"code: {code.numel()} values; allowed: 1..{MAX_CODES} (uint8 codes)")
+    if not bool(torch.isfinite(code).all()) or float(code.abs().max()) > 1:
+        raise ValueError("code: values must be finite and within [-1, 1]")
+    if bool((code[1:] <= code[:-1]).any()):
+        raise ValueError("code: values must be strictly increasing (sorted, unique)")
+    return code
+
+
+def _blocks(flat: torch.Tensor, block_size: int | None) -> list[torch.Tensor]:
+    """[full blocks as (n, B)], then the tail as (1, r) if the size does not divide."""
+    size = flat.numel() if block_size is None else block_size
+    n_full = flat.numel() // size
+    parts = []
+    if n_full:
+        parts.append(flat[: n_full * size].view(n_full, size))
+    if flat.numel() > n_full * size:
+        parts.append(flat[n_full * size :].view(1, -1))
+    return parts
+
+
+def _block_mean(xb: torch.Tensor, scale_format: str, centering: bool) -> torch.Tensor | None:
+    """Block means [n, 1] rounded to the scale format, or None without centering.
+
+    Summed in float64 outside any compiled kernel, so the mean (and with it every code) is
+    the same whichever path quantizes.
+    """
+    if not centering:
+        return None
+    mean = xb.sum(dim=1, keepdim=True, dtype=torch.float64).div_(xb.shape[1]).to(torch.float32)
+    return round_to_format(mean, scale_format)
+
+
+def _check_stats(
+    xb: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor | None, scale_format: str
+) -> None:
+    """NaN/inf in the tensor, or a scale/mean the format cannot hold -> a clear ValueError."""
+    if bool(torch.isfinite(scale).all()) and (mean is None or bool(torch.isfinite(mean).all())):
+        return
+    bad = int((~torch.isfinite(xb)).sum())
+    if bad:
+        raise ValueError(f"x: contains {bad} NaN or inf values; allowed: finite values only")
+    absmax = float(xb.abs().max())
+    raise ValueError(
+        f"scale_format={scale_format!r} cannot hold block absmax {absmax:.6g}; allowed: a wider format (bf16, fp32)"
+    )
+
+
+def _parts(x: torch.Tensor, block_size: int | None, scale_format: str, centering: bool):
+    """Yield (blocks, means, compile_ok, dynamic_cols) for the full blocks, then the tail.
+
+    The tail (one short block) always runs eagerly: compiling it would specialise a kernel
+    for every tail length.
+    """
+    flat = x.detach().reshape(-1).to(torch.float32)
+    parts = _blocks(flat, block_size)
+    for i, xb in enumerate(parts):
+        is_tail = block_size is not None and i == len(parts) - 1 and xb.shape[1] != block_size
+        yield xb, _block_mean(xb, scale_format, centering), not is_tail, block_size is None
+
+
+def _join(pieces: list[torch.Tensor]) -> torch.Tensor:
+    flat = [p.reshape(-1) for p in pieces]
+    return flat[0] if len(flat) == 1 else torch.cat(flat)
+
+
+def quantize_blockwise(
+    x: torch.Tensor,
+    code: torch.Tensor,
+    block_size: int | None,
+    *,
+    scale_format: str = "fp16",
+    centering: bool = False,
+    compile: bool | None = None,
+) -> QuantizedTensor:
+    """Quantize ``x`` to indices into the sorted codebook ``code`` (see the module docstring).
+
+    ``compile``: run the element-wise pass through ``torch.compile`` (None = for tensors of
+    at least 2^20 elements, or as ``$KBIT_COMPILE`` says); results are identical either way.
+    """
+    _check_inputs(x, block_size, scale_format, centering)
+    code = _check_code(code).to(x.device)
+    lut = _kernel.build_lut(code)
+    codes, scales, means = [], [], []
+    for xb, mean, compile_ok, dyn in _parts(x, block_size, scale_format, centering):
+        c, scale = _kernel.quantize_blocks(
+            xb,
+            mean,
+            code,
+            lut,
+            scale_format,
+            compile=compile if compile_ok else False,
+            dynamic_cols=dyn,
+        )
+        _check_stats(xb, scale, mean, scale_format)
+        codes.append(c)
+        scales.append(scale)
+        means.append(mean)
+    return QuantizedTensor(
+        codes=_join(codes),
+        scales=_join(scales),
+        means=_join(means) if centering else None,
+        code=code,
+        shape=x.shape,
+        dtype=x.dtype,
+        block_size=block_size,
+        scale_format=scale_format,
+    )
+
+
+def dequantize_blockwise(q: QuantizedTensor, *, compile: bool | None = None) -> torch.Tensor:
+    """``code[codes] * scale (+ mean)`` per block, in the original shape and dtype."""
+    code = q.code.to(q.codes.device)
+    pieces, block = [], 0
+    for i, cb in enumerate(parts := _blocks(q.codes, q.block_size)):
+        rows = slice(block, block + cb.shape[0])
+        scale = q.scales[rows].view(-1, 1)
+        mean = None if q.means is None else q.means[rows].view(-1, 1)
+        is_tail = q.block_size is not None and i == len(parts) - 1 and cb.shape[1] != q.block_size
+        args = (cb, scale, mean, code)
+        pieces.append(
+            _kernel.run(
+                _kernel.dequantize_core,
+                *args,
+                numel=cb.numel(),
+                compile=False if is_tail else compile,
+                dynamic_cols=q.block_size is None,
+            )
+        )
+        block += cb.shape[0]
+    return _join(pieces).view(q.shape).to(q.dtype)
+
+
+def normalised_values(
+    x: torch.Tensor,
+    block_size: int | None,
+    *,
+    scale_format: str = "fp16",
+    centering: bool = False,
+    compile: bool | None = None,
+) -> torch.Tensor:
+    """What the codebook sees: per block (x - mean) / scale, clamped to [-1, 1], flattened."""
+    _check_inputs(x, block_size, scale_format, centering)
+    pieces = []
+    for xb, mean, compile_ok, dyn in _parts(x, block_size, scale_format, centering):
+        y, scale = _kernel.run(
+            _kernel.normalise_core,
+            xb,
+            mean,
+            scale_format,
+            numel=xb.numel(),
+            compile=compile if compile_ok else False,
+            dynamic_cols=dyn,
+        )
+        _check_stats(xb, scale, mean, scale_format)
+        pieces.append(y)
+    return _join(pieces)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    dtype: str,
+    bits: int,
+    block_size: int | None,
+    *,
+    scale_format: str = "fp16",
+    centering: bool = False,
+    compile: bool | None = None,
+    dtype_dir: str | None = None,
+    **overrides: Any,
+) -> torch.Tensor:
+    """Quantize ``x`` with data type ``dtype`` at k = ``bits`` and dequantize it again.
+
+    Same shape and dtype as ``x``; equal to ``dequantize_blockwise(quantize_blockwise(...))``
+    but fused into one pass. Data-dependent types (``quantile``) fit their codebook to the
+    block-normalised values of ``x`` itself. ``overrides`` go to the data type entry.
+    """
+    _check_inputs(x, block_size, scale_format, centering)
+    fitted = None
+    if is_data_dependent(dtype, dtype_dir):
+        fitted = normalised_values(
+            x, block_size, scale_format=scale_format, centering=centering, compile=compile
+        )
+    code = codebook(dtype, bits, fitted, dtype_dir=dtype_dir, **overrides).to(x.device)
+    del fitted
+    lut = _kernel.build_lut(code)
+    pieces = []
+    for xb, mean, compile_ok, dyn in _parts(x, block_size, scale_format, centering):
+        out, scale = _kernel.fake_blocks(
+            xb,
+            mean,
+            code,
+            lut,
+            scale_format,
+            compile=compile if compile_ok else False,
+            dynamic_cols=dyn,
+        )
+        _check_stats(xb, scale, mean, scale_format)
+        pieces.append(out)
+    return _join(pieces).view(x.shape).to(x.dtype)

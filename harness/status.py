@@ -1,0 +1,115 @@
+"""``kbit-status RESULTS_DIR``: done / failed / pending cells per sweep.
+
+Why: on a cluster, jobs die without telling anyone (timeouts, preemption, OOM kills). The
+store itself is the truth: a cell is *done* when its record says ok, *failed* when its record
+holds an error, and *pending* when the sweep planned it (``sweep_manifest.json``, written by
+:mod:`harness.sweep` at launch) but no record exists yet. Re-launching the same command runs
+exactly the failed and pending cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from harness.records import STATUS_FAILED, STATUS_OK, cell_files
+from harness.sweep import MANIFEST, read_manifest
+
+
+@dataclass
+class SweepStatus:
+    """Counts of one sweep folder, and the failed cells with their errors."""
+
+    sweep: str
+    done: int = 0
+    failed: int = 0
+    pending: int = 0
+    errors: dict[str, str] = field(default_factory=dict)  # cell_id -> error (first line)
+    pending_ids: list[str] = field(default_factory=list)
+
+    @property
+    def cells(self) -> int:
+        return self.done + self.failed + self.pending
+
+
+def sweep_status(folder: Path) -> SweepStatus:
+    """Status of the sweep stored in ``folder`` (RESULTS_DIR/<sweep>)."""
+    result = SweepStatus(folder.name)
+    recorded: set[str] = set()
+    for path in cell_files(folder.parent, folder.name):
+        table = pq.read_table(path, columns=["status", "error"])
+        statuses = table.column("status").to_pylist()
+        recorded.add(path.stem)
+        if STATUS_FAILED in statuses or not statuses:
+            result.failed += 1
+            errors = [e for e in table.column("error").to_pylist() if e]
+            result.errors[path.stem] = (errors[0].strip().splitlines() or [""])[0] if errors else ""
+        elif all(s == STATUS_OK for s in statuses):
+            result.done += 1
+    result.pending_ids = sorted(set(read_manifest(folder / MANIFEST)) - recorded)
+    result.pending = len(result.pending_ids)
+    return result
+
+
+def store_status(results_dir: str | Path, sweep: str | None = None) -> list[SweepStatus]:
+    """Status of every sweep under ``results_dir`` (folders starting with '.' are logs)."""
+    root = Path(results_dir)
+    folders = [root / sweep] if sweep else sorted(p for p in root.iterdir() if p.is_dir())
+    return [
+        sweep_status(p)
+        for p in folders
+        if not p.name.startswith(".") and ((p / MANIFEST).exists() or cell_files(root, p.name))
+    ]
+
+
+def format_table(rows: list[SweepStatus]) -> str:
+    """A fixed-width table, one line per sweep plus a total."""
+    width = max([len(r.sweep) for r in rows] + [5])
+    lines = [f"{'sweep':<{width}}  {'cells':>7}  {'done':>7}  {'failed':>7}  {'pending':>7}"]
+    for r in rows:
+        lines.append(
+            f"{r.sweep:<{width}}  {r.cells:>7}  {r.done:>7}  {r.failed:>7}  {r.pending:>7}"
+        )
+    if len(rows) > 1:
+        total = [sum(getattr(r, k) for r in rows) for k in ("cells", "done", "failed", "pending")]
+        lines.append(f"{'total':<{width}}  " + "  ".join(f"{n:>7}" for n in total))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``kbit-status``; exit 0 when every cell is done, 1 otherwise, 2 on bad input."""
+    parser = argparse.ArgumentParser(prog="kbit-status", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "results_dir", metavar="RESULTS_DIR", help="the store (kbit-run's results_dir)"
+    )
+    parser.add_argument("--sweep", help="only this sweep (a subfolder of RESULTS_DIR)")
+    parser.add_argument("--errors", action="store_true", help="list failed cells with their errors")
+    args = parser.parse_args(argv)
+    root = Path(args.results_dir)
+    if not root.is_dir():
+        print(f"kbit-status: RESULTS_DIR={str(root)!r} is not a folder", file=sys.stderr)
+        return 2
+    if args.sweep and not (root / args.sweep).is_dir():
+        known = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        print(
+            f"kbit-status: no sweep {args.sweep!r} in {str(root)!r}; sweeps there: {known}",
+            file=sys.stderr,
+        )
+        return 2
+    rows = store_status(root, args.sweep)
+    if not rows:
+        print(f"no sweeps in {str(root)!r}")
+        return 0
+    print(format_table(rows))
+    for row in rows if args.errors else []:
+        for cid, err in sorted(row.errors.items()):
+            print(f"{row.sweep}/{cid}: {err}")
+    return 0 if all(r.failed == 0 and r.pending == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

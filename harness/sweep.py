@@ -1,0 +1,405 @@
+"""Sweeps: expand a grid, validate every cell before anything is queued, launch only what is left.
+
+Why a sweeper and not only a callback: a grid of tens of thousands of cells on a cluster where
+jobs time out and crash must (1) fail before a single job is queued when any cell is wrong,
+(2) never queue a cell that is already done, and (3) never queue two jobs that write the same
+cell file. Hydra's basic sweeper launches every combination as given; :class:`KbitSweeper`
+(``hydra/sweeper=kbit``, selected by every overlay in ``sweeps/``) is the basic sweeper plus a
+planning step:
+
+============  ===========================================================================
+expand        cartesian product of ``hydra.sweeper.params`` and the command line, with the
+              model as the slowest-varying dimension (in-process launches reuse the model)
+compose       every cell's config, as the job will see it (composed once per combination of
+              config-group choices, then value overrides applied: fast for 35,000 cells)
+validate      ``harness.run.validate_cell`` on each cell (dtype/bits legal, model and data
+              reachable), results folder writable; all problems reported in ONE error
+deduplicate   cells with the same ``cell_id`` (e.g. the 16-bit baseline under every data
+              type) run once; two jobs never write the same file
+resume        cells whose record says ``ok`` are skipped; ``failed`` ones are queued again
+============  ===========================================================================
+
+The plan is logged as ``cells in total, done, failed, to run`` and recorded in
+``RESULTS_DIR/<sweep>/sweep_manifest.json`` (so ``kbit-status`` can count pending cells).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import CompactHydraException
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from harness.records import STATUS_FAILED, STATUS_OK, cell_path, cell_status
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "sweep_manifest.json"
+MAX_PROBLEMS_SHOWN = 12
+
+
+class SweepError(CompactHydraException):
+    """A grid that cannot run as declared; raised before any job is queued."""
+
+
+@dataclass
+class Cell:
+    """One planned grid cell: the overrides its job gets, and what the store knows about it."""
+
+    overrides: list[str]
+    cell_id: str = ""
+    sweep: str = ""
+    results_dir: str = ""
+    status: str | None = None  # ok | failed | None (no record yet)
+
+
+@dataclass
+class SweepPlan:
+    """The validated grid: unique cells, problems found, and duplicates dropped."""
+
+    cells: list[Cell] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    duplicates: int = 0
+    invalid: int = 0  # cells with a problem (not in ``cells``)
+
+    def counts(self) -> dict[str, int]:
+        """Cells in total, done, failed and to run: the summary printed before launching."""
+        done = sum(c.status == STATUS_OK for c in self.cells)
+        failed = sum(c.status == STATUS_FAILED for c in self.cells)
+        return {
+            "total": len(self.cells),
+            "done": done,
+            "failed": failed,
+            "to_run": len(self.cells) - done,
+        }
+
+    def to_run(self) -> list[Cell]:
+        """Cells without an ok record, in grid order (failed ones are retried)."""
+        return [c for c in self.cells if c.status != STATUS_OK]
+
+    def summary(self) -> str:
+        names = sorted({c.sweep for c in self.cells}) or ["?"]
+        n = self.counts()
+        dup = f" ({self.duplicates} duplicate cells merged)" if self.duplicates else ""
+        bad = f", {self.invalid} invalid" if self.invalid else ""
+        return (
+            f"sweep {', '.join(names)}: {n['total'] + self.invalid} cells in total{dup}: "
+            f"{n['done']} done, {n['failed']} failed, {n['to_run']} to run{bad}"
+        )
+
+
+def expand_grid(overrides: Sequence[Override]) -> list[list[str]]:
+    """Cartesian product of the overrides, as ``key=value`` lists, model varying slowest.
+
+    Hydra's basic sweeper varies the first-given key slowest; the model may come from the
+    command line (after the overlay's params), so it is moved to the front explicitly:
+    consecutive cells of one model then share its loaded weights in an in-process launch.
+    """
+    return expand_grid_order(BasicSweeper.split_arguments(list(overrides), max_batch_size=None)[0])
+
+
+def _value_of(cell: Sequence[str], key: str) -> str | None:
+    for item in cell:
+        k, _, v = item.partition("=")
+        if k.lstrip("+~") == key:
+            return v
+    return None
+
+
+class CellComposer:
+    """Compose cell configs exactly as each job will, but fast.
+
+    Composing a full Hydra config takes tens of milliseconds; a 35,000-cell grid would take
+    minutes. Config-group choices (``dtype=nf4``, ``+sweeps=demo``) need real composition;
+    plain values (``bits=4``) are applied to a copy of the composed config the same way Hydra
+    applies command-line overrides after composition. Cells are composed once per distinct
+    combination of group choices.
+    """
+
+    def __init__(self, config_loader: Any, master_config: DictConfig) -> None:
+        self.loader = config_loader
+        self.master = master_config
+        self.parser = OverridesParser.create(config_loader=config_loader)
+        self._parsed: dict[str, Override] = {}
+        self._composed: dict[tuple[str, ...], DictConfig] = {}
+        self._is_group: dict[str, bool] = {}
+
+    def _parse(self, item: str) -> Override:
+        if item not in self._parsed:
+            self._parsed[item] = self.parser.parse_override(item)
+        return self._parsed[item]
+
+    def _group(self, override: Override) -> bool:
+        key = override.key_or_group
+        if key not in self._is_group:
+            repo = getattr(self.loader, "repository", None)
+            exists = repo.group_exists(key) if repo is not None else True
+            self._is_group[key] = bool(exists) or key.startswith("hydra/")
+        return self._is_group[key]
+
+    def compose(self, overrides: Sequence[str]) -> DictConfig:
+        """The cell config a job launched with ``overrides`` receives (without ``hydra``)."""
+        parsed = [self._parse(o) for o in overrides]
+        groups = tuple(o.input_line for o in parsed if self._group(o))
+        if groups not in self._composed:
+            cfg = self.loader.load_sweep_config(self.master, list(groups))
+            with read_write(cfg), open_dict(cfg):
+                cfg.pop("hydra", None)
+            self._composed[groups] = cfg
+        cfg = copy.deepcopy(self._composed[groups])
+        values = [o for o in parsed if not self._group(o)]
+        with read_write(cfg):
+            ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        return cfg
+
+
+def results_dir_problem(folder: str | os.PathLike) -> str | None:
+    """Why cell files cannot be written under ``folder`` (None when they can).
+
+    Checked without creating anything: the nearest existing ancestor must be a writable
+    directory, probed with a temporary file that is removed at once.
+    """
+    path = Path(folder).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"results_dir={str(folder)!r}: cannot be created, {str(probe)!r} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        return f"results_dir={str(folder)!r}: {str(probe)!r} is not writable ({err.strerror})"
+    return None
+
+
+def _default_hooks() -> tuple[Callable[[DictConfig], str], Callable[[DictConfig], None]]:
+    """``harness.run.cell_id`` and ``harness.run.validate_cell`` (imported late: heavy imports)."""
+    from harness.run import cell_id, validate_cell
+
+    return cell_id, validate_cell
+
+
+def plan_sweep(
+    grid: Sequence[Sequence[str]],
+    compose: Callable[[Sequence[str]], DictConfig],
+    cell_id: Callable[[DictConfig], str] | None = None,
+    validate: Callable[[DictConfig], None] | None = None,
+) -> SweepPlan:
+    """Compose, validate, deduplicate and look up every cell of ``grid``; raises nothing.
+
+    Problems are collected (grouped by message, with a count and one example cell) so the
+    user fixes them all in one round instead of one per launch.
+    """
+    if cell_id is None or validate is None:
+        default_id, default_validate = _default_hooks()
+        cell_id, validate = cell_id or default_id, validate or default_validate
+    plan, seen = SweepPlan(), set()
+    problems: OrderedDict[str, list[Sequence[str]]] = OrderedDict()
+    dirs: dict[tuple[str, str], str | None] = {}
+    for overrides in _progress(grid):
+        try:
+            cfg = compose(overrides)
+            validate(cfg)
+            cid = cell_id(cfg)
+            results_dir, sweep = str(cfg.results_dir), str(cfg.sweep)
+        except Exception as err:  # every problem is reported, not only the first
+            problems.setdefault(_describe(err), []).append(overrides)
+            continue
+        if (results_dir, sweep) not in dirs:
+            dirs[results_dir, sweep] = results_dir_problem(Path(results_dir) / sweep)
+        if dirs[results_dir, sweep]:
+            problems.setdefault(str(dirs[results_dir, sweep]), []).append(overrides)
+            continue
+        if (sweep, cid) in seen:
+            plan.duplicates += 1
+            continue
+        seen.add((sweep, cid))
+        status = cell_status(cell_path(results_dir, sweep, cid))
+        plan.cells.append(Cell(list(overrides), cid, sweep, results_dir, status))
+    plan.invalid = sum(len(cells) for cells in problems.values())
+    plan.problems = [
+        f"{msg}  [{len(cells)} cell(s), e.g. {' '.join(cells[0])}]"
+        for msg, cells in problems.items()
+    ]
+    return plan
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    if "\n" in text and not isinstance(err, ValueError):
+        text = text.splitlines()[0]
+    return f"{type(err).__name__}: {text}" if not isinstance(err, ValueError | KeyError) else text
+
+
+def _progress(items: Sequence[Any]) -> Any:
+    if len(items) < 500:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="validating cells", unit="cell", mininterval=2.0)
+
+
+def raise_on_problems(plan: SweepPlan, n_cells: int) -> None:
+    """One error naming every distinct problem; nothing has been queued or written yet."""
+    if not plan.problems:
+        return
+    shown = plan.problems[:MAX_PROBLEMS_SHOWN]
+    more = len(plan.problems) - len(shown)
+    lines = [f"Sweep not launched: {len(plan.problems)} problem(s) in a grid of {n_cells} cells "
+             "(nothing was queued or written):"]  # fmt: skip
+    lines += [f"  - {p}" for p in shown]
+    if more:
+        lines.append(f"  ... and {more} more")
+    raise SweepError("\n".join(lines))
+
+
+def write_manifest(plan: SweepPlan) -> list[Path]:
+    """Record the planned cell ids per sweep (merged with earlier launches) for kbit-status."""
+    written = []
+    by_sweep: dict[tuple[str, str], list[Cell]] = {}
+    for cell in plan.cells:
+        by_sweep.setdefault((cell.results_dir, cell.sweep), []).append(cell)
+    for (results_dir, sweep), cells in by_sweep.items():
+        path = Path(results_dir) / sweep / MANIFEST
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = read_manifest(path)
+        entries.update({c.cell_id: " ".join(c.overrides) for c in cells})
+        body = {
+            "sweep": sweep,
+            "updated_at": datetime.now(timezone.utc).isoformat(),
+            "cells": entries,
+        }
+        fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(body, fh, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, str]:
+    """cell_id -> overrides of every cell ever planned for a sweep ({} if none)."""
+    try:
+        return dict(json.loads(Path(path).read_text())["cells"])
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def expand_union(
+    parser: OverridesParser,
+    params: dict[str, str],
+    grids: Sequence[dict[str, str]] | None,
+    arguments: Sequence[str],
+) -> list[list[str]]:
+    """The union over ``grids`` of product(params x grid x command line), model slowest.
+
+    Why: a grid of every data type at every bit width contains illegal cells (nf4 exists only
+    at 4 bits), and the baselines are one bit width for all types; a union of products says
+    exactly what to run. Command-line overrides apply to every part (and win over both).
+    """
+    parts = grids or [{}]
+    cells: list[list[str]] = []
+    for part in parts:
+        merged = {**params, **{str(k): str(v) for k, v in dict(part).items()}}
+        listed = [f"{k}={v}" for k, v in merged.items()]
+        cells += expand_grid(parser.parse_overrides([*listed, *arguments]))
+    return expand_grid_order(cells)
+
+
+def expand_grid_order(cells: list[list[str]]) -> list[list[str]]:
+    """Stable re-ordering of cells so each model's cells are contiguous (first-seen order)."""
+    models: OrderedDict[str, int] = OrderedDict()
+    for cell in cells:
+        models.setdefault(_value_of(cell, "model") or "", len(models))
+    return sorted(cells, key=lambda cell: models[_value_of(cell, "model") or ""])
+
+
+class KbitSweeper(BasicSweeper):
+    """Hydra's basic sweeper with the planning step above (``hydra/sweeper=kbit``).
+
+    ``params`` is the basic sweeper's grid; ``grids`` (optional) a list of further parameter
+    dicts: the sweep is the union of product(params x grid) over them.
+    """
+
+    def __init__(
+        self,
+        max_batch_size: int | None = None,
+        params: dict[str, str] | None = None,
+        grids: list[dict[str, str]] | None = None,
+    ) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.grids = [dict(g) for g in grids] if grids else None
+
+    def sweep(self, arguments: list[str]) -> Any:
+        assert (
+            self.config is not None and self.launcher is not None and self.hydra_context is not None
+        )
+        loader = self.hydra_context.config_loader
+        parser = OverridesParser.create(config_loader=loader)
+        params = {str(k): str(v) for k, v in self.params.items()}
+        grid = expand_union(parser, params, self.grids, arguments)
+        plan = plan_sweep(grid, CellComposer(loader, self.config).compose)
+        log.info(plan.summary())
+        raise_on_problems(plan, len(grid))
+        todo = [c.overrides for c in plan.to_run()]
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        write_manifest(plan)
+        if not todo:
+            log.info("nothing to run: every cell of the grid has an ok record")
+            return []
+        self.overrides = list(self.split_overrides_to_chunks(todo, self.max_batch_size))
+        returns, start, launcher_error = [], 0, None
+        while not self.is_done():
+            batch = self.get_job_batch()
+            try:
+                returns.append(self.launcher.launch(batch, initial_job_idx=start))
+            except Exception as err:  # e.g. a Slurm job cancelled: the store says what is missing
+                launcher_error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+                log.error("launcher: %s", launcher_error)
+            start += len(batch)
+        report_outcome(plan.to_run(), launcher_error)
+        return returns
+
+
+def report_outcome(launched: Sequence[Cell], launcher_error: str | None = None) -> None:
+    """After launching: what the store now says about the launched cells (the truth on a
+    cluster, where a job can vanish without a Python exception)."""
+    outcome = Counter(cell_status(cell_path(c.results_dir, c.sweep, c.cell_id)) for c in launched)
+    ok, failed = outcome[STATUS_OK], outcome[STATUS_FAILED]
+    missing = len(launched) - ok - failed
+    log.info(
+        "launched %d cells: %d ok, %d failed, %d without a record",
+        len(launched),
+        ok,
+        failed,
+        missing,
+    )
+    if launcher_error:
+        raise SweepError(
+            f"the launcher stopped waiting after a job ended abnormally ({launcher_error}); jobs "
+            "still queued keep running. `kbit-status RESULTS_DIR` shows the outcome; re-running "
+            "the same command runs exactly the cells without an ok record"
+        )
+    if failed or missing:
+        raise SweepError(
+            f"{failed + missing} of {len(launched)} launched cells did not finish ok ({failed} "
+            f"failed, {missing} without a record); `kbit-status RESULTS_DIR --errors` shows why, "
+            "and re-running the same command retries exactly these cells"
+        )

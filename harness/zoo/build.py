@@ -1,0 +1,259 @@
+"""Build a family (train every size not built yet) and resolve ``zoo:<family>/<size>``.
+
+Layout::
+
+    <zoo_dir>/<family>-<family_hash>/family.json         # manifest: config + one entry per size
+    <zoo_dir>/<family>-<family_hash>/<size>/             # HF folder: config, safetensors, tokenizer,
+        README.md, kbit_zoo.json, train_log.jsonl, kbit_eval/{heldout.txt,mc.jsonl,lastword.jsonl}
+    <zoo_dir>/tokenizers/<key>.json, <zoo_dir>/data/<key>.npy   # caches shared by families
+
+A size folder appears under its final name only when complete (built in a temporary folder,
+then renamed), so an interrupted build resumes at the first size not built, and a second
+build of the same config only hashes the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+import harness
+from harness.zoo.card import write_card
+from harness.zoo.config import (
+    FamilyConfig,
+    SizeConfig,
+    ZooConfigError,
+    _closest,
+    default_zoo_dir,
+    family_hash,
+    load_family_config,
+    size_hash,
+    stable_hash,
+)
+from harness.zoo.corpus import corpus_hash, corpus_name, load_corpus, training_text
+from harness.zoo.evalsets import write_eval_sets
+from harness.zoo.model import build_config, count_params
+from harness.zoo.tokenizer import get_tokenizer, token_stream, tokenizer_key
+from harness.zoo.train import TrainPlan, train, val_windows
+
+log = logging.getLogger(__name__)
+
+
+class ZooModelNotBuiltError(FileNotFoundError):
+    """A zoo:<family>/<size> spec has no complete build for the current config."""
+
+
+@dataclass
+class FamilyPaths:
+    """Where a family lives and under which hashes."""
+
+    cfg: FamilyConfig
+    zoo_dir: Path
+    corpus_hash: str
+    tokenizer_key: str
+    hash: str
+
+    @property
+    def folder(self) -> Path:
+        return self.zoo_dir / f"{self.cfg.name}-{self.hash}"
+
+    def size_folder(self, size: SizeConfig) -> Path:
+        return self.folder / size.name
+
+    def is_built(self, size: SizeConfig) -> bool:
+        meta = self.size_folder(size) / "kbit_zoo.json"
+        return meta.is_file() and json.loads(meta.read_text()).get("size_hash") == size_hash(
+            self.hash, size
+        )
+
+
+def family_paths(cfg: FamilyConfig, zoo_dir: str | Path | None) -> FamilyPaths:
+    """Hash a family without training anything (the corpus is read, not tokenized)."""
+    zoo = Path(zoo_dir) if zoo_dir is not None else default_zoo_dir()
+    c_hash = corpus_hash(cfg.corpus)
+    t_key = tokenizer_key(cfg.tokenizer, c_hash, cfg.max_train_chars)
+    return FamilyPaths(cfg, zoo, c_hash, t_key, family_hash(cfg, c_hash, t_key))
+
+
+def family_sizes(name: str) -> list[str]:
+    """Size names of a shipped family, smallest first as listed in its YAML."""
+    return [s.name for s in load_family_config(name).sizes]
+
+
+def _check_writable(zoo_dir: Path) -> None:
+    try:
+        zoo_dir.mkdir(parents=True, exist_ok=True)
+        probe = zoo_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ZooConfigError(
+            f"zoo config field zoo_dir={str(zoo_dir)!r} is not writable ({err.strerror}); "
+            "set zoo_dir=... or KBIT_ZOO_DIR to a writable folder"
+        ) from err
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _tokens_for(cfg: FamilyConfig, n_nonemb: int) -> int:
+    b = cfg.budget
+    if b.kind == "fixed":
+        return b.tokens
+    tokens = max(b.min_tokens, int(b.tokens_per_param * n_nonemb))
+    return min(tokens, b.max_tokens) if b.max_tokens is not None else tokens
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+class _Prepared:
+    """Corpus, tokenizer, token streams and eval files: built once per family build."""
+
+    def __init__(self, fp: FamilyPaths):
+        cfg = fp.cfg
+        self.corpus = load_corpus(cfg.corpus, cfg.heldout_fraction, cfg.min_heldout_docs)
+        texts = training_text(self.corpus, cfg.max_train_chars)
+        self.tok = get_tokenizer(cfg.tokenizer, texts, fp.tokenizer_key, fp.zoo_dir, cfg.context)
+        stream_key = stable_hash([fp.tokenizer_key, fp.corpus_hash, cfg.max_train_chars, "train"])
+        self.train = token_stream(self.tok, texts, stream_key, fp.zoo_dir)
+        held_key = stable_hash([fp.tokenizer_key, fp.corpus_hash, "heldout"])
+        self.heldout = token_stream(
+            self.tok, [d.text for d in self.corpus.heldout], held_key, fp.zoo_dir
+        )
+        self.eval_dir = fp.folder / "kbit_eval"
+        if not (self.eval_dir / "lastword.jsonl").is_file():
+            tmp = fp.folder / f".kbit_eval.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_eval_sets(self.corpus.heldout, cfg.eval_sets, cfg.seed, tmp)
+            os.replace(tmp, self.eval_dir)
+        log.info(
+            "train stream %d tokens, held-out stream %d tokens", len(self.train), len(self.heldout)
+        )
+
+
+def _build_size(fp: FamilyPaths, prep: _Prepared, size: SizeConfig, device: torch.device) -> dict:
+    cfg, tok = fp.cfg, prep.tok
+    s_hash = size_hash(fp.hash, size)
+    seed = int(stable_hash([cfg.seed, size.name], 8), 16)
+    torch.manual_seed(seed)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    hf_cfg = build_config(cfg.architecture, size, len(tok), cfg.context, tok.eos_token_id, pad)
+    model = AutoModelForCausalLM.from_config(hf_cfg).to(device)
+    n_params, n_nonemb = count_params(model)
+    tokens = _tokens_for(cfg, n_nonemb)
+    plan = TrainPlan(steps=max(1, -(-tokens // (cfg.batch_size * cfg.context))),
+                     batch_size=cfg.batch_size, context=cfg.context,
+                     lr=size.lr if size.lr is not None else cfg.optimizer.lr,
+                     optimizer=cfg.optimizer, eval_every=cfg.eval_every, seed=seed + 1)  # fmt: skip
+    tmp = fp.folder / f".tmp-{size.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    val = val_windows(prep.heldout, cfg.context, cfg.eval_sets.val_tokens, device)
+    desc = f"{cfg.name}/{size.name} ({n_nonemb / 1e6:.2f}M non-emb, {plan.steps} steps)"
+    summary = train(model, prep.train, val, plan, tmp / "train_log.jsonl", desc)
+    model.to("cpu").save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.copytree(prep.eval_dir, tmp / "kbit_eval")
+    ffn = size.ffn if size.ffn is not None else 4 * size.width
+    meta = {
+        "family": cfg.name, "size": size.name, "architecture": cfg.architecture,
+        "family_hash": fp.hash, "size_hash": s_hash, "shape": {**asdict(size), "ffn": ffn},
+        "n_params": n_params, "n_nonembedding_params": n_nonemb, "summary": summary,
+        "corpus": {"name": prep.corpus.name, "hash": prep.corpus.hash, "source": prep.corpus.source,
+                   "train_docs": len(prep.corpus.train), "heldout_docs": len(prep.corpus.heldout),
+                   "heldout": [d.name for d in prep.corpus.heldout]},
+        "tokenizer": fp.tokenizer_key, "vocab_size": len(tok), "batch_size": cfg.batch_size,
+        "context": cfg.context, "val_tokens": int(val[:, 1:].numel()), "device": str(device),
+        "mc_choices": cfg.eval_sets.mc_choices,
+        "eval_sets": json.loads((prep.eval_dir / "counts.json").read_text()),
+        "versions": {"harness": harness.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "config": asdict(cfg),
+    }  # fmt: skip
+    write_card(tmp, meta)
+    final = fp.size_folder(size)
+    shutil.rmtree(final, ignore_errors=True)  # a stale build of an older size config
+    os.replace(tmp, final)
+    log.info("%s/%s: val loss %.4f after %d tokens", cfg.name, size.name,
+             summary["final_val_loss"], summary["tokens_seen"])  # fmt: skip
+    return meta
+
+
+def build_family(
+    name_or_cfg: str | Path | dict | FamilyConfig,
+    zoo_dir: str | Path | None = None,
+    corpus: str | Path | None = None,
+    device: str = "auto",
+    sizes: list[str] | None = None,
+    threads: int | None = None,
+) -> list[Path]:
+    """Train every size of a family that is not built yet; return the size folders.
+
+    ``corpus`` overrides the config's corpus; ``sizes`` restricts the build to some sizes;
+    ``threads`` sets torch's CPU threads for the build (on a busy machine 1 thread is often
+    much faster than 2 oversubscribed ones). A second call with the same config returns at
+    once ("cached").
+    """
+    cfg = load_family_config(name_or_cfg)
+    if corpus is not None:
+        cfg.corpus = str(corpus)
+        load_family_config(cfg)  # validate the override
+    zoo = Path(zoo_dir) if zoo_dir is not None else default_zoo_dir()
+    _check_writable(zoo)
+    fp = family_paths(cfg, zoo)
+    todo = [s for s in cfg.sizes if sizes is None or s.name in sizes]
+    for name in sizes or []:
+        if name not in [s.name for s in cfg.sizes]:
+            known = [s.name for s in cfg.sizes]
+            raise ZooConfigError(
+                f"size {name!r} is not in family {cfg.name}: {known}" + _closest(name, known)
+            )
+    fp.folder.mkdir(parents=True, exist_ok=True)
+    missing = [s for s in todo if not fp.is_built(s)]
+    for s in todo:
+        if s not in missing:
+            log.info("%s/%s: cached (%s)", cfg.name, s.name, fp.size_folder(s))
+    if missing:
+        start, before = time.time(), torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            prep = _Prepared(fp)
+            dev = _pick_device(device)
+            for s in missing:
+                _build_size(fp, prep, s, dev)
+                _write_manifest(fp)
+        finally:
+            torch.set_num_threads(before)
+        log.info("built %d size(s) of %s in %.0f s", len(missing), cfg.name, time.time() - start)
+    _write_manifest(fp)
+    return [fp.size_folder(s) for s in todo]
+
+
+def _write_manifest(fp: FamilyPaths) -> None:
+    built = {}
+    for s in fp.cfg.sizes:
+        if fp.is_built(s):
+            meta = json.loads((fp.size_folder(s) / "kbit_zoo.json").read_text())
+            built[s.name] = {k: meta[k] for k in ("n_params", "n_nonembedding_params", "summary")}
+    _write_json_atomic(fp.folder / "family.json", {
+        "family": fp.cfg.name, "family_hash": fp.hash, "corpus": corpus_name(fp.cfg.corpus),
+        "corpus_source": fp.cfg.corpus, "corpus_hash": fp.corpus_hash, "sizes": built,
+        "config": asdict(fp.cfg),
+    })  # fmt: skip

@@ -1,0 +1,98 @@
+"""Model shapes of the zoo: one Hugging Face config builder per architecture.
+
+All builders take the same size fields (layers, width, heads, FFN width), so a family differs
+only in size, and switch off dropout so that training is deterministic and matches the
+models' evaluation behaviour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig, PretrainedConfig
+
+from harness.zoo.config import SizeConfig
+
+ConfigBuilder = Callable[[SizeConfig, int, int, int, int], PretrainedConfig]
+
+
+def _ffn(size: SizeConfig) -> int:
+    return size.ffn if size.ffn is not None else 4 * size.width
+
+
+def _gpt_neox(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) -> PretrainedConfig:
+    # Pythia's shape: parallel residual, rotary on a quarter of each head, untied head.
+    return GPTNeoXConfig(
+        vocab_size=vocab, hidden_size=size.width, num_hidden_layers=size.layers,
+        num_attention_heads=size.heads, intermediate_size=_ffn(size),
+        max_position_embeddings=context, rotary_pct=0.25, use_parallel_residual=True,
+        hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
+    )  # fmt: skip
+
+
+def _gpt2(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) -> PretrainedConfig:
+    return GPT2Config(
+        vocab_size=vocab, n_embd=size.width, n_layer=size.layers, n_head=size.heads,
+        n_inner=_ffn(size), n_positions=context, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
+    )  # fmt: skip
+
+
+def _opt(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) -> PretrainedConfig:
+    return OPTConfig(
+        vocab_size=vocab, hidden_size=size.width, num_hidden_layers=size.layers,
+        num_attention_heads=size.heads, ffn_dim=_ffn(size), max_position_embeddings=context,
+        word_embed_proj_dim=size.width, do_layer_norm_before=True, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
+    )  # fmt: skip
+
+
+def _llama(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) -> PretrainedConfig:
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=size.width, num_hidden_layers=size.layers,
+        num_attention_heads=size.heads, num_key_value_heads=size.heads,
+        intermediate_size=_ffn(size), max_position_embeddings=context,
+        attention_dropout=0.0, tie_word_embeddings=False,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
+    )  # fmt: skip
+
+
+ARCHITECTURES: dict[str, ConfigBuilder] = {
+    "gpt_neox": _gpt_neox,
+    "gpt2": _gpt2,
+    "opt": _opt,
+    "llama": _llama,
+}
+
+
+def build_config(
+    architecture: str, size: SizeConfig, vocab: int, context: int, eos: int, pad: int
+) -> PretrainedConfig:
+    """The Hugging Face config of one size (architecture validated by config.validate)."""
+    return ARCHITECTURES[architecture](size, vocab, context, eos, pad)
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, non-embedding parameters).
+
+    Non-embedding excludes every nn.Embedding (token and learned position embeddings) and
+    the output head, tied or not: the convention of Kaplan et al. and of records.Record.
+    """
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    emb: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            emb.add(id(module.weight))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        emb.update(id(p) for p in head.parameters())
+    n_emb = sum(p.numel() for p in model.parameters() if id(p) in emb)
+    return total, total - n_emb

@@ -1,0 +1,67 @@
+"""Every conf/dtype entry composes through Hydra against the DtypeSpec schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from harness.dtypes import entries, legal_bits, register_configs
+from harness.dtypes.spec import DtypeSpec
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+NAMES = sorted(p.stem for p in (CONF / "dtype").glob("*.yaml"))
+
+
+@pytest.fixture
+def hydra_compose():
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_entry_composes_and_matches_the_library_view(hydra_compose, name):
+    cfg = hydra_compose("config", overrides=[f"dtype={name}", "model=x"])
+    assert OmegaConf.get_type(cfg.dtype) is DtypeSpec
+    spec = OmegaConf.to_object(cfg.dtype)
+    assert spec == entries()[name]
+    assert legal_bits(name), name
+
+
+@pytest.mark.parametrize(
+    "override", ["dtype.exponent_bitz=3", "dtype.bits=four", "dtype.estimator=median"]
+)
+def test_schema_rejects_unknown_keys_and_wrong_types(hydra_compose, override):
+    with pytest.raises(Exception, match=r"exponent_bitz|four|median"):
+        hydra_compose("config", overrides=["dtype=float", "model=x", override])
+
+
+def test_default_entry_is_int(hydra_compose):
+    assert hydra_compose("config", overrides=["model=x"]).dtype.name == "int"
+
+
+@pytest.mark.parametrize(
+    ("body", "match"), [("bitz: 4", "bitz"), ("bits: four", "four"), ("signed: maybe", "maybe")]
+)
+def test_typo_in_a_yaml_entry_fails_at_compose(tmp_path, body, match):
+    (tmp_path / "dtype").mkdir()
+    (tmp_path / "config.yaml").write_text("defaults:\n  - dtype: bad\n  - _self_\n")
+    (tmp_path / "dtype" / "bad.yaml").write_text(
+        f"defaults:\n  - dtype_schema\n  - _self_\nname: bad\nfamily: int\n{body}\n"
+    )
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with (
+            initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"),
+            pytest.raises(Exception, match=match),
+        ):
+            compose("config")
+    finally:
+        GlobalHydra.instance().clear()

@@ -1,0 +1,103 @@
+"""kbit-plot and kbit-advise end to end on a small synthetic store; figure contents."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.cli import advise_main, plot_main
+from analysis.figures import perplexity_figure, scaling_figure
+from analysis.load import ACC_COLUMN, load_results
+from analysis.synthetic import synthetic_cells, write_synthetic_store
+from analysis.tables import main_curves
+
+GRID = dict(
+    families=("pythia", "opt"),
+    sizes=(125e6, 1.3e9, 6.7e9),
+    ks=(3, 4, 8, 16),
+    dtypes=("int", "quantile"),
+    block_sizes=(64, None),
+    variants=(("blockwise", False, 0.0), ("blockwise", True, 0.0), ("proxy", False, 0.02)),
+    n_examples=50,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_synthetic_store(tmp_path_factory.mktemp("store"), **GRID)
+
+
+def test_plot_writes_every_figure_and_table(store, tmp_path):
+    out = tmp_path / "out"
+    assert plot_main([str(store), "--out", str(out), "--k", "4"]) == 0
+    for name in ("scaling_acc", "scaling_ppl", "block_size_k4", "dtype_k4", "proxy_centering_k4"):
+        for ext in ("png", "pdf"):
+            f = out / f"{name}.{ext}"
+            assert f.stat().st_size > 1000, f
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(cells) == len(synthetic_cells(**GRID))
+    table = pd.read_csv(out / "bit_optimal_k.csv")
+    assert set(table["model_family"]) == {"pythia", "opt"}
+    assert (out / "bit_optimal_k.md").read_text().startswith("| model_family |")
+    assert "Pearson r(wikitext2:ppl" in (out / "stats.md").read_text()
+
+
+def test_scaling_figure_draws_one_line_per_k_and_baseline(store):
+    res = load_results(store)
+    fig = scaling_figure(res.cells)
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["3-bit", "4-bit", "8-bit", "16-bit baseline"]
+    assert ax.get_xscale() == "log"
+    for line in ax.get_lines():  # each line connects models in order of total bits
+        x = np.asarray(line.get_xdata(), dtype=float)
+        assert (np.diff(x) > 0).all() and len(x) == len(GRID["sizes"])
+
+
+def test_perplexity_figure_caps_and_marks_unstable_cells(store):
+    res = load_results(store)
+    cells = res.cells.copy()
+    cells.loc[cells.index[0], "wikitext2:ppl"] = np.nan  # a diverged cell
+    cap = 60.0
+    fig = perplexity_figure(cells, "wikitext2:ppl", cap=cap)
+    ys = np.concatenate(
+        [np.asarray(line.get_ydata(), dtype=float) for ax in fig.axes for line in ax.get_lines()]
+    )
+    assert ys.max() <= cap
+    marked = sum(len(c.get_offsets()) for ax in fig.axes for c in ax.collections)
+    # Unstable among the plotted main curves, counted independently from the raw values.
+    raw = main_curves(
+        cells.assign(**{"wikitext2:ppl": cells["wikitext2:ppl"].fillna(math.inf)}), "wikitext2:ppl"
+    )
+    n_unstable = int((~np.isfinite(raw["wikitext2:ppl"]) | (raw["wikitext2:ppl"] > cap)).sum())
+    assert marked == n_unstable > 0
+
+
+def test_advise_cli_text_and_json(store, capsys):
+    assert advise_main([str(store), "--budget", "1GiB", "--n-boot", "500"]) == 0
+    text = capsys.readouterr().out
+    assert "Best:" in text and "95% CI" in text and "Runner-up:" in text
+    assert advise_main([str(store), "--budget", "1GiB", "--n-boot", "500", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    res = load_results(store)
+    fits = res.cells[res.cells["total_model_bits"] <= 8 * 2**30]
+    assert data["best"]["accuracy"] == pytest.approx(fits[ACC_COLUMN].max())
+    assert data["n_fitting"] == len(fits)
+    assert data["diff_ci"]["method"] == "paired-bootstrap"
+
+
+def test_advise_cli_errors(store, capsys):
+    with pytest.raises(SystemExit) as err:
+        advise_main([str(store), "--budget", "4 parsecs"])
+    assert err.value.code == 2
+    assert "--budget" in capsys.readouterr().err
+    assert advise_main([str(store), "--budget", "1kB"]) == 1
+    assert "no measured configuration fits" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="did you mean 'synthetic'"):
+        advise_main([str(store), "--budget", "1GiB", "--sweep", "synthetc"])

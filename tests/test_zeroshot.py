@@ -1,0 +1,100 @@
+"""Zero-shot through lm-eval on the in-memory model, and kbit's local task definitions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_models_tiny import tiny_model
+
+from harness.evaluate.tasks import LOCAL_TASKS, materialize
+from harness.evaluate.zeroshot import evaluate_zeroshot, mean_accuracy
+
+
+def _jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def test_materialized_tasks_join_labels_and_resolve_paths(data_root, tmp_path):
+    out = materialize(["piqa", "hellaswag", "winogrande"], data_root, out_dir=tmp_path)
+    piqa = yaml.safe_load((out / "piqa.yaml").read_text())
+    assert piqa["task"] == "piqa" and piqa["dataset_path"] == "json"
+    docs = _jsonl(piqa["dataset_kwargs"]["data_files"]["test"])
+    labels = (data_root / "eval/piqa/valid-labels.lst").read_text().split()
+    assert len(docs) == len(labels) == 1838
+    assert [d["label"] for d in docs] == [int(x) for x in labels]
+    wino = yaml.safe_load((out / "winogrande.yaml").read_text())
+    assert wino["dataset_kwargs"]["data_files"]["test"] == str(
+        (data_root / "eval/winogrande/dev.jsonl").resolve()
+    )
+    hs = _jsonl(out / "hellaswag.jsonl")
+    from lm_eval.tasks.hellaswag.utils import preprocess  # lm-eval's own cleaning, as reference
+
+    raw = _jsonl(data_root / "eval/hellaswag/validation.jsonl")
+    assert len(hs) == len(raw) == 10042
+    assert all(
+        h["choices"] == [preprocess(e) for e in r["endings"]] for h, r in zip(hs, raw, strict=True)
+    )
+    assert [h["gold"] for h in hs] == [r["label"] for r in raw]
+
+
+def test_unknown_task_and_missing_files_fail_clearly(data_root, tmp_path):
+    with pytest.raises(ValueError, match="closest match: 'winogrande'"):
+        materialize(["winogrand"], data_root, out_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"piqa.*does not exist"):
+        materialize(["piqa"], tmp_path, out_dir=tmp_path / "o")
+    with pytest.raises(ValueError, match=r"zoo_mc.*needs a local model folder"):
+        materialize(["zoo_mc"], data_root, out_dir=tmp_path / "o")
+
+
+def _loglik(model, tok, context: str, continuation: str) -> float:
+    """Sum log p(continuation tokens | context), the way lm-eval splits the pair."""
+    ctx = tok(context).input_ids
+    whole = tok(context + continuation).input_ids
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    return sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
+
+
+def test_piqa_matches_a_brute_force_loglikelihood_argmax(data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("KBIT_CACHE_DIR", str(tmp_path))
+    model, tok = tiny_model("llama")
+    res = evaluate_zeroshot(model, tok, ["piqa"], data_root=data_root, limit=8, batch_size=4)
+    piqa = res.tasks["piqa"]
+    docs = _jsonl(data_root / "eval/piqa/valid.jsonl")[:8]
+    labels = (data_root / "eval/piqa/valid-labels.lst").read_text().split()[:8]
+    want = []
+    for doc, label in zip(docs, labels, strict=True):
+        context = f"Question: {doc['goal']}\nAnswer:"
+        scores = [_loglik(model, tok, context, " " + doc[s]) for s in ("sol1", "sol2")]
+        want.append(float(max(range(2), key=lambda i: scores[i]) == int(label)))
+    assert piqa.n == 8
+    assert piqa.per_sample["acc"] == want
+    assert piqa.values["acc"] == pytest.approx(sum(want) / 8)
+    assert piqa.stderr["acc"] is not None and res.forward_s > 0
+
+
+def test_mean_accuracy_is_the_plain_mean():
+    from harness.evaluate.zeroshot import TaskResult
+
+    results = {
+        "a": TaskResult("a", 10, {"acc": 0.5}, {"acc": 0.1}),
+        "b": TaskResult("b", 30, {"acc": 0.8}, {"acc": 0.2}),
+    }
+    mean, stderr, n = mean_accuracy(results, ["a", "b"])
+    assert mean == pytest.approx(0.65) and n == 40
+    assert stderr == pytest.approx((0.1**2 + 0.2**2) ** 0.5 / 2)
+    with pytest.raises(ValueError, match="not evaluated"):
+        mean_accuracy(results, ["a", "c"])
+
+
+def test_every_local_task_has_lm_eval_name_or_zoo_prefix():
+    from harness.run import builtin_task_names
+
+    builtin = builtin_task_names()
+    for name in LOCAL_TASKS:
+        assert name in builtin or name.startswith("zoo_"), name
