@@ -1,7 +1,7 @@
 """Harness overhead of a sweep: its wall time against the time spent in model forward passes.
 
 Runs a sweep (default: the demo sweep) in-process, from a fresh results folder, exactly as a
-user would (``kbit-run --multirun +sweeps=demo``), then reads the store and prints
+user would (``kbit-run --multirun +sweeps@_global_=demo``), then reads the store and prints
 
     overhead ratio = sweep wall time / sum over cells of forward_s
 
@@ -33,8 +33,9 @@ from harness.records import read_store
 
 
 def run_sweep(sweep: str, results: Path, extra: list[str]) -> float:
-    """Seconds of wall time for ``kbit-run --multirun +sweeps=SWEEP`` into ``results``."""
-    cmd = ["kbit-run", "--multirun", f"+sweeps={sweep}", f"results_dir={results}", *extra]
+    """Seconds of wall time for ``kbit-run --multirun +sweeps@_global_=SWEEP`` into ``results``."""
+    kbit_run = str(Path(sys.executable).parent / "kbit-run")
+    cmd = [kbit_run, "--multirun", f"+sweeps@_global_={sweep}", f"results_dir={results}", *extra]
     print("$", " ".join(cmd), flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     tic = time.perf_counter()

@@ -114,3 +114,16 @@ def test_readme_table_commands(results_cwd):
         proc = run(row, results_cwd, timeout=300)
         assert proc.returncode == 0, (row, proc.stderr[-2000:])
         assert proc.stdout.strip(), row
+
+
+def test_readme_data_type_yaml_works_as_shown(tmp_path):
+    import torch
+
+    from harness.dtypes import codebook
+
+    (block,) = re.findall(r"```yaml\n(.*?)```", README, flags=re.S)
+    name = re.search(r"^name: (\w+)", block, flags=re.M).group(1)
+    (tmp_path / f"{name}.yaml").write_text(block)
+    got = codebook(name, 6, dtype_dir=tmp_path)
+    assert torch.equal(got, codebook("float", 6, exponent_bits=3))
+    assert got.numel() == 2**6 - 1 and got.abs().max() == 1  # +0 and -0 are one code

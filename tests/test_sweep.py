@@ -114,11 +114,19 @@ def test_unwritable_results_dir_is_a_problem_and_nothing_is_created(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_results_dir(tmp_path):
+def test_read_only_results_dir(tmp_path, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
-    assert "not writable" in results_dir_problem(ro / "results")
+    if os.geteuid() == 0:  # root writes into read-only folders: make the probe fail as it would
+        import tempfile
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    problem = results_dir_problem(ro / "results")
+    assert "not writable" in problem and "Permission denied" in problem and "ro" in problem
+    assert not (ro / "results").exists()
 
 
 def test_manifest_merges_launches(tmp_path):
