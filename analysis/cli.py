@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analysis.advise import NothingFits, advise, format_advice, parse_budget
@@ -40,6 +41,21 @@ def ppl_columns(cells: pd.DataFrame) -> list[str]:
     """The ``<task>:ppl`` columns present, wikitext2 first (the paper's perplexity set)."""
     cols = sorted(c for c in cells.columns if c.endswith(":ppl"))
     return sorted(cols, key=lambda c: c != "wikitext2:ppl")
+
+
+def auto_ppl_cap(cells: pd.DataFrame, ppl_column: str | None) -> float:
+    """The paper's cap (100), or 4x the worst 16-bit baseline when baselines exceed it.
+
+    Why: the cap marks quantization that broke the model. Tiny models (the zoo) have baseline
+    perplexities above 100, and a fixed cap would mark every cell of them unstable.
+    """
+    if ppl_column is None or ppl_column not in cells.columns:
+        return DEFAULT_PPL_CAP
+    baseline = cells.loc[cells["bits"] == 16, ppl_column].dropna()
+    worst = float(baseline.max()) if not baseline.empty else 0.0
+    if not np.isfinite(worst) or worst <= DEFAULT_PPL_CAP:
+        return DEFAULT_PPL_CAP
+    return 4.0 * worst
 
 
 def _write_table(frame: pd.DataFrame, out: Path, name: str) -> list[Path]:
@@ -128,8 +144,9 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--ppl-cap",
         type=float,
-        default=DEFAULT_PPL_CAP,
-        help="perplexity above this is unstable: clipped and marked (default 100)",
+        default=None,
+        help=f"perplexity above this is unstable: clipped and marked (default: {DEFAULT_PPL_CAP:g} "
+        "as in the paper, raised to 4x the worst 16-bit baseline for small models)",
     )
     args = p.parse_args(argv)
     results = _setup(args)
@@ -144,8 +161,9 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--ppl-task {args.ppl_task!r}: no such perplexity task; known: {cols}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = make_figures(results.cells, out, args.k, ppl_column, args.ppl_cap)
-    paths += make_tables(results, out, ppl_column, args.ppl_cap)
+    cap = args.ppl_cap if args.ppl_cap is not None else auto_ppl_cap(results.cells, ppl_column)
+    paths = make_figures(results.cells, out, args.k, ppl_column, cap)
+    paths += make_tables(results, out, ppl_column, cap)
     log.info("wrote %d file(s) to %s", len(paths), out)
     return 0
 

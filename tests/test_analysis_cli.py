@@ -101,3 +101,13 @@ def test_advise_cli_errors(store, capsys):
     assert "no measured configuration fits" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="did you mean 'synthetic'"):
         advise_main([str(store), "--budget", "1GiB", "--sweep", "synthetc"])
+
+
+def test_auto_ppl_cap_keeps_the_paper_cap_and_rises_for_small_models():
+    from analysis.cli import auto_ppl_cap
+
+    cells = pd.DataFrame({"bits": [16, 16, 4], "wikitext2:ppl": [12.0, 30.0, 1e4]})
+    assert auto_ppl_cap(cells, "wikitext2:ppl") == 100.0  # the paper's cap
+    cells["wikitext2:ppl"] = [150.0, 130.0, 1e4]
+    assert auto_ppl_cap(cells, "wikitext2:ppl") == 600.0  # 4x the worst baseline
+    assert auto_ppl_cap(cells, None) == 100.0
