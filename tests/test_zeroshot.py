@@ -98,3 +98,31 @@ def test_every_local_task_has_lm_eval_name_or_zoo_prefix():
     builtin = builtin_task_names()
     for name in LOCAL_TASKS:
         assert name in builtin or name.startswith("zoo_"), name
+
+
+def _builtin_templates(task: str) -> dict:
+    """lm-eval's own YAML for a built-in task (its Jinja prompt templates are the reference)."""
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    path = next(p for p in root.rglob(f"{task}.yaml") if p.parent.name in task)
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("task", ["lambada_openai", "piqa"])
+def test_precomputed_prompts_equal_lm_eval_templates(task, data_root, tmp_path):
+    """kbit precomputes prompts into columns (speed); they must be lm-eval's strings exactly."""
+    from lm_eval.utils import apply_template
+
+    reference = _builtin_templates(task)
+    ours = yaml.safe_load((materialize([task], data_root, out_dir=tmp_path) / f"{task}.yaml")
+                          .read_text())  # fmt: skip
+    docs = _jsonl(ours["dataset_kwargs"]["data_files"]["test"])
+    assert len(docs) > 1000
+    for doc in docs[::7]:
+        assert doc[ours["doc_to_text"]] == apply_template(reference["doc_to_text"], doc)
+        if task == "piqa":
+            assert doc[ours["doc_to_choice"]] == [doc["sol1"], doc["sol2"]]
+            assert str(doc[ours["doc_to_choice"]]) == apply_template(reference["doc_to_choice"], doc)
+        else:
+            assert doc[ours["doc_to_target"]] == apply_template(reference["doc_to_target"], doc)

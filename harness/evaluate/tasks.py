@@ -26,14 +26,17 @@ from pathlib import Path
 import yaml
 
 log = logging.getLogger(__name__)
-TASKS_VERSION = "1"  # bump when a definition changes: the cache folder name includes it
+TASKS_VERSION = "2"  # bump when a definition changes: the cache folder name includes it
 
 _ACC = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
 _ACC_NORM = [*_ACC, {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]
+# Prompts are precomputed into columns by each task's ``convert`` (same strings as lm-eval's
+# Jinja templates, e.g. lambada's "{{text.split(' ')[:-1]|join(' ')}}"): lm-eval compiles a
+# template per document, which cost more than the forward passes of a small model.
 _LASTWORD = {
     "output_type": "loglikelihood",
-    "doc_to_text": "{{text.split(' ')[:-1]|join(' ')}}",
-    "doc_to_target": "{{' '+text.split(' ')[-1]}}",
+    "doc_to_text": "context",
+    "doc_to_target": "target",
     "metric_list": [
         {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
         *_ACC,
@@ -54,12 +57,29 @@ def _hellaswag_clean(text: str) -> str:
     return text.replace("  ", " ")
 
 
+def _convert_lastword(files: list[Path]) -> list[dict]:
+    """LAMBADA format: everything before the last space-separated word, then " " + that word."""
+    out = []
+    for d in _read_jsonl(files[0]):
+        words = d["text"].split(" ")
+        out.append({**d, "context": " ".join(words[:-1]), "target": " " + words[-1]})
+    return out
+
+
 def _convert_piqa(files: list[Path]) -> list[dict]:
     docs = _read_jsonl(files[0])
     labels = files[1].read_text().split()
     if len(labels) != len(docs):
         raise ValueError(f"piqa: {len(docs)} docs but {len(labels)} labels in {files[1]}")
-    return [{**d, "label": int(lab)} for d, lab in zip(docs, labels, strict=True)]
+    return [
+        {**d, "label": int(lab), "prompt": f"Question: {d['goal']}\nAnswer:",
+         "choices": [d["sol1"], d["sol2"]]}  # fmt: skip
+        for d, lab in zip(docs, labels, strict=True)
+    ]
+
+
+def _convert_arc(files: list[Path]) -> list[dict]:
+    return [{**d, "prompt": f"{d['query']}\nAnswer:"} for d in _read_jsonl(files[0])]
 
 
 def _convert_hellaswag(files: list[Path]) -> list[dict]:
@@ -87,15 +107,17 @@ class LocalTask:
 LOCAL_TASKS: dict[str, LocalTask] = {
     t.name: t
     for t in [
-        LocalTask("lambada_openai", ("eval/lambada_openai/test.jsonl",), _LASTWORD),
+        LocalTask(
+            "lambada_openai", ("eval/lambada_openai/test.jsonl",), _LASTWORD, _convert_lastword
+        ),
         LocalTask(
             "piqa",
             ("eval/piqa/valid.jsonl", "eval/piqa/valid-labels.lst"),
             {
                 **_MC,
-                "doc_to_text": "Question: {{goal}}\nAnswer:",
+                "doc_to_text": "prompt",  # "Question: {{goal}}\nAnswer:"
                 "doc_to_target": "label",
-                "doc_to_choice": "{{[sol1, sol2]}}",
+                "doc_to_choice": "choices",  # "{{[sol1, sol2]}}"
                 "metric_list": _ACC_NORM,
             },
             _convert_piqa,
@@ -103,7 +125,7 @@ LOCAL_TASKS: dict[str, LocalTask] = {
         LocalTask(
             "hellaswag",
             ("eval/hellaswag/validation.jsonl",),
-            {**_MC, "doc_to_text": "{{query}}", "metric_list": _ACC_NORM},
+            {**_MC, "doc_to_text": "query", "metric_list": _ACC_NORM},
             _convert_hellaswag,
         ),
         # Partial scoring as lm-eval does it: the options are contexts, `gold` picks one (an int
@@ -122,20 +144,24 @@ LOCAL_TASKS: dict[str, LocalTask] = {
         LocalTask(
             "arc_easy",
             ("eval/arc/arc_easy_test.jsonl",),
-            {**_MC, "doc_to_text": "{{query}}\nAnswer:", "metric_list": _ACC_NORM},
+            {**_MC, "doc_to_text": "prompt", "metric_list": _ACC_NORM},  # "{{query}}\nAnswer:"
+            _convert_arc,
         ),
         LocalTask(
             "arc_challenge",
             ("eval/arc/arc_challenge_test.jsonl",),
-            {**_MC, "doc_to_text": "{{query}}\nAnswer:", "metric_list": _ACC_NORM},
+            {**_MC, "doc_to_text": "prompt", "metric_list": _ACC_NORM},  # "{{query}}\nAnswer:"
+            _convert_arc,
         ),
         LocalTask(
             "zoo_mc",
             ("kbit_eval/mc.jsonl",),
-            {**_MC, "doc_to_text": "{{query}}", "metric_list": _ACC_NORM},
+            {**_MC, "doc_to_text": "query", "metric_list": _ACC_NORM},
             root="model",
         ),
-        LocalTask("zoo_lastword", ("kbit_eval/lastword.jsonl",), _LASTWORD, root="model"),
+        LocalTask(
+            "zoo_lastword", ("kbit_eval/lastword.jsonl",), _LASTWORD, _convert_lastword, "model"
+        ),
     ]
 }
 
