@@ -123,6 +123,8 @@ def test_precomputed_prompts_equal_lm_eval_templates(task, data_root, tmp_path):
         assert doc[ours["doc_to_text"]] == apply_template(reference["doc_to_text"], doc)
         if task == "piqa":
             assert doc[ours["doc_to_choice"]] == [doc["sol1"], doc["sol2"]]
-            assert str(doc[ours["doc_to_choice"]]) == apply_template(reference["doc_to_choice"], doc)
+            assert str(doc[ours["doc_to_choice"]]) == apply_template(
+                reference["doc_to_choice"], doc
+            )
         else:
             assert doc[ours["doc_to_target"]] == apply_template(reference["doc_to_target"], doc)

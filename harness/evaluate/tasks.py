@@ -72,8 +72,12 @@ def _convert_piqa(files: list[Path]) -> list[dict]:
     if len(labels) != len(docs):
         raise ValueError(f"piqa: {len(docs)} docs but {len(labels)} labels in {files[1]}")
     return [
-        {**d, "label": int(lab), "prompt": f"Question: {d['goal']}\nAnswer:",
-         "choices": [d["sol1"], d["sol2"]]}  # fmt: skip
+        {
+            **d,
+            "label": int(lab),
+            "prompt": f"Question: {d['goal']}\nAnswer:",
+            "choices": [d["sol1"], d["sol2"]],
+        }
         for d, lab in zip(docs, labels, strict=True)
     ]
 
