@@ -6,16 +6,21 @@ import argparse
 import difflib
 import json
 import logging
+import multiprocessing as mp
+import os
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from analysis.advise import NothingFits, advise, format_advice, parse_budget
 from analysis.figures import (
     DEFAULT_PPL_CAP,
+    FORMATS,
     block_size_figure,
     dtype_figure,
     perplexity_figure,
@@ -65,24 +70,70 @@ def _write_table(frame: pd.DataFrame, out: Path, name: str) -> list[Path]:
     return [csv, md]
 
 
-def make_figures(
-    cells: pd.DataFrame, out: Path, k: int, ppl_column: str | None, cap: float
-) -> list[Path]:
-    """Build and save the five figures that the data support; returns the files written."""
-    figures = {
+FIGURE_NAMES = ("scaling_acc", "scaling_ppl", "block_size_k{k}", "dtype_k{k}",
+                "proxy_centering_k{k}")  # fmt: skip
+
+
+def build_figure(
+    name: str, cells: pd.DataFrame, k: int, ppl_column: str | None, cap: float
+) -> Figure | None:
+    """One of :data:`FIGURE_NAMES` (``{k}`` filled in), or None if the data do not support it."""
+    builders = {
         "scaling_acc": lambda: scaling_figure(cells, ACC_COLUMN, "mean zero-shot accuracy"),
         "scaling_ppl": lambda: perplexity_figure(cells, ppl_column, cap) if ppl_column else None,
         f"block_size_k{k}": lambda: block_size_figure(cells, k),
         f"dtype_k{k}": lambda: dtype_figure(cells, k),
         f"proxy_centering_k{k}": lambda: proxy_centering_figure(cells, k),
     }
+    return builders[name]()
+
+
+def _render(job: tuple) -> list[Path] | None:
+    """Build one figure and save it in one format (a unit of work for the process pool)."""
+    name, fmt, cells, out, k, ppl_column, cap = job
+    fig = build_figure(name, cells, k, ppl_column, cap)
+    return None if fig is None else save_figure(fig, out, name, formats=(fmt,))
+
+
+def default_jobs() -> int:
+    """Processes for rendering: the CPUs this process may use, at most 4; 1 without fork."""
+    if not sys.platform.startswith("linux") or "fork" not in mp.get_all_start_methods():
+        return 1
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def make_figures(
+    cells: pd.DataFrame,
+    out: Path,
+    k: int,
+    ppl_column: str | None,
+    cap: float,
+    jobs: int | None = None,
+) -> list[Path]:
+    """Build and save the five figures that the data support; returns the files written.
+
+    Why processes: matplotlib draws each figure once per format, single-threaded, and drawing
+    is nearly all of kbit-plot's time. Each (figure, format) pair is an independent job, so
+    ``jobs`` forked workers (default :func:`default_jobs`) cut the wall time by about that
+    factor; ``jobs=1`` renders in this process. Output files are identical either way.
+    """
+    jobs = default_jobs() if jobs is None else jobs
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs}: must be >= 1")
+    names = [n.format(k=k) for n in FIGURE_NAMES]
+    work = [(n, fmt, cells, out, k, ppl_column, cap) for n in names for fmt in FORMATS]
+    if jobs == 1:
+        results = [_render(job) for job in work]
+    else:
+        with ProcessPoolExecutor(min(jobs, len(work)), mp_context=mp.get_context("fork")) as pool:
+            results = list(pool.map(_render, work))
     paths: list[Path] = []
-    for name, build in figures.items():
-        fig = build()
-        if fig is None:
-            log.info("figure %s: no matching cells; skipped", name)
+    for (name, fmt, *_), saved in zip(work, results, strict=True):
+        if saved is None:
+            if fmt == FORMATS[0]:
+                log.info("figure %s: no matching cells; skipped", name)
             continue
-        paths += save_figure(fig, out, name)
+        paths += saved
     return paths
 
 
@@ -148,7 +199,15 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
         help=f"perplexity above this is unstable: clipped and marked (default: {DEFAULT_PPL_CAP:g} "
         "as in the paper, raised to 4x the worst 16-bit baseline for small models)",
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="processes rendering figures (default: the usable CPUs, at most 4; 1 = in-process)",
+    )
     args = p.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: must be >= 1")
     results = _setup(args)
     if results.cells.empty:
         log.error(
@@ -162,7 +221,7 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cap = args.ppl_cap if args.ppl_cap is not None else auto_ppl_cap(results.cells, ppl_column)
-    paths = make_figures(results.cells, out, args.k, ppl_column, cap)
+    paths = make_figures(results.cells, out, args.k, ppl_column, cap, args.jobs)
     paths += make_tables(results, out, ppl_column, cap)
     log.info("wrote %d file(s) to %s", len(paths), out)
     return 0

@@ -264,12 +264,18 @@ def proxy_centering_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> 
     return _hue_lines(sub, y, "_variant", title, _ylabel(y))
 
 
-def save_figure(fig: Figure, out_dir: str | Path, name: str, dpi: int = 150) -> list[Path]:
-    """Write ``name.png`` and ``name.pdf`` into ``out_dir``."""
+def save_figure(
+    fig: Figure,
+    out_dir: str | Path,
+    name: str,
+    dpi: int = 150,
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """Write ``name.png`` and ``name.pdf`` (or the given ``formats``) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for ext in FORMATS:
+    for ext in formats:
         path = out / f"{name}.{ext}"
         fig.savefig(path, dpi=dpi)
         paths.append(path)

@@ -48,6 +48,22 @@ def test_plot_writes_every_figure_and_table(store, tmp_path):
     assert "Pearson r(wikitext2:ppl" in (out / "stats.md").read_text()
 
 
+def test_worker_processes_write_the_same_figures_as_in_process(store, tmp_path):
+    """Rendering in forked workers is a speed-up only: same files, same PNG pixels."""
+    from analysis.cli import make_figures
+
+    cells = load_results(store).cells
+    serial = make_figures(cells, tmp_path / "serial", 4, "wikitext2:ppl", 100.0, jobs=1)
+    forked = make_figures(cells, tmp_path / "forked", 4, "wikitext2:ppl", 100.0, jobs=3)
+    assert [p.name for p in serial] == [p.name for p in forked]
+    assert len(serial) == 10
+    for a, b in zip(serial, forked, strict=True):
+        if a.suffix == ".png":
+            assert a.read_bytes() == b.read_bytes(), a.name
+    with pytest.raises(ValueError, match="jobs=0"):
+        make_figures(cells, tmp_path / "x", 4, None, 100.0, jobs=0)
+
+
 def test_scaling_figure_draws_one_line_per_k_and_baseline(store):
     res = load_results(store)
     fig = scaling_figure(res.cells)

@@ -128,3 +128,44 @@ def test_precomputed_prompts_equal_lm_eval_templates(task, data_root, tmp_path):
             )
         else:
             assert doc[ours["doc_to_target"]] == apply_template(reference["doc_to_target"], doc)
+
+
+def test_reused_task_objects_give_the_results_of_a_fresh_build(data_root, tmp_path, monkeypatch):
+    """Tasks are built once per process (speed); a later model must score as if built afresh."""
+    from harness.evaluate import zeroshot
+
+    monkeypatch.setenv("KBIT_CACHE_DIR", str(tmp_path))
+    names = ["piqa", "lambada_openai", "winogrande"]
+    first, tok = tiny_model("llama", seed=1)
+    second, _ = tiny_model("llama", seed=2)
+    kw = dict(data_root=data_root, limit=6, batch_size=4)
+    zeroshot._TASK_CACHE.clear()
+    evaluate_zeroshot(first, tok, names, **kw)
+    _, objects = zeroshot.task_objects(names, data_root, None, 0)
+    reused = evaluate_zeroshot(second, tok, names, **kw)
+    assert zeroshot.task_objects(names, data_root, None, 0)[1] is objects  # really reused
+    zeroshot._TASK_CACHE.clear()
+    fresh = evaluate_zeroshot(second, tok, names, **kw)
+    assert zeroshot.task_objects(names, data_root, None, 0)[1] is not objects
+    for name in names:
+        a, b = reused.tasks[name], fresh.tasks[name]
+        assert (a.n, a.values, a.per_sample) == (b.n, b.values, b.per_sample), name
+    assert evaluate_zeroshot(second, tok, ["piqa"], **{**kw, "limit": 3}).tasks["piqa"].n == 3
+
+
+def test_a_changed_task_file_is_not_served_from_the_task_cache(data_root, tmp_path, monkeypatch):
+    import shutil
+
+    from harness.evaluate import zeroshot
+
+    monkeypatch.setenv("KBIT_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    (root / "eval/winogrande").mkdir(parents=True)
+    src = data_root / "eval/winogrande/dev.jsonl"
+    lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
+    shutil.copy(src, root / "eval/winogrande/dev.jsonl")
+    _, before = zeroshot.task_objects(["winogrande"], root, None, 0)
+    (root / "eval/winogrande/dev.jsonl").write_text("".join(lines[:5]), encoding="utf-8")
+    _, after = zeroshot.task_objects(["winogrande"], root, None, 0)
+    assert after is not before
+    assert len(after[0].eval_docs) == 5 < len(before[0].eval_docs)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from harness.evaluate.tasks import LOCAL_TASKS, materialize
+from harness.evaluate.tasks import LOCAL_TASKS, materialize, task_root
 from harness.evaluate.timing import ForwardTimer
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,54 @@ def task_manager(
     return manager
 
 
+_TASK_CACHE: OrderedDict[tuple, tuple] = OrderedDict()
+_TASK_CACHE_SIZE = 4
+
+
+def _source_stamp(
+    names: list[str], data_root: str | os.PathLike | None, model_dir: str | os.PathLike | None
+) -> tuple:
+    """(path, size, mtime) of the local tasks' data files: a changed file is a new cache key."""
+    stamp = []
+    for name in split_tasks(names, data_root, model_dir)[0]:
+        task = LOCAL_TASKS[name]
+        root = task_root(task, data_root, model_dir)
+        for rel in task.files:
+            st = (root / rel).stat()
+            stamp.append((str(root / rel), st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
+
+
+def task_objects(
+    names: list[str],
+    data_root: str | os.PathLike | None,
+    model_dir: str | os.PathLike | None,
+    num_fewshot: int,
+) -> tuple[object, list]:
+    """(TaskManager, lm-eval Task objects for ``names``), built once per process and reused.
+
+    Why: building a Task loads its dataset and lists every document (for the few-shot sampler)
+    whatever the limit, and the local definitions are re-materialized; in a sweep that was a
+    large part of what each cell spent outside forward passes. Reuse is safe because lm-eval
+    rebuilds a task's requests on every ``evaluate`` and ``simple_evaluate`` re-applies the
+    few-shot settings (tests/test_zeroshot.py checks results equal a fresh build). Names that
+    expand to groups or tags come back as names (lm-eval then loads them per call).
+    """
+    key = (tuple(names), str(data_root), str(model_dir), num_fewshot,
+           _source_stamp(names, data_root, model_dir))  # fmt: skip
+    if key in _TASK_CACHE:
+        _TASK_CACHE.move_to_end(key)
+        return _TASK_CACHE[key]
+    manager = task_manager(names, data_root, model_dir)
+    loaded = manager.load(list(names))
+    if loaded["groups"] or sorted(loaded["tasks"]) != sorted(names):
+        return manager, list(names)
+    _TASK_CACHE[key] = manager, [loaded["tasks"][n] for n in names]
+    while len(_TASK_CACHE) > _TASK_CACHE_SIZE:
+        _TASK_CACHE.popitem(last=False)
+    return _TASK_CACHE[key]
+
+
 def _task_result(name: str, results: dict) -> TaskResult:
     metrics = results["results"][name]
     samples = sorted(results["samples"][name], key=lambda s: s["doc_id"])
@@ -104,13 +153,13 @@ def evaluate_zeroshot(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    manager = task_manager(tasks, data_root, model_dir)
+    manager, objects = task_objects(tasks, data_root, model_dir, num_fewshot)
     device = next(model.parameters()).device
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     with ForwardTimer(model) as timer, torch.no_grad():
         results = simple_evaluate(
             model=lm,
-            tasks=tasks,
+            tasks=objects,
             num_fewshot=num_fewshot,
             limit=limit,
             task_manager=manager,
