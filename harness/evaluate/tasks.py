@@ -189,10 +189,11 @@ def task_root(
     return Path(root)
 
 
-def check_files(
+def task_files(
     names: list[str], data_root: str | os.PathLike | None, model_dir: str | os.PathLike | None
-) -> None:
-    """Raise if a local task's data files are missing (cheap: no reading)."""
+) -> list[Path]:
+    """The data files of local tasks ``names``; raises if a name or a file is unknown."""
+    files = []
     for name in names:
         if name not in LOCAL_TASKS:
             raise unknown_task_error(name, list(LOCAL_TASKS))
@@ -201,6 +202,15 @@ def check_files(
         for rel in task.files:
             if not (root / rel).is_file():
                 raise ValueError(f"task={name!r}: data file {str(root / rel)!r} does not exist")
+            files.append(root / rel)
+    return files
+
+
+def check_files(
+    names: list[str], data_root: str | os.PathLike | None, model_dir: str | os.PathLike | None
+) -> None:
+    """Raise if a local task's data files are missing (cheap: no reading)."""
+    task_files(names, data_root, model_dir)
 
 
 def _cache_root() -> Path:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from harness.evaluate.tasks import LOCAL_TASKS, materialize, task_root
+from harness.evaluate.tasks import LOCAL_TASKS, materialize, task_files
 from harness.evaluate.timing import ForwardTimer
 
 log = logging.getLogger(__name__)
@@ -79,14 +79,11 @@ def _source_stamp(
     names: list[str], data_root: str | os.PathLike | None, model_dir: str | os.PathLike | None
 ) -> tuple:
     """(path, size, mtime) of the local tasks' data files: a changed file is a new cache key."""
-    stamp = []
-    for name in split_tasks(names, data_root, model_dir)[0]:
-        task = LOCAL_TASKS[name]
-        root = task_root(task, data_root, model_dir)
-        for rel in task.files:
-            st = (root / rel).stat()
-            stamp.append((str(root / rel), st.st_size, st.st_mtime_ns))
-    return tuple(stamp)
+    local = split_tasks(names, data_root, model_dir)[0]
+    return tuple(
+        (str(f), (st := f.stat()).st_size, st.st_mtime_ns)
+        for f in task_files(local, data_root, model_dir)
+    )
 
 
 def task_objects(
