@@ -42,17 +42,39 @@ def _chunks(flat: torch.Tensor, scale: float):
             yield (chunk.to(torch.float32) / scale).clamp_(-1.0, 1.0)
 
 
+def _native_lib(flat: torch.Tensor, scale: float):
+    """The compiled kernels for an already-normalised float32 CPU tensor, else None.
+
+    Only for ``scale == 1`` (what fake_quantize fits on): dividing by another Python scalar
+    is left to torch, so the two paths cannot round differently.
+    """
+    from harness.quantize import _native  # the kernels live with the quantizer
+
+    if scale != 1.0 or flat.dtype != torch.float32 or not _native.usable(flat):
+        return None
+    return _native.library()
+
+
 def order_statistics(flat: torch.Tensor, ranks: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Exact values at 0-based ``ranks`` of ``flat / scale`` (clamped to [-1, 1]), any size."""
-    hist = torch.zeros(_BUCKETS, dtype=torch.int64, device=flat.device)
-    for chunk in _chunks(flat, scale):
-        hist += torch.bincount(_bucket(chunk), minlength=_BUCKETS)
+    from harness.quantize import _native
+
+    lib = _native_lib(flat, scale)
+    if lib is not None:
+        hist = _native.histogram(lib, flat, scale, _BUCKETS)
+    else:
+        hist = torch.zeros(_BUCKETS, dtype=torch.int64, device=flat.device)
+        for chunk in _chunks(flat, scale):
+            hist += torch.bincount(_bucket(chunk), minlength=_BUCKETS)
     cum = hist.cumsum(0)
     ranks = ranks.to(device=flat.device, dtype=torch.int64)
     bucket_of_rank = torch.searchsorted(cum, ranks, right=True)
     wanted = torch.zeros(_BUCKETS, dtype=torch.bool, device=flat.device)
     wanted[bucket_of_rank] = True
-    picked = [chunk[wanted[_bucket(chunk).long()]] for chunk in _chunks(flat, scale)]
+    if lib is not None:
+        picked = [_native.select(lib, flat, scale, wanted, int(hist[wanted].sum()))]
+    else:
+        picked = [chunk[wanted[_bucket(chunk).long()]] for chunk in _chunks(flat, scale)]
     selected = torch.sort(torch.cat(picked)).values
     # Selected buckets occupy contiguous runs of `selected`, in bucket order.
     start_in_selected = torch.cumsum(hist * wanted, 0) - hist * wanted
@@ -80,11 +102,15 @@ def exact_quantiles(flat: torch.Tensor, num: int, den: int, scale: float = 1.0) 
 def sampled_quantiles(
     flat: torch.Tensor, num: int, den: int, spec: DtypeSpec, scale: float
 ) -> torch.Tensor:
-    """The same quantiles of a seeded uniform sample (with replacement) of ``flat / scale``."""
+    """The same quantiles of a seeded uniform sample (with replacement) of ``flat / scale``.
+
+    The sample's order statistics come from the histogram select, not a sort: same values,
+    several times faster for a 1M sample.
+    """
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
     idx = torch.randint(flat.numel(), (spec.sample_size,), generator=gen).to(flat.device)
-    sample = torch.sort((flat[idx].to(torch.float32) / scale).clamp_(-1.0, 1.0)).values
-    return _interpolated(sample.numel(), num, den, lambda r: sample[r.to(sample.device)])
+    sample = (flat.take(idx).to(torch.float32) / scale).clamp_(-1.0, 1.0)
+    return _interpolated(sample.numel(), num, den, lambda r: order_statistics(sample, r))
 
 
 def validate_quantile(spec: DtypeSpec, bits: int) -> None:
@@ -104,7 +130,7 @@ def quantile_codebook(
             f"tensor: dtype {spec.name!r} needs a non-empty tensor to fit its codebook"
         )
     flat = tensor.detach().flatten()
-    absmax = float(flat.abs().max())
+    absmax = float(torch.maximum(flat.max(), -flat.min()))  # max |v| without a |flat| copy
     if absmax != absmax or absmax == float("inf"):
         raise ValueError(f"tensor: max |value| is {absmax}; allowed: finite values only")
     if absmax == 0.0:  # nothing to fit: any codebook with a zero is exact

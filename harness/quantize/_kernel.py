@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.quantize import _native
+
 log = logging.getLogger(__name__)
 
 _ONE_BITS = 0x3F800000  # float32 bit pattern of 1.0
@@ -36,6 +38,18 @@ class Lut:
     thresholds: torch.Tensor  # float32 [n]: t_0..t_{n-2}, then +inf
     shift: int  # bucket = bits(|y|) >> shift
     nbins: int  # buckets per sign; index = nbins + b (y >= 0) or nbins - 1 - b (y < 0)
+    keys: torch.Tensor  # int32 [n]: order-preserving integer keys of `thresholds` (native path)
+    keys16: torch.Tensor | None  # int32 [15]: finite keys padded with INT32_MAX, if n <= 16
+
+
+def threshold_keys(t: torch.Tensor) -> torch.Tensor:
+    """Integer keys that order as the float32 thresholds do (-0.0 and 0.0 share key 0).
+
+    The native kernels compare y with a threshold as integers: cheaper than a float compare
+    after a gather, and identical for every non-NaN value.
+    """
+    bits = t.view(torch.int32)
+    return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits).contiguous()
 
 
 def thresholds(code: torch.Tensor) -> torch.Tensor:
@@ -77,7 +91,12 @@ def build_lut(code: torch.Tensor) -> Lut | None:
         in_neg = torch.searchsorted(finite, -lo, side="right") - upto_neg_hi
         if int(in_pos.max()) <= 1 and int(in_neg.max()) <= 1:
             table = torch.cat([upto_neg_hi.flip(0), below_lo]).to(torch.int32)
-            return Lut(table, t, shift, nbins)
+            keys = threshold_keys(t)
+            keys16 = None
+            if keys.numel() <= 16:  # <= 16 codes: at most 15 finite thresholds
+                pad = torch.full((16 - keys.numel(),), 2**31 - 1, dtype=torch.int32)
+                keys16 = torch.cat([keys[:-1], pad.to(keys.device)]).contiguous()
+            return Lut(table.contiguous(), t, shift, nbins, keys, keys16)
     log.info("codebook too fine for a %d-bit lookup table; using searchsorted", _MAX_MANTISSA_BITS)
     return None
 
@@ -218,6 +237,17 @@ def _searchsorted_index(y: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(thresholds(code)[:-1], y.contiguous(), side="left")
 
 
+def native(compile: bool | None, *tensors: torch.Tensor | None):
+    """The compiled CPU kernels when the caller left the path to us and they can run, else None.
+
+    ``compile=None`` (auto) prefers them on the CPU; ``compile=False`` asks for the eager torch
+    reference and ``compile=True`` for ``torch.compile``, so tests can compare all three.
+    """
+    if compile is not None or not _native.usable(*tensors):
+        return None
+    return _native.library()
+
+
 def quantize_blocks(
     xb: torch.Tensor,
     mean: torch.Tensor | None,
@@ -227,14 +257,23 @@ def quantize_blocks(
     *,
     compile: bool | None,
     dynamic_cols: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 codes [n, B], scales [n, 1]) of blocks ``xb``; the fast path when a LUT exists."""
+    """(uint8 codes [n, B], scales [n, 1]) of blocks ``xb``; written into ``out`` if given."""
+    lib = None if lut is None else native(compile, xb, mean, out)
+    if lib is not None:
+        codes = out if out is not None else torch.empty(xb.shape, dtype=torch.uint8)
+        return codes, _native.quantize_rows(lib, xb, mean, lut, scale_format, codes)
     if lut is None:
         centred = xb if mean is None else xb - mean
         scale = block_scale(centred, scale_format)
-        return _searchsorted_index(normalise(centred, scale), code).to(torch.uint8), scale
-    args = (xb, mean, lut.table, lut.thresholds, lut.shift, lut.nbins, scale_format)
-    return run(quantize_core, *args, numel=xb.numel(), compile=compile, dynamic_cols=dynamic_cols)
+        codes = _searchsorted_index(normalise(centred, scale), code).to(torch.uint8)
+    else:
+        args = (xb, mean, lut.table, lut.thresholds, lut.shift, lut.nbins, scale_format)
+        codes, scale = run(
+            quantize_core, *args, numel=xb.numel(), compile=compile, dynamic_cols=dynamic_cols
+        )
+    return (codes if out is None else out.copy_(codes)), scale
 
 
 def fake_blocks(
@@ -246,10 +285,42 @@ def fake_blocks(
     *,
     compile: bool | None,
     dynamic_cols: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dequantized float32 [n, B], scales [n, 1]) of blocks ``xb``."""
+    """(dequantized float32 [n, B], scales [n, 1]) of blocks ``xb``; into ``out`` if given."""
+    lib = None if lut is None else native(compile, xb, mean, out, code)
+    if lib is not None:
+        result = out if out is not None else torch.empty_like(xb)
+        return result, _native.fake_rows(lib, xb, mean, lut, scale_format, code, result)
     if lut is None:
         codes, scale = quantize_blocks(xb, mean, code, None, scale_format, compile=False)
-        return dequantize_core(codes, scale, mean, code), scale
-    args = (xb, mean, lut.table, lut.thresholds, lut.shift, lut.nbins, scale_format, code)
-    return run(fake_core, *args, numel=xb.numel(), compile=compile, dynamic_cols=dynamic_cols)
+        result = dequantize_core(codes, scale, mean, code)
+    else:
+        args = (xb, mean, lut.table, lut.thresholds, lut.shift, lut.nbins, scale_format, code)
+        result, scale = run(
+            fake_core, *args, numel=xb.numel(), compile=compile, dynamic_cols=dynamic_cols
+        )
+    return (result if out is None else out.copy_(result)), scale
+
+
+def dequantize_blocks(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    mean: torch.Tensor | None,
+    code: torch.Tensor,
+    *,
+    compile: bool | None,
+    dynamic_cols: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """code[codes] * scale (+ mean), float32 [n, B]; written into ``out`` if given."""
+    lib = native(compile, codes, scale, mean, code, out)
+    if lib is not None:
+        result = out if out is not None else torch.empty(codes.shape, dtype=torch.float32)
+        _native.dequantize_rows(lib, codes, scale, mean, code, result)
+        return result
+    args = (codes, scale, mean, code)
+    result = run(
+        dequantize_core, *args, numel=codes.numel(), compile=compile, dynamic_cols=dynamic_cols
+    )
+    return result if out is None else out.copy_(result)

@@ -124,6 +124,14 @@ def _check_stats(
     )
 
 
+def _part_compile(compile: bool | None, compile_ok: bool, part: torch.Tensor) -> bool | None:
+    """The tail block never goes through torch.compile (a kernel per tail length) but may
+    take the native kernels, which handle any row length."""
+    if compile_ok:
+        return compile
+    return None if compile is None and _kernel.native(None, part) is not None else False
+
+
 def _parts(x: torch.Tensor, block_size: int | None, scale_format: str, centering: bool):
     """Yield (blocks, means, compile_ok, dynamic_cols) for the full blocks, then the tail.
 
@@ -135,6 +143,36 @@ def _parts(x: torch.Tensor, block_size: int | None, scale_format: str, centering
     for i, xb in enumerate(parts):
         is_tail = block_size is not None and i == len(parts) - 1 and xb.shape[1] != block_size
         yield xb, _block_mean(xb, scale_format, centering), not is_tail, block_size is None
+
+
+def _out_parts(
+    out: torch.Tensor | None, x: torch.Tensor, dtype: torch.dtype, block_size: int | None, name: str
+) -> list[torch.Tensor | None]:
+    """Views of a caller's output buffer matching ``_blocks``, or Nones without one.
+
+    The buffer must have x's number of elements and ``dtype``, be contiguous and on x's
+    device; writing into it spares allocating (and page-faulting) a fresh result.
+    """
+    n_parts = len(_blocks(x.reshape(-1), block_size))
+    if out is None:
+        return [None] * n_parts
+    if (
+        not isinstance(out, torch.Tensor)
+        or out.numel() != x.numel()
+        or out.dtype != dtype
+        or out.device != x.device
+        or not out.is_contiguous()
+    ):
+        got = (
+            f"{tuple(out.shape)} {out.dtype} on {out.device}"
+            f"{'' if out.is_contiguous() else ', not contiguous'}"
+            if isinstance(out, torch.Tensor)
+            else type(out).__name__
+        )
+        raise ValueError(
+            f"{name}: got {got}; allowed: a contiguous {dtype} tensor of {x.numel()} elements on {x.device}"
+        )
+    return _blocks(out.view(-1), block_size)
 
 
 def _join(pieces: list[torch.Tensor]) -> torch.Tensor:
@@ -150,32 +188,40 @@ def quantize_blockwise(
     scale_format: str = "fp16",
     centering: bool = False,
     compile: bool | None = None,
+    out: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """Quantize ``x`` to indices into the sorted codebook ``code`` (see the module docstring).
 
-    ``compile``: run the element-wise pass through ``torch.compile`` (None = for tensors of
-    at least 2^20 elements, or as ``$KBIT_COMPILE`` says); results are identical either way.
+    ``compile``: which implementation runs. None (default): the native CPU kernels for CPU
+    tensors (see ``_native.py``), else ``torch.compile`` for tensors of at least 2^20
+    elements (or as ``$KBIT_COMPILE`` says); True: ``torch.compile``; False: eager torch.
+    Results are bit-identical whichever runs. ``out``: a uint8 buffer of ``x.numel()``
+    elements to hold the codes (saves an allocation when quantizing many tensors).
     """
     _check_inputs(x, block_size, scale_format, centering)
     code = _check_code(code).to(x.device)
     lut = _kernel.build_lut(code)
+    outs = _out_parts(out, x, torch.uint8, block_size, "out")
     codes, scales, means = [], [], []
-    for xb, mean, compile_ok, dyn in _parts(x, block_size, scale_format, centering):
+    for (xb, mean, compile_ok, dyn), o in zip(
+        _parts(x, block_size, scale_format, centering), outs, strict=True
+    ):
         c, scale = _kernel.quantize_blocks(
             xb,
             mean,
             code,
             lut,
             scale_format,
-            compile=compile if compile_ok else False,
+            compile=_part_compile(compile, compile_ok, xb),
             dynamic_cols=dyn,
+            out=o,
         )
         _check_stats(xb, scale, mean, scale_format)
         codes.append(c)
         scales.append(scale)
         means.append(mean)
     return QuantizedTensor(
-        codes=_join(codes),
+        codes=_join(codes) if out is None else out.view(-1),
         scales=_join(scales),
         means=_join(means) if centering else None,
         code=code,
@@ -186,27 +232,39 @@ def quantize_blockwise(
     )
 
 
-def dequantize_blockwise(q: QuantizedTensor, *, compile: bool | None = None) -> torch.Tensor:
-    """``code[codes] * scale (+ mean)`` per block, in the original shape and dtype."""
+def dequantize_blockwise(
+    q: QuantizedTensor, *, compile: bool | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``code[codes] * scale (+ mean)`` per block, in the original shape and dtype.
+
+    ``compile`` as in :func:`quantize_blockwise`. ``out``: a contiguous tensor of the
+    original dtype and number of elements to write into (returned, viewed as the shape).
+    """
     code = q.code.to(q.codes.device)
+    direct = out is not None and q.dtype == torch.float32
+    outs = _out_parts(out, q.codes, q.dtype, q.block_size, "out")
     pieces, block = [], 0
     for i, cb in enumerate(parts := _blocks(q.codes, q.block_size)):
         rows = slice(block, block + cb.shape[0])
         scale = q.scales[rows].view(-1, 1)
         mean = None if q.means is None else q.means[rows].view(-1, 1)
         is_tail = q.block_size is not None and i == len(parts) - 1 and cb.shape[1] != q.block_size
-        args = (cb, scale, mean, code)
         pieces.append(
-            _kernel.run(
-                _kernel.dequantize_core,
-                *args,
-                numel=cb.numel(),
-                compile=False if is_tail else compile,
+            _kernel.dequantize_blocks(
+                cb,
+                scale,
+                mean,
+                code,
+                compile=_part_compile(compile, not is_tail, cb),
                 dynamic_cols=q.block_size is None,
+                out=outs[i] if direct else None,
             )
         )
         block += cb.shape[0]
-    return _join(pieces).view(q.shape).to(q.dtype)
+    if direct:
+        return out.view(q.shape)
+    result = _join(pieces).view(q.shape).to(q.dtype)
+    return result if out is None else out.view(q.shape).copy_(result)
 
 
 def normalised_values(
@@ -245,6 +303,7 @@ def fake_quantize(
     centering: bool = False,
     compile: bool | None = None,
     dtype_dir: str | None = None,
+    out: torch.Tensor | None = None,
     **overrides: Any,
 ) -> torch.Tensor:
     """Quantize ``x`` with data type ``dtype`` at k = ``bits`` and dequantize it again.
@@ -252,8 +311,12 @@ def fake_quantize(
     Same shape and dtype as ``x``; equal to ``dequantize_blockwise(quantize_blockwise(...))``
     but fused into one pass. Data-dependent types (``quantile``) fit their codebook to the
     block-normalised values of ``x`` itself. ``overrides`` go to the data type entry.
+    ``compile`` as in :func:`quantize_blockwise`; ``out``: a contiguous tensor of x's dtype
+    and number of elements to write the result into (returned, viewed as x's shape).
     """
     _check_inputs(x, block_size, scale_format, centering)
+    direct = out is not None and x.dtype == torch.float32
+    outs = _out_parts(out, x, x.dtype, block_size, "out")
     fitted = None
     if is_data_dependent(dtype, dtype_dir):
         fitted = normalised_values(
@@ -263,16 +326,22 @@ def fake_quantize(
     del fitted
     lut = _kernel.build_lut(code)
     pieces = []
-    for xb, mean, compile_ok, dyn in _parts(x, block_size, scale_format, centering):
-        out, scale = _kernel.fake_blocks(
+    for (xb, mean, compile_ok, dyn), o in zip(
+        _parts(x, block_size, scale_format, centering), outs, strict=True
+    ):
+        result, scale = _kernel.fake_blocks(
             xb,
             mean,
             code,
             lut,
             scale_format,
-            compile=compile if compile_ok else False,
+            compile=_part_compile(compile, compile_ok, xb),
             dynamic_cols=dyn,
+            out=o if direct else None,
         )
         _check_stats(xb, scale, mean, scale_format)
-        pieces.append(out)
-    return _join(pieces).view(x.shape).to(x.dtype)
+        pieces.append(result)
+    if direct:
+        return out.view(x.shape)
+    result = _join(pieces).view(x.shape).to(x.dtype)
+    return result if out is None else out.view(x.shape).copy_(result)

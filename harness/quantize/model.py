@@ -186,8 +186,12 @@ def quantize_model(
             dev = module.weight.device
             original = _linear_layout(store[name], module).to(dev)
             keep = plan.get(name)
-            quantized = _quantize_one(original, keep.to(dev) if keep is not None else None, kw)
-            linear_weight(module).copy_(quantized)
+            target = linear_weight(module)
+            if keep is None and target.is_contiguous() and target.dtype == original.dtype:
+                fake_quantize(original, out=target, **kw)  # no intermediate full-size copy
+            else:
+                quantized = _quantize_one(original, keep.to(dev) if keep is not None else None, kw)
+                target.copy_(quantized)
             n_keep = 0 if keep is None else keep.numel()
             report.tensors.append(
                 TensorEntry(

@@ -1,0 +1,185 @@
+/* Block-wise quantization kernels for the CPU, compiled on first use by _native.py.
+ *
+ * Why C: torch.compile'd Python emulates every table lookup through a scratch buffer and
+ * needs two memory passes (scales, then codes); these loops compute a block's scale while
+ * its 64..4096 values are still in L1, and gcc vectorises the lookups (AVX2 gathers) or,
+ * for codebooks of at most 16 codes, replaces them by 15 compares.
+ *
+ * Every step is the same IEEE float32 operation, in the same order, as the reference torch
+ * code in _kernel.py (absmax, rounding of the scale to its storage format, one division,
+ * clamp, nearest-code search with ties down, code * scale [+ mean]); it is compiled with
+ * -ffp-contract=off so no multiply-add is fused. Results are bit-identical to the torch path
+ * (tested). Rows [r0, r1) of a row-major [rows, B] block matrix are processed, so callers
+ * split the rows over threads. `mean` may be NULL (no centering).
+ *
+ * Scale formats: 0 fp32, 1 fp16, 2 bf16, 3 e8m0 (power of two rounded up).
+ */
+#include <stdint.h>
+
+#define ONE_BITS 0x3f800000u
+
+static inline uint32_t f2u(float v) { union { float f; uint32_t u; } c; c.f = v; return c.u; }
+static inline float u2f(uint32_t u) { union { float f; uint32_t u; } c; c.u = u; return c.f; }
+
+/* Round a non-negative absmax (or a mean) to what the scale format stores, as torch does. */
+static inline float to_format(float v, int fmt) {
+  uint32_t u = f2u(v);
+  switch (fmt) {
+  case 1:
+    return (float)(_Float16)v; /* IEEE round to nearest even, overflow to inf */
+  case 2:
+    if ((u & 0x7fffffffu) > 0x7f800000u) return v; /* NaN stays NaN */
+    return u2f((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
+  case 3:
+    if ((u & 0x7fffffffu) > 0x7f800000u) return v;
+    return u2f(((u & 0x7fffffffu) + 0x007fffffu) & 0x7f800000u);
+  default:
+    return v;
+  }
+}
+
+/* max |p[j] - mu| via the bit patterns: for non-NaN floats |v| orders as its bits, and a NaN
+ * (bits above inf) wins the maximum, so it propagates like torch.amax. */
+static inline float row_absmax(const float *restrict p, float mu, int64_t B, int centred) {
+  uint32_t m = 0;
+  if (centred) {
+    for (int64_t j = 0; j < B; j++) { uint32_t a = f2u(p[j] - mu) & 0x7fffffffu; m = a > m ? a : m; }
+  } else {
+    for (int64_t j = 0; j < B; j++) { uint32_t a = f2u(p[j]) & 0x7fffffffu; m = a > m ? a : m; }
+  }
+  return u2f(m);
+}
+
+/* Order-preserving integer key of a float (-0.0 and +0.0 share key 0, as they compare equal). */
+static inline int32_t key_of(uint32_t sign, uint32_t mag) { return sign ? -(int32_t)mag : (int32_t)mag; }
+
+/* |y| clamped to 1 (a NaN becomes 1; its block has a NaN scale, which the caller rejects). */
+static inline uint32_t clamped_mag(uint32_t u) {
+  uint32_t a = u & 0x7fffffffu;
+  return a < ONE_BITS ? a : ONE_BITS;
+}
+
+/* Nearest-code index of normalised y: a lookup table over the bit pattern of |y| plus one
+ * compare (see _kernel.py), or for <= 16 codes (`small`) the count of threshold keys below y. */
+static inline __attribute__((always_inline)) int32_t
+nearest(float y, int small, const int32_t *restrict k16, const int32_t *restrict table,
+        const int32_t *restrict tkeys, int shift, int32_t nbins) {
+  uint32_t u = f2u(y), a = clamped_mag(u), sgn = u >> 31;
+  int32_t ky = key_of(sgn, a);
+  if (small) {
+    int32_t c = 0;
+    for (int i = 0; i < 15; i++) c += ky > k16[i];
+    return c;
+  }
+  int32_t neg = (int32_t)(sgn & (a != 0)); /* y < 0 as a float compare: -0.0 is not negative */
+  int32_t b = (int32_t)(a >> shift);
+  int32_t c = table[nbins + b - ((2 * b + 1) & -neg)];
+  return c + (ky > tkeys[c]);
+}
+
+/* One block row: its stored scale, then codes (or, when `fake`, dequantized values). The
+ * flags are compile-time constants at every call site, so each combination is its own
+ * branch-free, vectorised loop. */
+static inline __attribute__((always_inline)) float
+row(const float *restrict p, const float *restrict mean, int64_t r, int64_t B, int fmt,
+    int small, int centred, int fake, const int32_t *restrict k16,
+    const int32_t *restrict table, const int32_t *restrict tkeys, int shift, int32_t nbins,
+    const float *restrict code, uint8_t *restrict q, float *restrict o) {
+  const float mu = centred ? mean[r] : 0.0f;
+  const float scale = to_format(row_absmax(p, mu, B, centred), fmt);
+  const float s = scale > 0 ? scale : 1.0f;
+  for (int64_t j = 0; j < B; j++) {
+    const float v = centred ? p[j] - mu : p[j];
+    const int32_t c = nearest(v / s, small, k16, table, tkeys, shift, nbins);
+    if (fake) {
+      const float d = code[c] * scale;
+      o[j] = centred ? d + mu : d;
+    } else {
+      q[j] = (uint8_t)c;
+    }
+  }
+  return scale;
+}
+
+#define ROWS(SMALL, CENTRED, FAKE)                                                          \
+  for (int64_t r = r0; r < r1; r++)                                                         \
+    scale_out[r] = row(x + r * B, mean, r, B, fmt, SMALL, CENTRED, FAKE, k16, table, tkeys, \
+                       shift, nbins, code, FAKE ? 0 : codes + r * B, FAKE ? out + r * B : 0)
+
+#define DISPATCH(FAKE)                                                                      \
+  int32_t k16[15] = {0};                                                                    \
+  if (tkeys16)                                                                              \
+    for (int i = 0; i < 15; i++) k16[i] = tkeys16[i];                                       \
+  if (tkeys16 && mean) ROWS(1, 1, FAKE);                                                    \
+  else if (tkeys16) ROWS(1, 0, FAKE);                                                       \
+  else if (mean) ROWS(0, 1, FAKE);                                                          \
+  else ROWS(0, 0, FAKE)
+
+/* Codes (uint8) and stored scales of rows [r0, r1). tkeys16: 15 threshold keys when the
+ * codebook has at most 16 codes (padded with INT32_MAX), else NULL. */
+void kbit_quantize(const float *restrict x, const float *restrict mean, int64_t r0, int64_t r1,
+                   int64_t B, int fmt, const int32_t *restrict table, const int32_t *restrict tkeys,
+                   int shift, int32_t nbins, const int32_t *restrict tkeys16,
+                   float *restrict scale_out, uint8_t *restrict codes) {
+  const float *code = 0;
+  float *out = 0;
+  DISPATCH(0);
+}
+
+/* Quantize and dequantize rows [r0, r1) in one pass: out = code[nearest] * scale (+ mean). */
+void kbit_fake(const float *restrict x, const float *restrict mean, int64_t r0, int64_t r1,
+               int64_t B, int fmt, const int32_t *restrict table, const int32_t *restrict tkeys,
+               int shift, int32_t nbins, const int32_t *restrict tkeys16,
+               const float *restrict code, float *restrict scale_out, float *restrict out) {
+  uint8_t *codes = 0;
+  DISPATCH(1);
+}
+
+/* out = code[codes] * scale (+ mean) for rows [r0, r1). */
+void kbit_dequantize(const uint8_t *restrict codes, const float *restrict scale,
+                     const float *restrict mean, int64_t r0, int64_t r1, int64_t B,
+                     const float *restrict code, float *restrict out) {
+  for (int64_t r = r0; r < r1; r++) {
+    const uint8_t *restrict q = codes + r * B;
+    float *restrict o = out + r * B;
+    const float s = scale[r];
+    if (mean) {
+      const float mu = mean[r];
+      for (int64_t j = 0; j < B; j++) { float v = code[q[j]] * s; o[j] = v + mu; }
+    } else {
+      for (int64_t j = 0; j < B; j++) o[j] = code[q[j]] * s;
+    }
+  }
+}
+
+/* Histogram select for exact quantiles (harness/dtypes/quantile.py): the bucket of v =
+ * clamp(y / scale, -1, 1) is (int)((v + 1) * half), clamped to [0, 2 * half - 1], exactly as
+ * quantile._bucket computes it in torch. */
+static inline int32_t bucket_of(float y, float scale, float half) {
+  float v = y / scale;
+  v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+  int32_t b = (int32_t)((v + 1.0f) * half);
+  int32_t top = (int32_t)(2 * half) - 1;
+  return b < 0 ? 0 : (b > top ? top : b);
+}
+
+/* hist[bucket(y[i])] += 1 for i in [i0, i1). */
+void kbit_hist(const float *restrict y, int64_t i0, int64_t i1, float scale, float half,
+               int64_t *restrict hist) {
+  for (int64_t i = i0; i < i1; i++) hist[bucket_of(y[i], scale, half)]++;
+}
+
+/* Append clamp(y[i] / scale) for i in [i0, i1) whose bucket is wanted; *count = how many. */
+void kbit_select(const float *restrict y, int64_t i0, int64_t i1, float scale, float half,
+                 const uint8_t *restrict wanted, float *restrict out, int64_t *restrict count) {
+  int64_t n = 0;
+  for (int64_t i = i0; i < i1; i++) {
+    float v = y[i] / scale;
+    v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+    if (wanted[bucket_of(y[i], scale, half)]) out[n++] = v;
+  }
+  *count = n;
+}
+
+/* Version of this file's calling conventions; _native.py refuses a library that differs. */
+int kbit_abi(void) { return 2; }

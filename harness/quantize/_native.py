@@ -1,0 +1,278 @@
+"""The CPU kernels of ``_native.c``: compiled on first use, cached, called through ctypes.
+
+Why compile at run time rather than ship a binary: the loops are vectorised for the CPU they
+run on (``-march=native``), and torch's own CPU ``torch.compile`` already needs the same C
+compiler, so no new requirement is added. Why ctypes: it releases the GIL, so the block rows
+are split over a small thread pool (``torch.get_num_threads()`` workers) with no OpenMP
+runtime beside torch's.
+
+The library is built once per (source, compiler flags, CPU) into ``$KBIT_CACHE_DIR/native``
+(default ``~/.cache/kbit/native``) through a temporary file and an atomic rename, so
+concurrent Slurm jobs sharing a home directory never load a half-written file. If there is no
+compiler, the build fails, or ``$KBIT_NATIVE=0``, callers get ``None`` from :func:`library`
+and use the torch path, which computes the same values.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+NATIVE_ENV = "KBIT_NATIVE"  # "0": never use the compiled kernels
+CACHE_ENV = "KBIT_CACHE_DIR"
+ABI = 2  # must equal kbit_abi() in _native.c
+SOURCE = Path(__file__).with_name("_native.c")
+FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fno-strict-aliasing")
+SCALE_FORMAT_IDS = {"fp32": 0, "fp16": 1, "bf16": 2, "e8m0": 3}
+_PARALLEL_MIN_NUMEL = 1 << 16  # smaller tensors run on the calling thread
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_tag() -> str:
+    """What -march=native depends on: the machine and its CPU feature flags."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{flags}"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kbit"
+    return Path(root) / "native"
+
+
+def _compile(cc: str, target: Path, march: bool) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [cc, *FLAGS, *(["-march=native"] if march else []), str(SOURCE), "-o", tmp]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (or find in the cache) and load the library; raises on any failure."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC)")
+    errors = []
+    for march in (True, False):
+        key = "\n".join([SOURCE.read_text(), cc, " ".join(FLAGS), str(march), _cpu_tag()])
+        target = _cache_dir() / f"kbit_native_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+        try:
+            if not target.exists():
+                log.info("compiling the native quantization kernels into %s", target)
+                _compile(cc, target, march)
+            lib = ctypes.CDLL(str(target))
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", "") or str(exc)
+            errors.append(f"{'-march=native' if march else 'generic'}: {detail.strip()[:500]}")
+            continue
+        if lib.kbit_abi() != ABI:
+            raise RuntimeError(f"{target}: ABI {lib.kbit_abi()}, expected {ABI}")
+        _declare(lib)
+        return lib
+    raise RuntimeError("; ".join(errors))
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    common = [p, p, i64, i64, i64, ctypes.c_int, p, p, ctypes.c_int, i32, p]
+    lib.kbit_quantize.argtypes = [*common, p, p]
+    lib.kbit_fake.argtypes = [*common, p, p, p]
+    lib.kbit_dequantize.argtypes = [p, p, p, i64, i64, i64, p, p]
+    f32 = ctypes.c_float
+    lib.kbit_hist.argtypes = [p, i64, i64, f32, f32, p]
+    lib.kbit_select.argtypes = [p, i64, i64, f32, f32, p, p, p]
+    for fn in (
+        lib.kbit_quantize,
+        lib.kbit_fake,
+        lib.kbit_dequantize,
+        lib.kbit_hist,
+        lib.kbit_select,
+    ):
+        fn.restype = None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (disabled, or the build failed: warned once)."""
+    if os.environ.get(NATIVE_ENV, "1") in ("0", "false", "False"):
+        return None
+    with _lock:
+        if "lib" not in _state:
+            try:
+                _state["lib"] = _build()
+            except Exception as exc:  # any build/load failure: the torch path is exact too
+                log.warning("native quantization kernels unavailable (%s); using torch", exc)
+                _state["lib"] = None
+        return _state["lib"]  # type: ignore[return-value]
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _lock:
+        pool = _state.get("pool")
+        if pool is None or pool._max_workers != workers:  # type: ignore[attr-defined]
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="kbit-native")
+            _state["pool"] = pool
+        return pool  # type: ignore[return-value]
+
+
+def _over_rows(fn, rows: int, numel: int, before: tuple, after: tuple) -> None:
+    """fn(*before, r0, r1, *after) over row ranges, split across the thread pool."""
+    workers = max(1, min(torch.get_num_threads(), rows))
+    if workers == 1 or numel < _PARALLEL_MIN_NUMEL:
+        fn(*before, 0, rows, *after)
+        return
+    step = -(-rows // workers)
+    futures = [
+        _pool(workers).submit(fn, *before, r0, min(rows, r0 + step), *after)
+        for r0 in range(0, rows, step)
+    ]
+    for f in futures:
+        f.result()
+
+
+def usable(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels can take these tensors: all on the CPU and contiguous."""
+    return all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def search_args(lut) -> tuple:
+    """(table, threshold keys, shift, nbins, 15 keys or None) of a :class:`_kernel.Lut`."""
+    return lut.table, lut.keys, lut.shift, lut.nbins, lut.keys16
+
+
+def quantize_rows(
+    lib: ctypes.CDLL,
+    xb: torch.Tensor,
+    mean: torch.Tensor | None,
+    lut,
+    scale_format: str,
+    codes: torch.Tensor,
+) -> torch.Tensor:
+    """Fill ``codes`` [n, B] (uint8) for float32 blocks ``xb`` [n, B]; return scales [n, 1]."""
+    rows, block = xb.shape
+    table, keys, shift, nbins, small = search_args(lut)
+    scales = torch.empty(rows, 1, dtype=torch.float32)
+    head = (xb.data_ptr(), _ptr(mean))
+    tail = (block, SCALE_FORMAT_IDS[scale_format], table.data_ptr(), keys.data_ptr(), shift,
+            nbins, _ptr(small), scales.data_ptr(), codes.data_ptr())  # fmt: skip
+    _over_rows(lib.kbit_quantize, rows, xb.numel(), head, tail)
+    return scales
+
+
+def fake_rows(
+    lib: ctypes.CDLL,
+    xb: torch.Tensor,
+    mean: torch.Tensor | None,
+    lut,
+    scale_format: str,
+    code: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Fill float32 ``out`` [n, B] with the fake-quantized blocks; return scales [n, 1]."""
+    rows, block = xb.shape
+    table, keys, shift, nbins, small = search_args(lut)
+    scales = torch.empty(rows, 1, dtype=torch.float32)
+    head = (xb.data_ptr(), _ptr(mean))
+    tail = (block, SCALE_FORMAT_IDS[scale_format], table.data_ptr(), keys.data_ptr(), shift,
+            nbins, _ptr(small), code.data_ptr(), scales.data_ptr(), out.data_ptr())  # fmt: skip
+    _over_rows(lib.kbit_fake, rows, xb.numel(), head, tail)
+    return scales
+
+
+def dequantize_rows(
+    lib: ctypes.CDLL,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    mean: torch.Tensor | None,
+    code: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """Fill float32 ``out`` [n, B] with code[codes] * scale (+ mean)."""
+    rows, block = codes.shape
+    head = (codes.data_ptr(), scale.data_ptr(), _ptr(mean))
+    _over_rows(
+        lib.kbit_dequantize, rows, codes.numel(), head, (block, code.data_ptr(), out.data_ptr())
+    )
+
+
+def _spans(n: int) -> list[tuple[int, int]]:
+    """Element ranges [i0, i1), one per worker thread (one range for small n)."""
+    workers = max(1, torch.get_num_threads()) if n >= _PARALLEL_MIN_NUMEL else 1
+    step = -(-n // workers)
+    return [(i0, min(n, i0 + step)) for i0 in range(0, n, step)]
+
+
+def _each(fn, calls: list[tuple]) -> None:
+    if len(calls) == 1:
+        fn(*calls[0])
+        return
+    for f in [_pool(len(calls)).submit(fn, *c) for c in calls]:
+        f.result()
+
+
+def histogram(lib: ctypes.CDLL, y: torch.Tensor, scale: float, buckets: int) -> torch.Tensor:
+    """Counts (int64 [buckets]) of the histogram-select buckets of clamp(y / scale)."""
+    spans = _spans(y.numel())
+    hists = torch.zeros(len(spans), buckets, dtype=torch.int64)
+    calls = [
+        (y.data_ptr(), i0, i1, scale, buckets / 2, hists[j].data_ptr())
+        for j, (i0, i1) in enumerate(spans)
+    ]
+    _each(lib.kbit_hist, calls)
+    return hists.sum(0)
+
+
+def select(
+    lib: ctypes.CDLL, y: torch.Tensor, scale: float, wanted: torch.Tensor, total: int
+) -> torch.Tensor:
+    """clamp(y / scale) of every element in a wanted bucket, in index order (``total`` of them)."""
+    spans = _spans(y.numel())
+    bufs = torch.empty(len(spans), max(total, 1), dtype=torch.float32)
+    counts = torch.zeros(len(spans), dtype=torch.int64)
+    wanted_u8 = wanted.to(torch.uint8).contiguous()
+    half = wanted_u8.numel() / 2
+    calls = [
+        (
+            y.data_ptr(),
+            i0,
+            i1,
+            scale,
+            half,
+            wanted_u8.data_ptr(),
+            bufs[j].data_ptr(),
+            counts[j:].data_ptr(),
+        )
+        for j, (i0, i1) in enumerate(spans)
+    ]
+    _each(lib.kbit_select, calls)
+    return torch.cat([bufs[j, : int(counts[j])] for j in range(len(spans))])
