@@ -14,7 +14,8 @@ too (kbit's ``out=``); otherwise the ratio would mostly measure page faults on a
 result, which on this kind of machine cost several copies' worth. bitsandbytes' CPU
 dequantize has no ``out=`` (only its quantize does), so it allocates its result, and the
 rows compared with it, marked ``fresh``, allocate theirs too. Quantile rows include fitting
-the codebook to the tensor.
+the codebook to the tensor (two passes of a histogram select over it, or a 1M-value sample),
+except the ``(pre-fitted)`` rows, which time the quantizer with an already fitted codebook.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from harness.dtypes import codebook, is_data_dependent
 from harness.quantize import dequantize_blockwise, fake_quantize, quantize_blockwise
-from harness.quantize.blockwise import normalised_values
+from harness.quantize.blockwise import fit_population
 
 CASES = [
     (name, k)
@@ -65,7 +66,7 @@ def candidates(x: torch.Tensor, block: int) -> dict[str, Callable[[], object]]:
         print("bitsandbytes not installed: no reference kernel")
 
     def qdq(name: str, k: int, fresh: bool = False):
-        fitted = normalised_values(x, block) if is_data_dependent(name) else None
+        fitted = fit_population(x, block) if is_data_dependent(name) else None
         q = quantize_blockwise(x, codebook(name, k, fitted), block, out=None if fresh else codes)
         return dequantize_blockwise(q, out=None if fresh else dst)
 
@@ -74,6 +75,11 @@ def candidates(x: torch.Tensor, block: int) -> dict[str, Callable[[], object]]:
         out[f"{name} k={k} q+dq fresh"] = lambda name=name, k=k: qdq(name, k, fresh=True)
         out[f"{name} k={k} fake"] = lambda name=name, k=k: fake_quantize(x, name, k, block, out=dst)
         out[f"{name} k={k} fake fresh"] = lambda name=name, k=k: fake_quantize(x, name, k, block)
+    for k in (4, 8):  # quantile without its fit: the per-tensor kernel cost, like any codebook
+        fitted_code = codebook("quantile", k, fit_population(x, block))
+        out[f"quantile k={k} q+dq (pre-fitted)"] = lambda c=fitted_code: dequantize_blockwise(
+            quantize_blockwise(x, c, block, out=codes), out=dst
+        )
     return out
 
 
@@ -114,7 +120,7 @@ def main() -> None:
         print(f"{name:34s} {t * 1e3:9.1f} {r_copy:>7s} {r_bnb:>7s}")
     for kind, mode in (("/copy", "buffers"), ("/bnb", "fresh")):
         rows = {n: t for n, t in med.items() if (n.endswith("fresh")) == (mode == "fresh")}
-        rows = {n: t for n, t in rows.items() if " k=" in n}
+        rows = {n: t for n, t in rows.items() if " k=" in n and not n.startswith("bitsandbytes")}
         base = floor if mode == "buffers" else ref
         if base and rows:
             worst = max(rows, key=rows.get)

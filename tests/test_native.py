@@ -59,7 +59,8 @@ def test_native_on_extreme_magnitudes(fmt, name, k):
     g = torch.Generator().manual_seed(k)
     rows = [
         torch.randn(64, generator=g) * 1e-6,  # fp16 subnormal absmax
-        torch.randn(64, generator=g).clamp(-1, 1) * 5e4,  # near the fp16 maximum (room for centering)
+        torch.randn(64, generator=g).clamp(-1, 1)
+        * 5e4,  # near the fp16 maximum (room for centering)
         torch.zeros(64),
         -torch.zeros(64),
         (torch.randn(64, generator=g) * 8).round() / 8,  # exact ties

@@ -14,6 +14,7 @@ integer ops), so eager and ``torch.compile`` runs give bit-identical codes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ class Lut:
     thresholds: torch.Tensor  # float32 [n]: t_0..t_{n-2}, then +inf
     shift: int  # bucket = bits(|y|) >> shift
     nbins: int  # buckets per sign; index = nbins + b (y >= 0) or nbins - 1 - b (y < 0)
-    keys: torch.Tensor  # int32 [n]: order-preserving integer keys of `thresholds` (native path)
+    keys: torch.Tensor  # int32 [2 * nbins]: key of the threshold checked in each bucket (native)
     keys16: torch.Tensor | None  # int32 [15]: finite keys padded with INT32_MAX, if n <= 16
 
 
@@ -75,7 +76,22 @@ def _edges(nbins: int, shift: int, device: torch.device) -> torch.Tensor:
 
 
 def build_lut(code: torch.Tensor) -> Lut | None:
-    """The coarsest exact lookup table for ``code``, or None if the codes are too close."""
+    """The coarsest exact lookup table for ``code``, or None if the codes are too close.
+
+    Cached per codebook (values and device): a sweep quantizes hundreds of weights with
+    the same codebook, and building costs about a millisecond.
+    """
+    values = code.detach().to("cpu", torch.float32).contiguous()
+    return _cached_lut(values.numpy().tobytes(), str(code.device))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_lut(values: bytes, device: str) -> Lut | None:
+    code = torch.frombuffer(bytearray(values), dtype=torch.float32).to(device)
+    return _build_lut(code)
+
+
+def _build_lut(code: torch.Tensor) -> Lut | None:
     t = thresholds(code)
     finite = t[:-1]
     for mbits in range(_MIN_MANTISSA_BITS, _MAX_MANTISSA_BITS + 1):
@@ -96,7 +112,8 @@ def build_lut(code: torch.Tensor) -> Lut | None:
             if keys.numel() <= 16:  # <= 16 codes: at most 15 finite thresholds
                 pad = torch.full((16 - keys.numel(),), 2**31 - 1, dtype=torch.int32)
                 keys16 = torch.cat([keys[:-1], pad.to(keys.device)]).contiguous()
-            return Lut(table.contiguous(), t, shift, nbins, keys, keys16)
+            bucket_keys = keys[table.long()].contiguous()
+            return Lut(table.contiguous(), t, shift, nbins, bucket_keys, keys16)
     log.info("codebook too fine for a %d-bit lookup table; using searchsorted", _MAX_MANTISSA_BITS)
     return None
 

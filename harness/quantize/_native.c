@@ -60,7 +60,9 @@ static inline uint32_t clamped_mag(uint32_t u) {
 }
 
 /* Nearest-code index of normalised y: a lookup table over the bit pattern of |y| plus one
- * compare (see _kernel.py), or for <= 16 codes (`small`) the count of threshold keys below y. */
+ * compare (see _kernel.py), or for <= 16 codes (`small`) the count of threshold keys below y.
+ * tkeys[idx] is the key of the one threshold that can fall inside bucket idx, so both
+ * lookups depend on idx only and the two gathers overlap. */
 static inline __attribute__((always_inline)) int32_t
 nearest(float y, int small, const int32_t *restrict k16, const int32_t *restrict table,
         const int32_t *restrict tkeys, int shift, int32_t nbins) {
@@ -73,8 +75,8 @@ nearest(float y, int small, const int32_t *restrict k16, const int32_t *restrict
   }
   int32_t neg = (int32_t)(sgn & (a != 0)); /* y < 0 as a float compare: -0.0 is not negative */
   int32_t b = (int32_t)(a >> shift);
-  int32_t c = table[nbins + b - ((2 * b + 1) & -neg)];
-  return c + (ky > tkeys[c]);
+  int32_t idx = nbins + b - ((2 * b + 1) & -neg);
+  return table[idx] + (ky > tkeys[idx]); /* independent lookups: no gather waits on another */
 }
 
 /* One block row: its stored scale, then codes (or, when `fake`, dequantized values). The
@@ -155,12 +157,16 @@ void kbit_dequantize(const uint8_t *restrict codes, const float *restrict scale,
 /* Histogram select for exact quantiles (harness/dtypes/quantile.py): the bucket of v =
  * clamp(y / scale, -1, 1) is (int)((v + 1) * half), clamped to [0, 2 * half - 1], exactly as
  * quantile._bucket computes it in torch. */
+static inline float clamp1(float v) {
+  /* clamp to [-1, 1] on the bit pattern (a branch-free loop for the vectoriser); inputs are
+   * never NaN here: the callers reject NaN tensors before fitting. */
+  const uint32_t u = f2u(v), a = u & 0x7fffffffu;
+  return u2f((u & 0x80000000u) | (a < ONE_BITS ? a : ONE_BITS));
+}
+
 static inline int32_t bucket_of(float y, float scale, float half) {
-  float v = y / scale;
-  v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
-  int32_t b = (int32_t)((v + 1.0f) * half);
-  int32_t top = (int32_t)(2 * half) - 1;
-  return b < 0 ? 0 : (b > top ? top : b);
+  const int32_t b = (int32_t)((clamp1(y / scale) + 1.0f) * half), top = (int32_t)(2 * half) - 1;
+  return b < top ? b : top; /* b >= 0: clamp1(...) + 1 >= 0 */
 }
 
 /* hist[bucket(y[i])] += 1 for i in [i0, i1). */
@@ -174,12 +180,81 @@ void kbit_select(const float *restrict y, int64_t i0, int64_t i1, float scale, f
                  const uint8_t *restrict wanted, float *restrict out, int64_t *restrict count) {
   int64_t n = 0;
   for (int64_t i = i0; i < i1; i++) {
-    float v = y[i] / scale;
-    v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
-    if (wanted[bucket_of(y[i], scale, half)]) out[n++] = v;
+    if (wanted[bucket_of(y[i], scale, half)]) out[n++] = clamp1(y[i] / scale);
   }
   *count = n;
 }
 
+/* ---- Fitting quantile codebooks to block-normalised values without materialising them ----
+ * y = clamp((x - mu) / safe_scale, -1, 1), exactly as _kernel.normalise computes it. */
+static inline float normalised(float v, float s) { return clamp1(v / s); }
+
+/* Stored scale of rows [r0, r1) and the largest |y| of each row: by monotonicity of the
+ * division that is min(absmax / s, 1). */
+void kbit_scales(const float *restrict x, const float *restrict mean, int64_t r0, int64_t r1,
+                 int64_t B, int fmt, float *restrict scale_out, float *restrict ymax_out) {
+  for (int64_t r = r0; r < r1; r++) {
+    const float mu = mean ? mean[r] : 0.0f;
+    const float absmax = row_absmax(x + r * B, mu, B, mean != 0);
+    const float scale = to_format(absmax, fmt);
+    const float s = scale > 0 ? scale : 1.0f;
+    const float y = absmax / s;
+    scale_out[r] = scale;
+    ymax_out[r] = y > 1.0f ? 1.0f : y;
+  }
+}
+
+#define FIT_CHUNK 256
+
+/* Buckets (and values) of a chunk of one row: a branch-free loop gcc vectorises; the
+ * scattered part (histogram increments, appends) then runs over the small buffer. The
+ * subtraction of mu = 0 (no centering) leaves every float, -0.0 included, unchanged. */
+static inline void fit_chunk(const float *restrict p, int64_t n, float mu, float s, float half,
+                             float *restrict yv, int32_t *restrict bk) {
+  for (int64_t j = 0; j < n; j++) {
+    const float y = normalised(p[j] - mu, s);
+    yv[j] = y;
+    bk[j] = bucket_of(y, 1.0f, half);
+  }
+}
+
+/* hist[bucket(y)] += 1 for every element of rows [r0, r1), given their stored scales. */
+void kbit_fit_hist(const float *restrict x, const float *restrict mean,
+                   const float *restrict scale, int64_t r0, int64_t r1, int64_t B, float half,
+                   int64_t *restrict hist) {
+  float yv[FIT_CHUNK];
+  int32_t bk[FIT_CHUNK];
+  for (int64_t r = r0; r < r1; r++) {
+    const float mu = mean ? mean[r] : 0.0f, s = scale[r] > 0 ? scale[r] : 1.0f;
+    for (int64_t j0 = 0; j0 < B; j0 += FIT_CHUNK) {
+      const int64_t n = B - j0 < FIT_CHUNK ? B - j0 : FIT_CHUNK;
+      fit_chunk(x + r * B + j0, n, mu, s, half, yv, bk);
+      for (int64_t j = 0; j < n; j++) hist[bk[j]]++;
+    }
+  }
+}
+
+/* Append every y of rows [r0, r1) whose bucket is wanted; *count = how many. `out` has
+ * room for one value more than can be selected (the branch-free append writes ahead). */
+void kbit_fit_select(const float *restrict x, const float *restrict mean,
+                     const float *restrict scale, int64_t r0, int64_t r1, int64_t B, float half,
+                     const uint8_t *restrict wanted, float *restrict out, int64_t *restrict count) {
+  float yv[FIT_CHUNK];
+  int32_t bk[FIT_CHUNK];
+  int64_t n_out = 0;
+  for (int64_t r = r0; r < r1; r++) {
+    const float mu = mean ? mean[r] : 0.0f, s = scale[r] > 0 ? scale[r] : 1.0f;
+    for (int64_t j0 = 0; j0 < B; j0 += FIT_CHUNK) {
+      const int64_t n = B - j0 < FIT_CHUNK ? B - j0 : FIT_CHUNK;
+      fit_chunk(x + r * B + j0, n, mu, s, half, yv, bk);
+      for (int64_t j = 0; j < n; j++) {
+        out[n_out] = yv[j];
+        n_out += wanted[bk[j]];
+      }
+    }
+  }
+  *count = n_out;
+}
+
 /* Version of this file's calling conventions; _native.py refuses a library that differs. */
-int kbit_abi(void) { return 2; }
+int kbit_abi(void) { return 3; }

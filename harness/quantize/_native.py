@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 NATIVE_ENV = "KBIT_NATIVE"  # "0": never use the compiled kernels
 CACHE_ENV = "KBIT_CACHE_DIR"
-ABI = 2  # must equal kbit_abi() in _native.c
+ABI = 3  # must equal kbit_abi() in _native.c
 SOURCE = Path(__file__).with_name("_native.c")
 FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fno-strict-aliasing")
 SCALE_FORMAT_IDS = {"fp32": 0, "fp16": 1, "bf16": 2, "e8m0": 3}
@@ -108,13 +108,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     f32 = ctypes.c_float
     lib.kbit_hist.argtypes = [p, i64, i64, f32, f32, p]
     lib.kbit_select.argtypes = [p, i64, i64, f32, f32, p, p, p]
-    for fn in (
-        lib.kbit_quantize,
-        lib.kbit_fake,
-        lib.kbit_dequantize,
-        lib.kbit_hist,
-        lib.kbit_select,
-    ):
+    lib.kbit_scales.argtypes = [p, p, i64, i64, i64, ctypes.c_int, p, p]
+    lib.kbit_fit_hist.argtypes = [p, p, p, i64, i64, i64, f32, p]
+    lib.kbit_fit_select.argtypes = [p, p, p, i64, i64, i64, f32, p, p, p]
+    for fn in (lib.kbit_quantize, lib.kbit_fake, lib.kbit_dequantize, lib.kbit_hist,
+               lib.kbit_select, lib.kbit_scales, lib.kbit_fit_hist, lib.kbit_fit_select):  # fmt: skip
         fn.restype = None
 
 
@@ -276,3 +274,77 @@ def select(
     ]
     _each(lib.kbit_select, calls)
     return torch.cat([bufs[j, : int(counts[j])] for j in range(len(spans))])
+
+
+# ---------------------------------------------------------------- fitting on block-normalised x
+def _row_spans(rows: int, numel: int) -> list[tuple[int, int]]:
+    workers = max(1, min(torch.get_num_threads(), rows)) if numel >= _PARALLEL_MIN_NUMEL else 1
+    step = -(-rows // workers)
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def block_scales(
+    lib: ctypes.CDLL, xb: torch.Tensor, mean: torch.Tensor | None, scale_format: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored scales [n, 1], largest |normalised value| per row [n]) of blocks ``xb``."""
+    rows, block = xb.shape
+    scales = torch.empty(rows, 1, dtype=torch.float32)
+    ymax = torch.empty(rows, dtype=torch.float32)
+    head = (xb.data_ptr(), _ptr(mean))
+    tail = (block, SCALE_FORMAT_IDS[scale_format], scales.data_ptr(), ymax.data_ptr())
+    _over_rows(lib.kbit_scales, rows, xb.numel(), head, tail)
+    return scales, ymax
+
+
+def fit_histogram(lib: ctypes.CDLL, parts: list[tuple], buckets: int) -> torch.Tensor:
+    """Bucket counts of the normalised values of every part (xb, mean, scales)."""
+    total = torch.zeros(buckets, dtype=torch.int64)
+    for xb, mean, scale in parts:
+        spans = _row_spans(xb.shape[0], xb.numel())
+        hists = torch.zeros(len(spans), buckets, dtype=torch.int64)
+        calls = [
+            (
+                xb.data_ptr(),
+                _ptr(mean),
+                scale.data_ptr(),
+                r0,
+                r1,
+                xb.shape[1],
+                buckets / 2,
+                hists[j].data_ptr(),
+            )
+            for j, (r0, r1) in enumerate(spans)
+        ]
+        _each(lib.kbit_fit_hist, calls)
+        total += hists.sum(0)
+    return total
+
+
+def fit_select(
+    lib: ctypes.CDLL, parts: list[tuple], wanted: torch.Tensor, total: int
+) -> torch.Tensor:
+    """The normalised values in wanted buckets, over every part (``total`` of them)."""
+    wanted_u8 = wanted.to(torch.uint8).contiguous()
+    picked = []
+    for xb, mean, scale in parts:
+        spans = _row_spans(xb.shape[0], xb.numel())
+        bufs = torch.empty(len(spans), total + 1, dtype=torch.float32)  # + 1: see the C
+        counts = torch.zeros(len(spans), dtype=torch.int64)
+        calls = [
+            (
+                xb.data_ptr(),
+                _ptr(mean),
+                scale.data_ptr(),
+                r0,
+                r1,
+                xb.shape[1],
+                wanted_u8.numel() / 2,
+                wanted_u8.data_ptr(),
+                bufs[j].data_ptr(),
+                counts[j:].data_ptr(),
+            )
+            for j, (r0, r1) in enumerate(spans)
+        ]
+        _each(lib.kbit_fit_select, calls)
+        picked += [bufs[j, : int(counts[j])] for j in range(len(spans))]
+    return torch.cat(picked)

@@ -20,13 +20,14 @@ block.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from harness.dtypes import codebook, is_data_dependent
-from harness.quantize import _kernel
+from harness.quantize import _kernel, _native
 
 SCALE_FORMATS = ("fp16", "bf16", "fp32", "e8m0")
 MAX_CODES = 256  # codes are stored as uint8
@@ -109,11 +110,19 @@ def _block_mean(xb: torch.Tensor, scale_format: str, centering: bool) -> torch.T
     return round_to_format(mean, scale_format)
 
 
+def _finite_extremes(t: torch.Tensor) -> bool:
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def _check_stats(
     xb: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor | None, scale_format: str
 ) -> None:
-    """NaN/inf in the tensor, or a scale/mean the format cannot hold -> a clear ValueError."""
-    if bool(torch.isfinite(scale).all()) and (mean is None or bool(torch.isfinite(mean).all())):
+    """NaN/inf in the tensor, or a scale/mean the format cannot hold -> a clear ValueError.
+
+    The fast test: max and min propagate NaN, so both finite means every entry is.
+    """
+    if _finite_extremes(scale) and (mean is None or _finite_extremes(mean)):
         return
     bad = int((~torch.isfinite(xb)).sum())
     if bad:
@@ -132,14 +141,17 @@ def _part_compile(compile: bool | None, compile_ok: bool, part: torch.Tensor) ->
     return None if compile is None and _kernel.native(None, part) is not None else False
 
 
+def _flat32(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().reshape(-1).to(torch.float32)
+
+
 def _parts(x: torch.Tensor, block_size: int | None, scale_format: str, centering: bool):
     """Yield (blocks, means, compile_ok, dynamic_cols) for the full blocks, then the tail.
 
     The tail (one short block) always runs eagerly: compiling it would specialise a kernel
     for every tail length.
     """
-    flat = x.detach().reshape(-1).to(torch.float32)
-    parts = _blocks(flat, block_size)
+    parts = _blocks(_flat32(x), block_size)
     for i, xb in enumerate(parts):
         is_tail = block_size is not None and i == len(parts) - 1 and xb.shape[1] != block_size
         yield xb, _block_mean(xb, scale_format, centering), not is_tail, block_size is None
@@ -293,6 +305,70 @@ def normalised_values(
     return _join(pieces)
 
 
+class BlockNormalised:
+    """The block-normalised values of a tensor as a quantile ``Population``, never written out.
+
+    What :func:`normalised_values` would return, element for element (same scales, same
+    division, same clamp), but the native kernels recompute each value from the tensor
+    in every pass of the histogram select, and a sample reads just its own elements.
+    """
+
+    def __init__(self, lib, x: torch.Tensor, block_size: int | None, scale_format: str,
+                 centering: bool) -> None:  # fmt: skip
+        self.lib, self.flat = lib, _flat32(x)
+        self.block = self.flat.numel() if block_size is None else block_size
+        self.parts = []
+        ymax = []
+        for xb in _blocks(self.flat, block_size):
+            mean = _block_mean(xb, scale_format, centering)
+            scale, row_max = _native.block_scales(lib, xb, mean, scale_format)
+            _check_stats(xb, scale, mean, scale_format)
+            self.parts.append((xb, mean, scale))
+            ymax.append(row_max)
+        self.absmax = float(torch.cat(ymax).max())
+        self.scales = torch.cat([p[2].view(-1) for p in self.parts])
+        self.means = torch.cat([p[1].view(-1) for p in self.parts]) if centering else None
+
+    def numel(self) -> int:
+        return self.flat.numel()
+
+    def histogram(self, buckets: int) -> torch.Tensor:
+        return _native.fit_histogram(self.lib, self.parts, buckets)
+
+    def select(self, wanted: torch.Tensor, total: int) -> torch.Tensor:
+        return _native.fit_select(self.lib, self.parts, wanted, total)
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        block = idx // self.block
+        values = self.flat.take(idx)
+        centred = values if self.means is None else values - self.means[block]
+        return _kernel.normalise(centred, self.scales[block])
+
+
+def fit_population(
+    x: torch.Tensor,
+    block_size: int | None,
+    *,
+    scale_format: str = "fp16",
+    centering: bool = False,
+    compile: bool | None = None,
+):
+    """What a data-dependent codebook is fitted to: x's block-normalised values.
+
+    A :class:`BlockNormalised` when the native kernels run and the values reach max |v| = 1
+    (a block whose scale rounds up to above its absmax stays below 1; if every block does,
+    the codebook divides by their maximum, and the materialised tensor keeps that exact).
+    """
+    lib = _kernel.native(compile, x)
+    if lib is not None:
+        pop = BlockNormalised(lib, x, block_size, scale_format, centering)
+        if pop.absmax == 1.0:
+            return pop
+    return normalised_values(
+        x, block_size, scale_format=scale_format, centering=centering, compile=compile
+    )
+
+
 def fake_quantize(
     x: torch.Tensor,
     dtype: str,
@@ -319,7 +395,7 @@ def fake_quantize(
     outs = _out_parts(out, x, x.dtype, block_size, "out")
     fitted = None
     if is_data_dependent(dtype, dtype_dir):
-        fitted = normalised_values(
+        fitted = fit_population(
             x, block_size, scale_format=scale_format, centering=centering, compile=compile
         )
     code = codebook(dtype, bits, fitted, dtype_dir=dtype_dir, **overrides).to(x.device)
