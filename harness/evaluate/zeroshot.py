@@ -9,6 +9,7 @@ folder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -116,6 +117,28 @@ def task_objects(
     return _TASK_CACHE[key]
 
 
+@contextlib.contextmanager
+def _without_environment_report():
+    """Skip what ``simple_evaluate`` adds to its results after evaluating: the git hash and
+    ``torch.utils.collect_env`` (pip, conda, nvidia-smi, ... as subprocesses), ~0.5-0.7 s
+    per call, on every cell. kbit records its own provenance (versions, commit, host) in
+    each record and never reads these fields. Only names that exist are replaced, so a
+    future lm-eval without them is unaffected; the originals come back on exit.
+    """
+    import lm_eval.evaluator as evaluator
+
+    replaced = {}
+    for name, stand_in in (("add_env_info", lambda results: None), ("get_git_commit_hash", str)):
+        if hasattr(evaluator, name):
+            replaced[name] = getattr(evaluator, name)
+            setattr(evaluator, name, stand_in)
+    try:
+        yield
+    finally:
+        for name, original in replaced.items():
+            setattr(evaluator, name, original)
+
+
 def _task_result(name: str, results: dict) -> TaskResult:
     metrics = results["results"][name]
     samples = sorted(results["samples"][name], key=lambda s: s["doc_id"])
@@ -153,7 +176,7 @@ def evaluate_zeroshot(
     manager, objects = task_objects(tasks, data_root, model_dir, num_fewshot)
     device = next(model.parameters()).device
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-    with ForwardTimer(model) as timer, torch.no_grad():
+    with ForwardTimer(model) as timer, torch.no_grad(), _without_environment_report():
         results = simple_evaluate(
             model=lm,
             tasks=objects,
