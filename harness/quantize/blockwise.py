@@ -165,7 +165,8 @@ def _out_parts(
     The buffer must have x's number of elements and ``dtype``, be contiguous and on x's
     device; writing into it spares allocating (and page-faulting) a fresh result.
     """
-    n_parts = len(_blocks(x.reshape(-1), block_size))
+    size = x.numel() if block_size is None else block_size
+    n_parts = int(x.numel() >= size) + int(x.numel() % size != 0)
     if out is None:
         return [None] * n_parts
     if (
