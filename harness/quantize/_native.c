@@ -137,10 +137,59 @@ void kbit_fake(const float *restrict x, const float *restrict mean, int64_t r0, 
   DISPATCH(1);
 }
 
-/* out = code[codes] * scale (+ mean) for rows [r0, r1). */
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+/* Codebooks of at most 16 codes (padded to 16 floats): the lookup is two in-register
+ * permutes and a blend instead of a gather, and with `stream` the output bypasses the
+ * cache (non-temporal stores: no read-for-ownership of a result larger than the cache).
+ * Needs B % 8 == 0, and a 32-byte aligned `out` when streaming (the caller checks). */
+static void dequantize16(const uint8_t *restrict codes, const float *restrict scale,
+                         const float *restrict mean, int64_t r0, int64_t r1, int64_t B,
+                         const float *restrict code16, float *restrict out, int stream) {
+  const __m256 lo = _mm256_loadu_ps(code16), hi = _mm256_loadu_ps(code16 + 8);
+  for (int64_t r = r0; r < r1; r++) {
+    const uint8_t *restrict q = codes + r * B;
+    float *restrict o = out + r * B;
+    const __m256 s = _mm256_set1_ps(scale[r]), mu = _mm256_set1_ps(mean ? mean[r] : 0.0f);
+    for (int64_t j = 0; j < B; j += 8) {
+      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + j)));
+      const __m256 a = _mm256_permutevar8x32_ps(lo, idx), b = _mm256_permutevar8x32_ps(hi, idx);
+      const __m256 v = _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+      __m256 d = _mm256_mul_ps(v, s);
+      if (mean) d = _mm256_add_ps(d, mu);
+      if (stream) _mm256_stream_ps(o + j, d);
+      else _mm256_storeu_ps(o + j, d);
+    }
+  }
+  if (stream) _mm_sfence();
+}
+#endif
+
+/* Whether kbit_dequantize can take the 16-code path here (compiled with AVX2). */
+int kbit_has_dequantize16(void) {
+#if defined(__AVX2__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+/* out = code[codes] * scale (+ mean) for rows [r0, r1). code16: the codebook padded to 16
+ * values when it has at most 16 and B % 8 == 0 (else NULL); stream: see dequantize16. */
 void kbit_dequantize(const uint8_t *restrict codes, const float *restrict scale,
                      const float *restrict mean, int64_t r0, int64_t r1, int64_t B,
-                     const float *restrict code, float *restrict out) {
+                     const float *restrict code, float *restrict out,
+                     const float *restrict code16, int stream) {
+#if defined(__AVX2__)
+  if (code16) {
+    dequantize16(codes, scale, mean, r0, r1, B, code16, out, stream);
+    return;
+  }
+#else
+  (void)code16;
+  (void)stream;
+#endif
   for (int64_t r = r0; r < r1; r++) {
     const uint8_t *restrict q = codes + r * B;
     float *restrict o = out + r * B;
@@ -257,4 +306,4 @@ void kbit_fit_select(const float *restrict x, const float *restrict mean,
 }
 
 /* Version of this file's calling conventions; _native.py refuses a library that differs. */
-int kbit_abi(void) { return 3; }
+int kbit_abi(void) { return 4; }

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 NATIVE_ENV = "KBIT_NATIVE"  # "0": never use the compiled kernels
 CACHE_ENV = "KBIT_CACHE_DIR"
-ABI = 3  # must equal kbit_abi() in _native.c
+ABI = 4  # must equal kbit_abi() in _native.c
 SOURCE = Path(__file__).with_name("_native.c")
 FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fno-strict-aliasing")
 SCALE_FORMAT_IDS = {"fp32": 0, "fp16": 1, "bf16": 2, "e8m0": 3}
@@ -104,7 +104,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     common = [p, p, i64, i64, i64, ctypes.c_int, p, p, ctypes.c_int, i32, p]
     lib.kbit_quantize.argtypes = [*common, p, p]
     lib.kbit_fake.argtypes = [*common, p, p, p]
-    lib.kbit_dequantize.argtypes = [p, p, p, i64, i64, i64, p, p]
+    lib.kbit_dequantize.argtypes = [p, p, p, i64, i64, i64, p, p, p, ctypes.c_int]
+    lib.kbit_has_dequantize16.argtypes = []
+    lib.kbit_has_dequantize16.restype = ctypes.c_int
     f32 = ctypes.c_float
     lib.kbit_hist.argtypes = [p, i64, i64, f32, f32, p]
     lib.kbit_select.argtypes = [p, i64, i64, f32, f32, p, p, p]
@@ -207,6 +209,9 @@ def fake_rows(
     return scales
 
 
+_STREAM_MIN_BYTES = 16 << 20  # results above this bypass the cache (larger than L2 anyway)
+
+
 def dequantize_rows(
     lib: ctypes.CDLL,
     codes: torch.Tensor,
@@ -217,10 +222,14 @@ def dequantize_rows(
 ) -> None:
     """Fill float32 ``out`` [n, B] with code[codes] * scale (+ mean)."""
     rows, block = codes.shape
+    code16 = None
+    if code.numel() <= 16 and block % 8 == 0 and lib.kbit_has_dequantize16():
+        code16 = torch.zeros(16, dtype=torch.float32)
+        code16[: code.numel()] = code
+    stream = int(out.numel() * 4 >= _STREAM_MIN_BYTES and out.data_ptr() % 32 == 0)
     head = (codes.data_ptr(), scale.data_ptr(), _ptr(mean))
-    _over_rows(
-        lib.kbit_dequantize, rows, codes.numel(), head, (block, code.data_ptr(), out.data_ptr())
-    )
+    tail = (block, code.data_ptr(), out.data_ptr(), _ptr(code16), stream)
+    _over_rows(lib.kbit_dequantize, rows, codes.numel(), head, tail)
 
 
 def _spans(n: int) -> list[tuple[int, int]]:
