@@ -154,3 +154,30 @@ def test_build_goes_through_an_atomic_rename_into_the_cache(monkeypatch, tmp_pat
     monkeypatch.setattr(_native, "_state", {})
     monkeypatch.setattr(_native, "_compile", lambda *a: pytest.fail("rebuilt a cached library"))
     assert _native.library() is not None
+
+
+@pytest.mark.parametrize(
+    ("name", "k"),
+    [("int", 8), ("dynamic", 8), ("float", 8), ("fp8_e5m2", 8), ("normal", 6), ("nf4", 4),
+     ("quantile", 8)],
+)  # fmt: skip
+def test_native_codes_at_every_threshold_equal_searchsorted(name, k):
+    """y exactly on, just above and just below every decision threshold, every code, +-0 and
+    +-1: with an fp32 scale of exactly 1 the kernel sees these y unchanged."""
+    from harness.quantize import _kernel
+
+    code = codebook(name, k, torch.randn(5000, generator=torch.Generator().manual_seed(k)))
+    thr = _kernel.thresholds(code)[:-1]
+    y = torch.cat(
+        [
+            torch.tensor([1.0, -1.0, 0.0, -0.0]),
+            thr,
+            torch.nextafter(thr, torch.full_like(thr, 2.0)),
+            torch.nextafter(thr, torch.full_like(thr, -2.0)),
+            code,
+            torch.rand(200_000, generator=torch.Generator().manual_seed(1)) * 2 - 1,
+        ]
+    ).clamp(-1, 1)
+    q = quantize_blockwise(y, code, None, scale_format="fp32")
+    assert float(q.scales[0]) == 1.0
+    assert torch.equal(q.codes.long(), torch.searchsorted(thr, y, side="left"))

@@ -39,7 +39,7 @@ class Lut:
     thresholds: torch.Tensor  # float32 [n]: t_0..t_{n-2}, then +inf
     shift: int  # bucket = bits(|y|) >> shift
     nbins: int  # buckets per sign; index = nbins + b (y >= 0) or nbins - 1 - b (y < 0)
-    keys: torch.Tensor  # int32 [2 * nbins]: key of the threshold checked in each bucket (native)
+    packed: torch.Tensor  # int32 [2 * nbins]: candidate code and in-bucket cut (native path)
     keys16: torch.Tensor | None  # int32 [15]: finite keys padded with INT32_MAX, if n <= 16
 
 
@@ -91,6 +91,24 @@ def _cached_lut(values: bytes, device: str) -> Lut | None:
     return _build_lut(code)
 
 
+def _packed(table: torch.Tensor, keys: torch.Tensor, shift: int, nbins: int) -> torch.Tensor:
+    """One int32 per bucket for the native kernels: ``(c << 17) | (cut + 1)``.
+
+    In bucket b all magnitudes share their bits above ``shift``, so y's key k (see
+    :func:`threshold_keys`) is ``kmin + u`` with u = the low ``shift`` bits of |y| for a
+    positive bucket, or of ~|y| for a negative one. Then ``k > K`` (K: the key of the one
+    threshold that can fall in the bucket) is ``u > K - kmin``: with cut = K - kmin clamped
+    to [-1, 2^shift - 1], the code is ``c + (u > cut)``, one lookup instead of two.
+    """
+    b = torch.arange(nbins, dtype=torch.int64, device=table.device)
+    kmin_pos = b << shift
+    kmin_neg = -(((b + 1) << shift) - 1)
+    kmin = torch.cat([kmin_neg.flip(0), kmin_pos])
+    c = table.long()
+    cut = (keys.long()[c] - kmin).clamp(-1, (1 << shift) - 1)
+    return ((c << 17) | (cut + 1)).to(torch.int32).contiguous()
+
+
 def _build_lut(code: torch.Tensor) -> Lut | None:
     t = thresholds(code)
     finite = t[:-1]
@@ -112,8 +130,8 @@ def _build_lut(code: torch.Tensor) -> Lut | None:
             if keys.numel() <= 16:  # <= 16 codes: at most 15 finite thresholds
                 pad = torch.full((16 - keys.numel(),), 2**31 - 1, dtype=torch.int32)
                 keys16 = torch.cat([keys[:-1], pad.to(keys.device)]).contiguous()
-            bucket_keys = keys[table.long()].contiguous()
-            return Lut(table.contiguous(), t, shift, nbins, bucket_keys, keys16)
+            packed = _packed(table, keys, shift, nbins)
+            return Lut(table.contiguous(), t, shift, nbins, packed, keys16)
     log.info("codebook too fine for a %d-bit lookup table; using searchsorted", _MAX_MANTISSA_BITS)
     return None
 

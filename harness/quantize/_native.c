@@ -61,22 +61,24 @@ static inline uint32_t clamped_mag(uint32_t u) {
 
 /* Nearest-code index of normalised y: a lookup table over the bit pattern of |y| plus one
  * compare (see _kernel.py), or for <= 16 codes (`small`) the count of threshold keys below y.
- * tkeys[idx] is the key of the one threshold that can fall inside bucket idx, so both
- * lookups depend on idx only and the two gathers overlap. */
+ * packed[idx] = (c << 17) | (cut + 1) holds the bucket's candidate code c and where, in the
+ * low `shift` bits u of |y| (of ~|y| on the negative side), the one threshold that can fall
+ * in the bucket cuts it (_kernel._packed): the code is c + (u > cut), a single gather. */
 static inline __attribute__((always_inline)) int32_t
-nearest(float y, int small, const int32_t *restrict k16, const int32_t *restrict table,
-        const int32_t *restrict tkeys, int shift, int32_t nbins) {
+nearest(float y, int small, const int32_t *restrict k16, const int32_t *restrict packed,
+        int shift, int32_t nbins) {
   uint32_t u = f2u(y), a = clamped_mag(u), sgn = u >> 31;
-  int32_t ky = key_of(sgn, a);
   if (small) {
+    int32_t ky = key_of(sgn, a);
     int32_t c = 0;
     for (int i = 0; i < 15; i++) c += ky > k16[i];
     return c;
   }
   int32_t neg = (int32_t)(sgn & (a != 0)); /* y < 0 as a float compare: -0.0 is not negative */
   int32_t b = (int32_t)(a >> shift);
-  int32_t idx = nbins + b - ((2 * b + 1) & -neg);
-  return table[idx] + (ky > tkeys[idx]); /* independent lookups: no gather waits on another */
+  int32_t e = packed[nbins + b - ((2 * b + 1) & -neg)];
+  int32_t low = (int32_t)((a ^ (uint32_t)-neg) & ((1u << shift) - 1u));
+  return (e >> 17) + (low >= (e & 0x1ffff));
 }
 
 /* One block row: its stored scale, then codes (or, when `fake`, dequantized values). The
@@ -85,14 +87,14 @@ nearest(float y, int small, const int32_t *restrict k16, const int32_t *restrict
 static inline __attribute__((always_inline)) float
 row(const float *restrict p, const float *restrict mean, int64_t r, int64_t B, int fmt,
     int small, int centred, int fake, const int32_t *restrict k16,
-    const int32_t *restrict table, const int32_t *restrict tkeys, int shift, int32_t nbins,
+    const int32_t *restrict packed, int shift, int32_t nbins,
     const float *restrict code, uint8_t *restrict q, float *restrict o) {
   const float mu = centred ? mean[r] : 0.0f;
   const float scale = to_format(row_absmax(p, mu, B, centred), fmt);
   const float s = scale > 0 ? scale : 1.0f;
   for (int64_t j = 0; j < B; j++) {
     const float v = centred ? p[j] - mu : p[j];
-    const int32_t c = nearest(v / s, small, k16, table, tkeys, shift, nbins);
+    const int32_t c = nearest(v / s, small, k16, packed, shift, nbins);
     if (fake) {
       const float d = code[c] * scale;
       o[j] = centred ? d + mu : d;
@@ -105,7 +107,7 @@ row(const float *restrict p, const float *restrict mean, int64_t r, int64_t B, i
 
 #define ROWS(SMALL, CENTRED, FAKE)                                                          \
   for (int64_t r = r0; r < r1; r++)                                                         \
-    scale_out[r] = row(x + r * B, mean, r, B, fmt, SMALL, CENTRED, FAKE, k16, table, tkeys, \
+    scale_out[r] = row(x + r * B, mean, r, B, fmt, SMALL, CENTRED, FAKE, k16, packed,       \
                        shift, nbins, code, FAKE ? 0 : codes + r * B, FAKE ? out + r * B : 0)
 
 #define DISPATCH(FAKE)                                                                      \
@@ -120,8 +122,8 @@ row(const float *restrict p, const float *restrict mean, int64_t r, int64_t B, i
 /* Codes (uint8) and stored scales of rows [r0, r1). tkeys16: 15 threshold keys when the
  * codebook has at most 16 codes (padded with INT32_MAX), else NULL. */
 void kbit_quantize(const float *restrict x, const float *restrict mean, int64_t r0, int64_t r1,
-                   int64_t B, int fmt, const int32_t *restrict table, const int32_t *restrict tkeys,
-                   int shift, int32_t nbins, const int32_t *restrict tkeys16,
+                   int64_t B, int fmt, const int32_t *restrict packed, int shift, int32_t nbins,
+                   const int32_t *restrict tkeys16,
                    float *restrict scale_out, uint8_t *restrict codes) {
   const float *code = 0;
   float *out = 0;
@@ -130,8 +132,8 @@ void kbit_quantize(const float *restrict x, const float *restrict mean, int64_t 
 
 /* Quantize and dequantize rows [r0, r1) in one pass: out = code[nearest] * scale (+ mean). */
 void kbit_fake(const float *restrict x, const float *restrict mean, int64_t r0, int64_t r1,
-               int64_t B, int fmt, const int32_t *restrict table, const int32_t *restrict tkeys,
-               int shift, int32_t nbins, const int32_t *restrict tkeys16,
+               int64_t B, int fmt, const int32_t *restrict packed, int shift, int32_t nbins,
+               const int32_t *restrict tkeys16,
                const float *restrict code, float *restrict scale_out, float *restrict out) {
   uint8_t *codes = 0;
   DISPATCH(1);
@@ -306,4 +308,4 @@ void kbit_fit_select(const float *restrict x, const float *restrict mean,
 }
 
 /* Version of this file's calling conventions; _native.py refuses a library that differs. */
-int kbit_abi(void) { return 4; }
+int kbit_abi(void) { return 5; }

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 NATIVE_ENV = "KBIT_NATIVE"  # "0": never use the compiled kernels
 CACHE_ENV = "KBIT_CACHE_DIR"
-ABI = 4  # must equal kbit_abi() in _native.c
+ABI = 5  # must equal kbit_abi() in _native.c
 SOURCE = Path(__file__).with_name("_native.c")
 FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fno-strict-aliasing")
 SCALE_FORMAT_IDS = {"fp32": 0, "fp16": 1, "bf16": 2, "e8m0": 3}
@@ -101,7 +101,7 @@ def _build() -> ctypes.CDLL:
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    common = [p, p, i64, i64, i64, ctypes.c_int, p, p, ctypes.c_int, i32, p]
+    common = [p, p, i64, i64, i64, ctypes.c_int, p, ctypes.c_int, i32, p]
     lib.kbit_quantize.argtypes = [*common, p, p]
     lib.kbit_fake.argtypes = [*common, p, p, p]
     lib.kbit_dequantize.argtypes = [p, p, p, i64, i64, i64, p, p, p, ctypes.c_int]
@@ -166,8 +166,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def search_args(lut) -> tuple:
-    """(table, threshold keys, shift, nbins, 15 keys or None) of a :class:`_kernel.Lut`."""
-    return lut.table, lut.keys, lut.shift, lut.nbins, lut.keys16
+    """(packed bucket table, shift, nbins, 15 keys or None) of a :class:`_kernel.Lut`."""
+    return lut.packed, lut.shift, lut.nbins, lut.keys16
 
 
 def quantize_rows(
@@ -180,10 +180,10 @@ def quantize_rows(
 ) -> torch.Tensor:
     """Fill ``codes`` [n, B] (uint8) for float32 blocks ``xb`` [n, B]; return scales [n, 1]."""
     rows, block = xb.shape
-    table, keys, shift, nbins, small = search_args(lut)
+    packed, shift, nbins, small = search_args(lut)
     scales = torch.empty(rows, 1, dtype=torch.float32)
     head = (xb.data_ptr(), _ptr(mean))
-    tail = (block, SCALE_FORMAT_IDS[scale_format], table.data_ptr(), keys.data_ptr(), shift,
+    tail = (block, SCALE_FORMAT_IDS[scale_format], packed.data_ptr(), shift,
             nbins, _ptr(small), scales.data_ptr(), codes.data_ptr())  # fmt: skip
     _over_rows(lib.kbit_quantize, rows, xb.numel(), head, tail)
     return scales
@@ -200,10 +200,10 @@ def fake_rows(
 ) -> torch.Tensor:
     """Fill float32 ``out`` [n, B] with the fake-quantized blocks; return scales [n, 1]."""
     rows, block = xb.shape
-    table, keys, shift, nbins, small = search_args(lut)
+    packed, shift, nbins, small = search_args(lut)
     scales = torch.empty(rows, 1, dtype=torch.float32)
     head = (xb.data_ptr(), _ptr(mean))
-    tail = (block, SCALE_FORMAT_IDS[scale_format], table.data_ptr(), keys.data_ptr(), shift,
+    tail = (block, SCALE_FORMAT_IDS[scale_format], packed.data_ptr(), shift,
             nbins, _ptr(small), code.data_ptr(), scales.data_ptr(), out.data_ptr())  # fmt: skip
     _over_rows(lib.kbit_fake, rows, xb.numel(), head, tail)
     return scales
