@@ -3,20 +3,24 @@
 Prints three ratios (targets in brackets):
 
 1. perplexity tokens/s through ``harness.evaluate.perplexity`` vs a bare batched forward loop
-   over the same windows (logits only, no loss)                                   [>= 0.9x]
+   over the same windows: (a) logits only, no loss (the floor: nothing computes a perplexity
+   faster), and (b) the loop of the Hugging Face perplexity guide, ``model(batch,
+   labels=batch).loss``, which computes the same loss inside forward               [>= 0.9x]
 2. zero-shot wall time of ``kbit-run`` vs the ``lm_eval`` command line, same saved model,
    same tasks, same limit and batch size (both as fresh processes)                [<= 1.05x]
 3. per-cell overhead: (wall - forward) / wall of an in-process cell on a cached model, as a
    sweep runs it after its first cells (quantize + perplexity + zero-shot)        [<= 10%]
 
-    python benchmarks/eval_bench.py                     # builds a random GPT-NeoX in /tmp
+    python benchmarks/eval_bench.py            # a random GPT-2-small-shaped GPT-NeoX (~8 min)
+    python benchmarks/eval_bench.py --hidden 256 --layers 4 --limit 40 --max-tokens 8192 \
+        --repeats 2                               # a tiny model (~6 min), see below
     python benchmarks/eval_bench.py --model /path/to/model --limit 200
-    python benchmarks/eval_bench.py --hidden 768 --layers 12 --limit 20 --max-tokens 4096 \
-        --repeats 1                                     # a GPT-2-small-sized model (~10 min)
 
-The overhead share depends on the model: lm-eval's own bookkeeping (log-softmax over the whole
-vocabulary per request, request building, tokenization) costs about the same per example
-whatever the model's depth, so on a tiny model it is a large share of the cell.
+The default shape is GPT-2 small's (hidden 768, 12 layers, 50k vocabulary), the scale of the
+smallest OPT and GPT-2 models the paper quantizes. The overhead share depends on the model: lm-eval's own
+per-request work (a log-softmax over the whole vocabulary at every position, request
+building, tokenization) costs the same per example whatever the model's depth, so on a tiny
+model it is a large share of the cell (about a quarter at hidden 256, 4 layers).
 
 Needs KBIT_DATA_ROOT (shared/data layout) for WikiText-2 and the local task files.
 """
@@ -62,7 +66,7 @@ def best_of(n: int, fn) -> float:
     return min(times)
 
 
-def bench_perplexity(model_dir: Path, data_root: Path, args) -> tuple[float, float]:
+def bench_perplexity(model_dir: Path, data_root: Path, args) -> dict[str, float]:
     from harness.evaluate import load_text, perplexity_details, token_ids
     from harness.evaluate.perplexity import windows
     from harness.models import load_model
@@ -80,13 +84,23 @@ def bench_perplexity(model_dir: Path, data_root: Path, args) -> tuple[float, flo
         if loaded.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def bare_loss() -> None:
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, wins.shape[0], args.batch_size):
+                batch = wins[start : start + args.batch_size].to(loaded.device)
+                total += float(loaded.model(batch, labels=batch, use_cache=False).loss)
+
     def kbit() -> None:
         perplexity_details(loaded.model, loaded.tokenizer, text, args.seqlen, args.max_tokens,
                            args.batch_size, progress=False)  # fmt: skip
 
-    bare(), kbit()  # warm up (allocator, token cache)
-    t_kbit, t_bare = best_of(args.repeats, kbit), best_of(args.repeats, bare)
-    return n_tokens / t_kbit, n_tokens / t_bare
+    bare(), bare_loss(), kbit()  # warm up (allocator, token cache)
+    times = {"kbit": [], "bare": [], "bare_loss": []}
+    for _ in range(max(3, args.repeats)):  # interleaved, best of each
+        for name, fn in (("kbit", kbit), ("bare", bare), ("bare_loss", bare_loss)):
+            times[name].append(best_of(1, fn))
+    return {name: n_tokens / min(ts) for name, ts in times.items()}
 
 
 def bench_zeroshot(model_dir: Path, data_root: Path, work: Path, args) -> tuple[float, float]:
@@ -150,15 +164,15 @@ def bench_cell(model_dir: Path, data_root: Path, work: Path, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="saved model folder; default: build one")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--max-tokens", type=int, default=8192)
+    parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tasks", default="piqa,winogrande,hellaswag,lambada_openai")
-    parser.add_argument("--limit", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -176,13 +190,14 @@ def main() -> None:
         else build_model(work / "model", data_root, args.hidden, args.layers)
     )
 
-    tps_kbit, tps_bare = bench_perplexity(model_dir, data_root, args)
+    tps = bench_perplexity(model_dir, data_root, args)
     cell = bench_cell(model_dir, data_root, work, args)
     t_kbit, t_cli = bench_zeroshot(model_dir, data_root, work, args)
     print(f"model: {model_dir}  device: {args.device}  torch threads: {torch.get_num_threads()}")
     print(f"{'measurement':<44}{'kbit':>12}{'reference':>12}{'ratio':>9}  target")
-    print(f"{'perplexity tokens/s (vs bare forward loop)':<44}{tps_kbit:>12.0f}{tps_bare:>12.0f}"
-          f"{tps_kbit / tps_bare:>8.3f}x  >= 0.9x")  # fmt: skip
+    for ref, label in (("bare", "logits-only loop"), ("bare_loss", "loop with HF loss")):
+        print(f"{'perplexity tokens/s (vs ' + label + ')':<44}{tps['kbit']:>12.0f}"
+              f"{tps[ref]:>12.0f}{tps['kbit'] / tps[ref]:>8.3f}x  >= 0.9x")  # fmt: skip
     print(f"{'zero-shot wall s (vs lm_eval CLI)':<44}{t_kbit:>12.2f}{t_cli:>12.2f}"
           f"{t_kbit / t_cli:>8.3f}x  <= 1.05x")  # fmt: skip
     share = (cell["wall_s"] - cell["forward_s"]) / cell["wall_s"]

@@ -74,14 +74,18 @@ def test_native_on_extreme_magnitudes(fmt, name, k):
         _assert_same(x, codebook(name, k), 64, fmt, True)
 
 
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "fp32", "e8m0"])
+@pytest.mark.parametrize("compile", [None, False])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_native_rejects_nan_and_inf(bad):
+def test_nan_and_inf_are_rejected_in_every_scale_format(bad, compile, fmt):
+    """Both paths; e8m0 once rounded a NaN absmax to 0 in torch, which hid it."""
     x = torch.randn(128, 64)
     x[77, 5] = bad
+    kw = {"scale_format": fmt, "compile": compile}
     with pytest.raises(ValueError, match="x: contains 1 NaN or inf"):
-        quantize_blockwise(x, codebook("nf4", 4), 64)
+        quantize_blockwise(x, codebook("nf4", 4), 64, **kw)
     with pytest.raises(ValueError, match="x: contains 1 NaN or inf"):
-        fake_quantize(x, "dynamic", 8, 64)
+        fake_quantize(x, "dynamic", 8, 64, **kw)
 
 
 def test_out_buffers_are_written_and_returned():
@@ -181,3 +185,24 @@ def test_native_codes_at_every_threshold_equal_searchsorted(name, k):
     q = quantize_blockwise(y, code, None, scale_format="fp32")
     assert float(q.scales[0]) == 1.0
     assert torch.equal(q.codes.long(), torch.searchsorted(thr, y, side="left"))
+
+
+def test_kernels_run_in_a_forked_child():
+    """A child forked after the thread pool started must not wait on the parent's threads.
+
+    The child only quantizes (its torch ops there are too small to go parallel): torch's own
+    intra-op pool can hang in a forked child, which is not what this tests.
+    """
+    import multiprocessing
+
+    x = torch.randn(512, 256)  # large enough for kbit's pool
+    expected = fake_quantize(x, "int", 4, 64)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_fake_int4_as_numpy, (x,)).get(timeout=60)
+    assert torch.equal(torch.from_numpy(got), expected)
+
+
+def _fake_int4_as_numpy(x):
+    """numpy, not a tensor: torch pickles tensors across processes through shared fds."""
+    return fake_quantize(x, "int", 4, 64).numpy()

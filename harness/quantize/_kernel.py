@@ -156,8 +156,10 @@ def round_to_format(values: torch.Tensor, scale_format: str) -> torch.Tensor:
         return values.to(torch.bfloat16).to(torch.float32)
     if scale_format == "e8m0":
         # Power of two >= value: carry a non-zero mantissa into the exponent, drop the mantissa.
+        # A NaN stays NaN (the carry would wrap it to 0 and hide it from the NaN check).
         bits = values.abs().view(torch.int32)
-        return ((bits + 0x007FFFFF) & 0x7F800000).view(torch.float32)
+        rounded = ((bits + 0x007FFFFF) & 0x7F800000).view(torch.float32)
+        return torch.where(torch.isnan(values), values, rounded)
     raise ValueError(f"scale_format={scale_format!r} is unknown; allowed: fp16, bf16, fp32, e8m0")
 
 

@@ -2,8 +2,8 @@
  *
  * Why C: torch.compile'd Python emulates every table lookup through a scratch buffer and
  * needs two memory passes (scales, then codes); these loops compute a block's scale while
- * its 64..4096 values are still in L1, and gcc vectorises the lookups (AVX2 gathers) or,
- * for codebooks of at most 16 codes, replaces them by 15 compares.
+ * its 64..4096 values are still in L1, and gcc vectorises the lookup (one AVX2 gather per
+ * element) or, for codebooks of at most 16 codes, replaces it by 15 compares.
  *
  * Every step is the same IEEE float32 operation, in the same order, as the reference torch
  * code in _kernel.py (absmax, rounding of the scale to its storage format, one division,

@@ -132,28 +132,39 @@ def library() -> ctypes.CDLL | None:
         return _state["lib"]  # type: ignore[return-value]
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool() -> ThreadPoolExecutor:
+    """One worker per torch thread, created per process: a forked child inherits the pool
+    object but not its threads, and would wait on it forever."""
     with _lock:
-        pool = _state.get("pool")
-        if pool is None or pool._max_workers != workers:  # type: ignore[attr-defined]
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="kbit-native")
-            _state["pool"] = pool
-        return pool  # type: ignore[return-value]
+        key = (os.getpid(), torch.get_num_threads())
+        if _state.get("pool_key") != key:
+            old = _state.get("pool")
+            if old is not None and _state["pool_key"][0] == os.getpid():  # type: ignore[index]
+                old.shutdown(wait=False)  # type: ignore[union-attr]
+            _state["pool"] = ThreadPoolExecutor(key[1], thread_name_prefix="kbit-native")
+            _state["pool_key"] = key
+        return _state["pool"]  # type: ignore[return-value]
+
+
+def _row_spans(rows: int, numel: int) -> list[tuple[int, int]]:
+    """Row ranges [r0, r1), one per torch thread (a single range for small tensors)."""
+    workers = max(1, min(torch.get_num_threads(), rows)) if numel >= _PARALLEL_MIN_NUMEL else 1
+    step = -(-rows // workers)
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def _each(fn, calls: list[tuple]) -> None:
+    """fn(*call) for every call: on the calling thread if there is one, else in the pool."""
+    if len(calls) == 1:
+        fn(*calls[0])
+        return
+    for f in [_pool().submit(fn, *c) for c in calls]:
+        f.result()
 
 
 def _over_rows(fn, rows: int, numel: int, before: tuple, after: tuple) -> None:
     """fn(*before, r0, r1, *after) over row ranges, split across the thread pool."""
-    workers = max(1, min(torch.get_num_threads(), rows))
-    if workers == 1 or numel < _PARALLEL_MIN_NUMEL:
-        fn(*before, 0, rows, *after)
-        return
-    step = -(-rows // workers)
-    futures = [
-        _pool(workers).submit(fn, *before, r0, min(rows, r0 + step), *after)
-        for r0 in range(0, rows, step)
-    ]
-    for f in futures:
-        f.result()
+    _each(fn, [(*before, r0, r1, *after) for r0, r1 in _row_spans(rows, numel)])
 
 
 def usable(*tensors: torch.Tensor | None) -> bool:
@@ -232,24 +243,9 @@ def dequantize_rows(
     _over_rows(lib.kbit_dequantize, rows, codes.numel(), head, tail)
 
 
-def _spans(n: int) -> list[tuple[int, int]]:
-    """Element ranges [i0, i1), one per worker thread (one range for small n)."""
-    workers = max(1, torch.get_num_threads()) if n >= _PARALLEL_MIN_NUMEL else 1
-    step = -(-n // workers)
-    return [(i0, min(n, i0 + step)) for i0 in range(0, n, step)]
-
-
-def _each(fn, calls: list[tuple]) -> None:
-    if len(calls) == 1:
-        fn(*calls[0])
-        return
-    for f in [_pool(len(calls)).submit(fn, *c) for c in calls]:
-        f.result()
-
-
 def histogram(lib: ctypes.CDLL, y: torch.Tensor, scale: float, buckets: int) -> torch.Tensor:
     """Counts (int64 [buckets]) of the histogram-select buckets of clamp(y / scale)."""
-    spans = _spans(y.numel())
+    spans = _row_spans(y.numel(), y.numel())
     hists = torch.zeros(len(spans), buckets, dtype=torch.int64)
     calls = [
         (y.data_ptr(), i0, i1, scale, buckets / 2, hists[j].data_ptr())
@@ -263,7 +259,7 @@ def select(
     lib: ctypes.CDLL, y: torch.Tensor, scale: float, wanted: torch.Tensor, total: int
 ) -> torch.Tensor:
     """clamp(y / scale) of every element in a wanted bucket, in index order (``total`` of them)."""
-    spans = _spans(y.numel())
+    spans = _row_spans(y.numel(), y.numel())
     bufs = torch.empty(len(spans), max(total, 1), dtype=torch.float32)
     counts = torch.zeros(len(spans), dtype=torch.int64)
     wanted_u8 = wanted.to(torch.uint8).contiguous()
@@ -286,12 +282,6 @@ def select(
 
 
 # ---------------------------------------------------------------- fitting on block-normalised x
-def _row_spans(rows: int, numel: int) -> list[tuple[int, int]]:
-    workers = max(1, min(torch.get_num_threads(), rows)) if numel >= _PARALLEL_MIN_NUMEL else 1
-    step = -(-rows // workers)
-    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-
-
 def block_scales(
     lib: ctypes.CDLL, xb: torch.Tensor, mean: torch.Tensor | None, scale_format: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
