@@ -181,6 +181,21 @@ def search_args(lut) -> tuple:
     return lut.packed, lut.shift, lut.nbins, lut.keys16
 
 
+def _search_rows(fn, xb, mean, lut, scale_format: str, middle: tuple, dest: torch.Tensor):
+    """Run kbit_quantize or kbit_fake over float32 blocks ``xb`` [n, B]; return the scales.
+
+    Both take (x, mean, r0, r1, B, fmt, packed, shift, nbins, keys16, *middle, scales, dest).
+    """
+    rows, block = xb.shape
+    packed, shift, nbins, small = search_args(lut)
+    scales = torch.empty(rows, 1, dtype=torch.float32)
+    head = (xb.data_ptr(), _ptr(mean))
+    tail = (block, SCALE_FORMAT_IDS[scale_format], packed.data_ptr(), shift, nbins, _ptr(small),
+            *middle, scales.data_ptr(), dest.data_ptr())  # fmt: skip
+    _over_rows(fn, rows, xb.numel(), head, tail)
+    return scales
+
+
 def quantize_rows(
     lib: ctypes.CDLL,
     xb: torch.Tensor,
@@ -190,14 +205,7 @@ def quantize_rows(
     codes: torch.Tensor,
 ) -> torch.Tensor:
     """Fill ``codes`` [n, B] (uint8) for float32 blocks ``xb`` [n, B]; return scales [n, 1]."""
-    rows, block = xb.shape
-    packed, shift, nbins, small = search_args(lut)
-    scales = torch.empty(rows, 1, dtype=torch.float32)
-    head = (xb.data_ptr(), _ptr(mean))
-    tail = (block, SCALE_FORMAT_IDS[scale_format], packed.data_ptr(), shift,
-            nbins, _ptr(small), scales.data_ptr(), codes.data_ptr())  # fmt: skip
-    _over_rows(lib.kbit_quantize, rows, xb.numel(), head, tail)
-    return scales
+    return _search_rows(lib.kbit_quantize, xb, mean, lut, scale_format, (), codes)
 
 
 def fake_rows(
@@ -210,14 +218,7 @@ def fake_rows(
     out: torch.Tensor,
 ) -> torch.Tensor:
     """Fill float32 ``out`` [n, B] with the fake-quantized blocks; return scales [n, 1]."""
-    rows, block = xb.shape
-    packed, shift, nbins, small = search_args(lut)
-    scales = torch.empty(rows, 1, dtype=torch.float32)
-    head = (xb.data_ptr(), _ptr(mean))
-    tail = (block, SCALE_FORMAT_IDS[scale_format], packed.data_ptr(), shift,
-            nbins, _ptr(small), code.data_ptr(), scales.data_ptr(), out.data_ptr())  # fmt: skip
-    _over_rows(lib.kbit_fake, rows, xb.numel(), head, tail)
-    return scales
+    return _search_rows(lib.kbit_fake, xb, mean, lut, scale_format, (code.data_ptr(),), out)
 
 
 _STREAM_MIN_BYTES = 16 << 20  # results above this bypass the cache (larger than L2 anyway)
