@@ -137,6 +137,29 @@ def test_quantile_histogram_select_equals_the_torch_path(monkeypatch):
         assert torch.equal(codebook(name, 5, y, sample_size=50_000), ref)
 
 
+@pytest.mark.parametrize("centering", [False, True])
+@pytest.mark.parametrize(("shape", "block"), [((300, 70), 64), ((257, 513), 128), ((999,), None)])
+def test_block_normalised_population_equals_the_materialised_values(shape, block, centering):
+    """Histogram, select and sample reads (the native fitting kernels) against the values the
+    torch path writes out, with tail blocks, one block per tensor, and more indices than
+    one thread takes."""
+    from harness.quantize.blockwise import BlockNormalised, normalised_values
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)) ** 3
+    pop = BlockNormalised(_native.library(), x, block, "fp16", centering)
+    ref = normalised_values(x, block, centering=centering, compile=False).reshape(-1)
+    idx = torch.randint(x.numel(), (200_000,), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(pop.take(idx), ref[idx])
+    buckets, bucket = quantile_mod._BUCKETS, quantile_mod._bucket(ref).long()
+    hist = pop.histogram(buckets)
+    assert torch.equal(hist, torch.bincount(bucket, minlength=buckets))
+    wanted = torch.zeros(buckets, dtype=torch.bool)
+    wanted[::7] = True
+    picked = pop.select(wanted, int(hist[wanted].sum()))
+    in_wanted = ref[wanted[bucket]]
+    assert torch.equal(picked.sort().values, in_wanted.sort().values)
+
+
 def test_build_failure_falls_back_to_torch(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(_native, "_state", {})
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 NATIVE_ENV = "KBIT_NATIVE"  # "0": never use the compiled kernels
 CACHE_ENV = "KBIT_CACHE_DIR"
-ABI = 5  # must equal kbit_abi() in _native.c
+ABI = 6  # must equal kbit_abi() in _native.c
 SOURCE = Path(__file__).with_name("_native.c")
 FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fno-strict-aliasing")
 SCALE_FORMAT_IDS = {"fp32": 0, "fp16": 1, "bf16": 2, "e8m0": 3}
@@ -113,8 +113,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.kbit_scales.argtypes = [p, p, i64, i64, i64, ctypes.c_int, p, p]
     lib.kbit_fit_hist.argtypes = [p, p, p, i64, i64, i64, f32, p]
     lib.kbit_fit_select.argtypes = [p, p, p, i64, i64, i64, f32, p, p, p]
+    lib.kbit_fit_take.argtypes = [p, p, p, i64, p, i64, i64, p]
     for fn in (lib.kbit_quantize, lib.kbit_fake, lib.kbit_dequantize, lib.kbit_hist,
-               lib.kbit_select, lib.kbit_scales, lib.kbit_fit_hist, lib.kbit_fit_select):  # fmt: skip
+               lib.kbit_select, lib.kbit_scales, lib.kbit_fit_hist, lib.kbit_fit_select,
+               lib.kbit_fit_take):  # fmt: skip
         fn.restype = None
 
 
@@ -296,26 +298,21 @@ def block_scales(
     return scales, ymax
 
 
+def _part_rows(xb: torch.Tensor, mean: torch.Tensor | None, scale: torch.Tensor) -> list[tuple]:
+    """The leading kernel arguments (xb, mean, scales, r0, r1, block) of each thread's rows."""
+    head = (xb.data_ptr(), _ptr(mean), scale.data_ptr())
+    return [(*head, r0, r1, xb.shape[1]) for r0, r1 in _row_spans(xb.shape[0], xb.numel())]
+
+
 def fit_histogram(lib: ctypes.CDLL, parts: list[tuple], buckets: int) -> torch.Tensor:
     """Bucket counts of the normalised values of every part (xb, mean, scales)."""
     total = torch.zeros(buckets, dtype=torch.int64)
-    for xb, mean, scale in parts:
-        spans = _row_spans(xb.shape[0], xb.numel())
-        hists = torch.zeros(len(spans), buckets, dtype=torch.int64)
-        calls = [
-            (
-                xb.data_ptr(),
-                _ptr(mean),
-                scale.data_ptr(),
-                r0,
-                r1,
-                xb.shape[1],
-                buckets / 2,
-                hists[j].data_ptr(),
-            )
-            for j, (r0, r1) in enumerate(spans)
-        ]
-        _each(lib.kbit_fit_hist, calls)
+    for part in parts:
+        rows = _part_rows(*part)
+        hists = torch.zeros(len(rows), buckets, dtype=torch.int64)
+        _each(
+            lib.kbit_fit_hist, [(*a, buckets / 2, hists[j].data_ptr()) for j, a in enumerate(rows)]
+        )
         total += hists.sum(0)
     return total
 
@@ -325,26 +322,32 @@ def fit_select(
 ) -> torch.Tensor:
     """The normalised values in wanted buckets, over every part (``total`` of them)."""
     wanted_u8 = wanted.to(torch.uint8).contiguous()
+    half = wanted_u8.numel() / 2
     picked = []
-    for xb, mean, scale in parts:
-        spans = _row_spans(xb.shape[0], xb.numel())
-        bufs = torch.empty(len(spans), total + 1, dtype=torch.float32)  # + 1: see the C
-        counts = torch.zeros(len(spans), dtype=torch.int64)
+    for part in parts:
+        rows = _part_rows(*part)
+        bufs = torch.empty(len(rows), total + 1, dtype=torch.float32)  # + 1: see the C
+        counts = torch.zeros(len(rows), dtype=torch.int64)
         calls = [
-            (
-                xb.data_ptr(),
-                _ptr(mean),
-                scale.data_ptr(),
-                r0,
-                r1,
-                xb.shape[1],
-                wanted_u8.numel() / 2,
-                wanted_u8.data_ptr(),
-                bufs[j].data_ptr(),
-                counts[j:].data_ptr(),
-            )
-            for j, (r0, r1) in enumerate(spans)
+            (*a, half, wanted_u8.data_ptr(), bufs[j].data_ptr(), counts[j:].data_ptr())
+            for j, a in enumerate(rows)
         ]
         _each(lib.kbit_fit_select, calls)
-        picked += [bufs[j, : int(counts[j])] for j in range(len(spans))]
+        picked += [bufs[j, : int(counts[j])] for j in range(len(rows))]
     return torch.cat(picked)
+
+
+def fit_take(
+    lib: ctypes.CDLL,
+    flat: torch.Tensor,
+    means: torch.Tensor | None,
+    scales: torch.Tensor,
+    block: int,
+    idx: torch.Tensor,
+) -> torch.Tensor:
+    """The normalised values of the elements ``idx`` of ``flat`` (block scales ``scales``)."""
+    idx = idx.to(torch.int64).contiguous()
+    out = torch.empty(idx.numel(), dtype=torch.float32)
+    head = (flat.data_ptr(), _ptr(means), scales.data_ptr(), block, idx.data_ptr())
+    _over_rows(lib.kbit_fit_take, idx.numel(), idx.numel(), head, (out.data_ptr(),))
+    return out

@@ -340,10 +340,7 @@ class BlockNormalised:
         return _native.fit_select(self.lib, self.parts, wanted, total)
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
-        block = idx // self.block
-        values = self.flat.take(idx)
-        centred = values if self.means is None else values - self.means[block]
-        return _kernel.normalise(centred, self.scales[block])
+        return _native.fit_take(self.lib, self.flat, self.means, self.scales, self.block, idx)
 
 
 def fit_population(
