@@ -109,18 +109,29 @@ def test_quantile_fake_quantize_fits_the_block_normalised_values():
 
 
 # ------------------------------------------------------------------------ the kernel
+def threshold_probes(thr: torch.Tensor, code: torch.Tensor, n_random: int) -> torch.Tensor:
+    """y exactly on, just above and just below every finite threshold, every code, +-0, +-1,
+    and seeded uniform values: where a nearest-code search can go wrong."""
+    y = torch.cat(
+        [
+            torch.tensor([1.0, -1.0, 0.0, -0.0]),
+            thr,
+            torch.nextafter(thr, torch.full_like(thr, 2.0)),
+            torch.nextafter(thr, torch.full_like(thr, -2.0)),
+            code,
+            torch.rand(n_random, generator=torch.Generator().manual_seed(1)) * 2 - 1,
+        ]
+    )
+    return y.clamp(-1, 1)
+
+
 @pytest.mark.parametrize(("name", "k"), [*FIXED, ("float", 8), ("fp8_e5m2", 8), ("quantile", 8)])
 def test_lookup_table_equals_searchsorted_at_every_threshold(name, k):
     code = codebook(name, k, torch.randn(5000, generator=torch.Generator().manual_seed(k)))
     lut = _kernel.build_lut(code)
     assert lut is not None
     thr = lut.thresholds[:-1]
-    up = torch.nextafter(thr, torch.full_like(thr, 2.0))
-    down = torch.nextafter(thr, torch.full_like(thr, -2.0))
-    y = torch.cat(
-        [thr, up, down, code, torch.tensor([-1.0, 1.0, 0.0, -0.0]), torch.rand(100_000) * 2 - 1]
-    )
-    y = y.clamp(-1, 1)
+    y = threshold_probes(thr, code, 100_000)
     ref = torch.searchsorted(thr, y, side="left")
     assert torch.equal(_kernel.code_index(y, lut.table, lut.thresholds, lut.shift, lut.nbins), ref)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_blockwise import brute_force, cases
+from test_blockwise import brute_force, cases, threshold_probes
 
 from harness.dtypes import codebook
 from harness.dtypes import quantile as quantile_mod
@@ -195,16 +195,7 @@ def test_native_codes_at_every_threshold_equal_searchsorted(name, k):
 
     code = codebook(name, k, torch.randn(5000, generator=torch.Generator().manual_seed(k)))
     thr = _kernel.thresholds(code)[:-1]
-    y = torch.cat(
-        [
-            torch.tensor([1.0, -1.0, 0.0, -0.0]),
-            thr,
-            torch.nextafter(thr, torch.full_like(thr, 2.0)),
-            torch.nextafter(thr, torch.full_like(thr, -2.0)),
-            code,
-            torch.rand(200_000, generator=torch.Generator().manual_seed(1)) * 2 - 1,
-        ]
-    ).clamp(-1, 1)
+    y = threshold_probes(thr, code, 200_000)
     q = quantize_blockwise(y, code, None, scale_format="fp32")
     assert float(q.scales[0]) == 1.0
     assert torch.equal(q.codes.long(), torch.searchsorted(thr, y, side="left"))

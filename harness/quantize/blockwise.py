@@ -86,14 +86,19 @@ def _check_code(code: torch.Tensor) -> torch.Tensor:
     return code
 
 
+def _layout(numel: int, block_size: int | None) -> tuple[int, int, bool]:
+    """(block size, number of full blocks, whether a shorter tail block follows)."""
+    size = numel if block_size is None else block_size
+    return size, numel // size, numel % size != 0
+
+
 def _blocks(flat: torch.Tensor, block_size: int | None) -> list[torch.Tensor]:
     """[full blocks as (n, B)], then the tail as (1, r) if the size does not divide."""
-    size = flat.numel() if block_size is None else block_size
-    n_full = flat.numel() // size
+    size, n_full, tail = _layout(flat.numel(), block_size)
     parts = []
     if n_full:
         parts.append(flat[: n_full * size].view(n_full, size))
-    if flat.numel() > n_full * size:
+    if tail:
         parts.append(flat[n_full * size :].view(1, -1))
     return parts
 
@@ -165,8 +170,10 @@ def _out_parts(
     The buffer must have x's number of elements and ``dtype``, be contiguous and on x's
     device; writing into it spares allocating (and page-faulting) a fresh result.
     """
-    size = x.numel() if block_size is None else block_size
-    n_parts = int(x.numel() >= size) + int(x.numel() % size != 0)
+    _, n_full, tail = _layout(
+        x.numel(), block_size
+    )  # counted: flattening a strided x would copy it
+    n_parts = int(n_full > 0) + int(tail)
     if out is None:
         return [None] * n_parts
     if (
