@@ -1,0 +1,68 @@
+"""Atomic file writes: the one helper every writer of kbit uses.
+
+Why one place: a crash (OOM kill, Slurm timeout, SIGKILL) in the middle of a write must never
+leave a partial file under its final name, and files in a shared store must be readable by
+the group the user's umask allows. The pattern is a temporary file in the destination folder
+(same file system), flushed and fsynced, given the umask's permissions, then renamed over the
+target with ``os.replace`` (atomic on POSIX). Readers see the old complete file, the new
+complete file, or none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+_DEFAULT_MODE = 0o666  # what open() would create, before the umask
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, mode: int = _DEFAULT_MODE) -> Iterator[IO[bytes]]:
+    """Open a binary temporary file that replaces ``path`` atomically when the block ends.
+
+    The file gets ``mode & ~umask`` (``mkstemp`` alone would create it 0600 whatever the
+    umask). On an exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(
+    path: str | os.PathLike, data: bytes | str, *, mode: int = _DEFAULT_MODE, skip_same: bool = False
+) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically; see :func:`atomic_output`.
+
+    ``skip_same``: leave the file alone when it already holds exactly ``data`` (keeps its
+    mtime, so caches keyed on it stay valid, and concurrent writers of one value never race).
+    """
+    path = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    if skip_same and path.is_file():
+        with contextlib.suppress(OSError):
+            if path.read_bytes() == raw:
+                return path
+    with atomic_output(path, mode) as fh:
+        fh.write(raw)
+    return path
