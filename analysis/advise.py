@@ -1,9 +1,16 @@
 """With this much memory, which model and which precision? Answered from measured cells only.
 
-The advisor ranks every measured cell whose ``total_model_bits`` (as recorded: weights in k
-bits, block scales, 16-bit leftovers) fits the budget by mean zero-shot accuracy, and reports
-the best with its confidence interval, the runner-up, and a paired bootstrap interval of their
+The advisor considers every measured cell whose ``total_model_bits`` (as recorded: weights in
+k bits, block scales, 16-bit leftovers) fits the budget, and reports the best by mean zero-shot
+accuracy with its confidence interval, the runner-up, and a paired bootstrap interval of their
 difference: if that interval contains 0, the data do not separate the two.
+
+Best of N: the best of N noisy accuracies is biased up, and its ordinary interval is too
+optimistic. So the best and the runner-up are *chosen* on half A of the examples (even
+positions of each task's list) and their accuracies, intervals and difference are *estimated*
+on the held-out half B (analysis/selection.py). Where some fitting cell has no per-example
+results, the choice uses all examples and every interval is Bonferroni-widened instead: level
+1 - alpha/N for an accuracy, 1 - alpha/(N(N-1)/2) for a difference. The output says which.
 
 Budget units (case-insensitive, SI prefixes are powers of 10, IEC prefixes powers of 2)::
 
@@ -17,7 +24,6 @@ bytes? A wrong guess would be off by 8x.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import re
@@ -26,7 +32,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis.load import ACC_COLUMN, Results, read_per_sample
+from analysis.load import ACC_COLUMN, Results
+from analysis.selection import (
+    half_scores,
+    rank_heldout,
+    selection_text,
+    split_halves,
+    task_samples,
+)
 from analysis.stats import (
     DEFAULT_LEVEL,
     DEFAULT_N_BOOT,
@@ -36,6 +49,7 @@ from analysis.stats import (
     paired_bootstrap_diff,
 )
 from analysis.tables import config_label, rank_under_budget
+from harness.names import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +97,7 @@ def parse_budget(text: str) -> float:
         )
     factor = _UNITS_BITS.get(unit.lower())
     if factor is None:
-        close = difflib.get_close_matches(unit, _UNIT_NAMES, n=1, cutoff=0.3)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(unit, _UNIT_NAMES, cutoff=0.3)
         raise ValueError(
             f"budget {text!r}: unknown unit {unit!r}; known: {', '.join(_UNIT_NAMES)}{hint}"
         )
@@ -107,7 +120,7 @@ class NothingFits(ValueError):
 
 @dataclass
 class Choice:
-    """One ranked cell."""
+    """One ranked cell. ``accuracy`` is the estimate to trust (see ``Advice.selection``)."""
 
     key: str
     model: str
@@ -117,8 +130,9 @@ class Choice:
     block_size: int | None
     config: str
     total_model_bits: float
-    accuracy: float
+    accuracy: float  # held-out half B when chosen by split, else all examples
     ci: Interval | None
+    recorded_accuracy: float = float("nan")  # the store's value, all examples
 
 
 @dataclass
@@ -131,6 +145,8 @@ class Advice:
     diff_ci: Interval | None = None  # best minus runner-up
     n_fitting: int = 0
     notes: list[str] = field(default_factory=list)
+    selection_rule: str = "none"  # none | split | bonferroni (analysis/selection.py)
+    selection: str = ""  # the one line saying how the best was chosen and estimated
 
     def to_dict(self) -> dict:
         def choice(c: Choice | None) -> dict | None:
@@ -144,6 +160,8 @@ class Advice:
             "budget_bits": self.budget_bits,
             "budget_GiB": self.budget_bits / 8 / 2**30,
             "n_fitting": self.n_fitting,
+            "selection_rule": self.selection_rule,
+            "selection": self.selection,
             "best": choice(self.best),
             "runner_up": choice(self.runner_up),
             "diff_ci": self.diff_ci.to_dict() if self.diff_ci else None,
@@ -151,28 +169,31 @@ class Advice:
         }
 
 
-def _task_samples(per_sample: pd.DataFrame, key: str) -> dict[str, np.ndarray]:
-    """{task: per-example 0/1} of one cell's per-task accuracy rows (not the derived mean)."""
-    rows = per_sample[(per_sample["key"] == key) & (per_sample["metric"] == "acc")]
-    rows = rows[rows["task"] != ACC_COLUMN.split(":")[0]]
-    return {r.task: np.asarray(r.per_sample, dtype=float) for r in rows.itertuples()}
+def _check_recorded(key: str, samples: dict[str, np.ndarray], recorded: float) -> None:
+    """Warn when the per-task lists do not reproduce the recorded mean (a schema slip)."""
+    macro = float(np.mean([v.mean() for v in samples.values()]))
+    if abs(macro - recorded) > 1e-6:
+        log.warning(
+            "%s: macro mean of per-task per_sample (%.6f) != recorded %s (%.6f)",
+            key,
+            macro,
+            ACC_COLUMN,
+            recorded,
+        )
 
 
 def _choice(
-    row: pd.Series, per_sample: pd.DataFrame, n_boot: int, level: float, seed: int
+    row: pd.Series,
+    samples: dict[str, np.ndarray],
+    context: pd.DataFrame,
+    n_boot: int,
+    level: float,
+    seed: int,
 ) -> Choice:
-    samples = _task_samples(per_sample, row["key"])
+    """A ranked cell with its interval at ``level`` from ``samples`` (or its stderr)."""
     se = row.get(f"{ACC_COLUMN}:stderr", np.nan)
     if samples:
         ci = bootstrap_mean_ci(samples, n_boot=n_boot, level=level, seed=seed)
-        if abs(ci.estimate - row[ACC_COLUMN]) > 1e-6:
-            log.warning(
-                "%s: macro mean of per-task per_sample (%.6f) != recorded %s (%.6f)",
-                row["key"],
-                ci.estimate,
-                ACC_COLUMN,
-                row[ACC_COLUMN],
-            )
     elif pd.notna(se):
         ci = normal_interval(row[ACC_COLUMN], se, level)
     else:
@@ -185,17 +206,23 @@ def _choice(
         bits=int(row["bits"]),
         dtype=row["dtype"],
         block_size=None if pd.isna(bs) else int(bs),
-        config=config_label(row),
+        config=config_label(row, context),
         total_model_bits=float(row["total_model_bits"]),
-        accuracy=float(row[ACC_COLUMN]),
+        accuracy=ci.estimate if ci is not None else float(row[ACC_COLUMN]),
         ci=ci,
+        recorded_accuracy=float(row[ACC_COLUMN]),
     )
 
 
 def _diff_interval(
-    best: Choice, second: Choice, per_sample: pd.DataFrame, n_boot: int, level: float, seed: int
+    best: Choice,
+    second: Choice,
+    a: dict[str, np.ndarray],
+    b: dict[str, np.ndarray],
+    n_boot: int,
+    level: float,
+    seed: int,
 ) -> tuple[Interval | None, str | None]:
-    a, b = _task_samples(per_sample, best.key), _task_samples(per_sample, second.key)
     if a and b and set(a) == set(b) and all(a[t].shape == b[t].shape for t in a):
         return paired_bootstrap_diff(a, b, n_boot=n_boot, level=level, seed=seed), None
     diff = best.accuracy - second.accuracy
@@ -218,19 +245,37 @@ def compare_cells(
 ) -> Interval:
     """Paired bootstrap CI of mean zero-shot accuracy, cell ``key_a`` minus cell ``key_b``.
 
-    Keys are ``<sweep>/<cell_id>`` (the ``key`` column of the cell frame).
+    Keys are ``<sweep>/<cell_id>`` (the ``key`` column of the cell frame). The pair is named
+    by the caller, not picked from the data, so no selection correction applies: all
+    examples are used.
     """
     known = results.cells["key"].tolist()
     for key in (key_a, key_b):
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; closest: {close[0]!r}" if close else ""
-            raise KeyError(f"cell key {key!r} is not among the {len(known)} ok cells{hint}")
-    per_sample = read_per_sample(results.results_dir, [key_a, key_b])
-    a, b = _task_samples(per_sample, key_a), _task_samples(per_sample, key_b)
+            raise KeyError(
+                f"cell key {key!r} is not among the {len(known)} ok cells{did_you_mean(key, known)}"
+            )
+    per_sample = results.per_sample([key_a, key_b])
+    a, b = task_samples(per_sample, key_a), task_samples(per_sample, key_b)
     if not a or not b:
         raise ValueError(f"no per-example results for {key_a if not a else key_b!r}")
     return paired_bootstrap_diff(a, b, n_boot=n_boot, level=level, seed=seed)
+
+
+def _nothing_fits(results: Results, budget_bits: float) -> NothingFits:
+    cells = results.cells
+    measured = cells[cells[ACC_COLUMN].notna()]
+    small = measured.loc[measured["total_model_bits"].idxmin()]
+    return NothingFits(
+        f"no measured configuration fits {format_bits(budget_bits)}; the smallest is "
+        f"{small['model']} k={int(small['bits'])} {config_label(small, measured)} at "
+        f"{format_bits(small['total_model_bits'])}"
+    )
+
+
+def _bonferroni(level: float, m: int) -> float:
+    """Per-interval level so that ``m`` intervals hold together with probability ``level``."""
+    return 1 - (1 - level) / max(m, 1)
 
 
 def advise(
@@ -240,51 +285,76 @@ def advise(
     level: float = DEFAULT_LEVEL,
     seed: int = 0,
 ) -> Advice:
-    """The best measured (model, k, data type, block size) within ``budget_bits``."""
+    """The best measured (model, k, data type, block size) within ``budget_bits``.
+
+    Best of N corrected (module docstring): chosen on half A, estimated on half B; or, when
+    some fitting cell lacks per-example results, Bonferroni-widened intervals.
+    """
     cells = results.cells
     if ACC_COLUMN not in cells.columns or cells[ACC_COLUMN].notna().sum() == 0:
         raise NothingFits(f"no cell in {results.results_dir!r} has a {ACC_COLUMN} measurement")
     ranked = rank_under_budget(cells, budget_bits)
     if ranked.empty:
-        measured = cells[cells[ACC_COLUMN].notna()]
-        small = measured.loc[measured["total_model_bits"].idxmin()]
-        raise NothingFits(
-            f"no measured configuration fits {format_bits(budget_bits)}; the smallest is "
-            f"{small['model']} k={int(small['bits'])} {config_label(small)} at "
-            f"{format_bits(small['total_model_bits'])}"
-        )
-    top = ranked.head(2)
-    per_sample = read_per_sample(results.results_dir, top["key"].tolist())
-    best = _choice(top.iloc[0], per_sample, n_boot, level, seed)
-    advice = Advice(budget_bits=budget_bits, best=best, n_fitting=len(ranked))
-    if best.ci is None:
+        raise _nothing_fits(results, budget_bits)
+    n = len(ranked)
+    per_sample = results.per_sample(ranked["key"].tolist())
+    order, rule = rank_heldout(ranked, half_scores(per_sample))
+    top = order.head(2)
+    samples = [task_samples(per_sample, key) for key in top["key"]]
+    for (_, row), s in zip(top.iterrows(), samples, strict=True):
+        if s:
+            _check_recorded(row["key"], s, row[ACC_COLUMN])
+    acc_level, diff_level = level, level
+    if rule == "split":
+        samples = [split_halves(s)[1] for s in samples]  # estimate on held-out half B
+    elif rule == "bonferroni":
+        acc_level, diff_level = _bonferroni(level, n), _bonferroni(level, n * (n - 1) // 2)
+    choices = [
+        _choice(row, s, ranked, n_boot, acc_level, seed)
+        for (_, row), s in zip(top.iterrows(), samples, strict=True)
+    ]
+    advice = Advice(
+        budget_bits=budget_bits,
+        best=choices[0],
+        n_fitting=n,
+        selection_rule=rule,
+        selection=selection_text(n, rule),
+    )
+    if advice.best.ci is None:
         advice.notes.append("no per-example results or stderr recorded: no CI for the best")
-    if len(top) > 1:
-        second = _choice(top.iloc[1], per_sample, n_boot, level, seed)
-        advice.runner_up = second
-        advice.diff_ci, note = _diff_interval(best, second, per_sample, n_boot, level, seed)
+    if len(choices) > 1:
+        advice.runner_up = choices[1]
+        advice.diff_ci, note = _diff_interval(*choices, *samples, n_boot, diff_level, seed)
         if note:
             advice.notes.append(note)
+    digests = ranked["data_digest"].nunique() if "data_digest" in ranked.columns else 1
+    if digests > 1:
+        advice.notes.append(
+            f"the fitting cells were evaluated on {digests} different data sets (data "
+            "digests): their accuracies are not strictly comparable"
+        )
     return advice
 
 
+def _choice_lines(title: str, c: Choice) -> list[str]:
+    acc = f"{c.ci}" if c.ci else f"{c.accuracy:.4f} (no CI)"
+    return [
+        f"{title}: {c.model} ({c.model_family}) at k={c.bits}, {c.config}",
+        f"  size {format_bits(c.total_model_bits)}",
+        f"  mean zero-shot accuracy {acc}",
+    ]
+
+
 def format_advice(advice: Advice) -> str:
-    """Human-readable advice."""
-    b = advice.best
+    """Human-readable advice, with the line that says how the best was picked."""
     lines = [
         f"Budget: {format_bits(advice.budget_bits)}; {advice.n_fitting} measured "
         "configuration(s) fit.",
-        f"Best: {b.model} ({b.model_family}) at k={b.bits}, {b.config}",
-        f"  size {format_bits(b.total_model_bits)}",
-        f"  mean zero-shot accuracy {b.ci if b.ci else f'{b.accuracy:.4f} (no CI)'}",
+        advice.selection,
+        *_choice_lines("Best", advice.best),
     ]
     if advice.runner_up:
-        r = advice.runner_up
-        lines += [
-            f"Runner-up: {r.model} ({r.model_family}) at k={r.bits}, {r.config}",
-            f"  size {format_bits(r.total_model_bits)}",
-            f"  mean zero-shot accuracy {r.ci if r.ci else f'{r.accuracy:.4f} (no CI)'}",
-        ]
+        lines += _choice_lines("Runner-up", advice.runner_up)
         if advice.diff_ci:
             d = advice.diff_ci
             verdict = (

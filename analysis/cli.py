@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import logging
 import multiprocessing as mp
@@ -28,9 +27,10 @@ from analysis.figures import (
     save_figure,
     scaling_figure,
 )
-from analysis.load import ACC_COLUMN, Results, load_results
+from analysis.load import ACC_COLUMN, LEGACY_HINT, Results, load_results
 from analysis.stats import ppl_acc_correlation
 from analysis.tables import (
+    SELECTIONS,
     best_config_table,
     bit_optimal_table,
     cell_table,
@@ -38,6 +38,7 @@ from analysis.tables import (
     main_curves,
     to_markdown,
 )
+from harness.names import did_you_mean
 
 log = logging.getLogger("analysis")
 
@@ -75,12 +76,28 @@ FIGURE_NAMES = ("scaling_acc", "scaling_ppl", "block_size_k{k}", "dtype_k{k}",
 
 
 def build_figure(
-    name: str, cells: pd.DataFrame, k: int, ppl_column: str | None, cap: float
+    name: str,
+    cells: pd.DataFrame,
+    k: int,
+    ppl_column: str | None,
+    cap: float,
+    curves: dict[str, pd.DataFrame] | None = None,
 ) -> Figure | None:
-    """One of :data:`FIGURE_NAMES` (``{k}`` filled in), or None if the data do not support it."""
+    """One of :data:`FIGURE_NAMES` (``{k}`` filled in), or None if the data do not support it.
+
+    ``curves``: ``{"acc": ..., "ppl": ...}`` main curves (:func:`main_curves_for`); computed
+    here without per-example results (fixed-rule fallback) if not given.
+    """
+    curves = curves or {}
     builders = {
-        "scaling_acc": lambda: scaling_figure(cells, ACC_COLUMN, "mean zero-shot accuracy"),
-        "scaling_ppl": lambda: perplexity_figure(cells, ppl_column, cap) if ppl_column else None,
+        "scaling_acc": lambda: scaling_figure(
+            cells, ACC_COLUMN, "mean zero-shot accuracy", curves=curves.get("acc")
+        ),
+        "scaling_ppl": lambda: (
+            perplexity_figure(cells, ppl_column, cap, curves=curves.get("ppl"))
+            if ppl_column
+            else None
+        ),
         f"block_size_k{k}": lambda: block_size_figure(cells, k),
         f"dtype_k{k}": lambda: dtype_figure(cells, k),
         f"proxy_centering_k{k}": lambda: proxy_centering_figure(cells, k),
@@ -88,10 +105,25 @@ def build_figure(
     return builders[name]()
 
 
+def main_curves_for(
+    cells: pd.DataFrame,
+    ppl_column: str | None,
+    per_sample: pd.DataFrame | None,
+    selection: str = "split",
+) -> dict[str, pd.DataFrame]:
+    """The accuracy and perplexity main curves, with one selection for both figures."""
+    curves = {"acc": main_curves(cells, ACC_COLUMN, per_sample, selection)}
+    if ppl_column and ppl_column in cells.columns:
+        # NaN perplexity stays on its curve as inf, so the figure can mark it unstable.
+        filled = cells.assign(**{ppl_column: cells[ppl_column].fillna(np.inf)})
+        curves["ppl"] = main_curves(filled, ppl_column, per_sample, selection)
+    return curves
+
+
 def _render(job: tuple) -> list[Path] | None:
     """Build one figure and save it in one format (a unit of work for the process pool)."""
-    name, fmt, cells, out, k, ppl_column, cap = job
-    fig = build_figure(name, cells, k, ppl_column, cap)
+    name, fmt, cells, out, k, ppl_column, cap, curves = job
+    fig = build_figure(name, cells, k, ppl_column, cap, curves)
     return None if fig is None else save_figure(fig, out, name, formats=(fmt,))
 
 
@@ -109,8 +141,13 @@ def make_figures(
     ppl_column: str | None,
     cap: float,
     jobs: int | None = None,
+    per_sample: pd.DataFrame | None = None,
+    selection: str = "split",
 ) -> list[Path]:
     """Build and save the five figures that the data support; returns the files written.
+
+    ``per_sample`` (:meth:`Results.per_sample`) lets the scaling figures use the
+    selection-corrected main curves (:func:`analysis.tables.main_curves`).
 
     Why processes: matplotlib draws each figure once per format, single-threaded, and drawing
     is nearly all of kbit-plot's time. Each (figure, format) pair is an independent job, so
@@ -120,8 +157,9 @@ def make_figures(
     jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise ValueError(f"jobs={jobs}: must be >= 1")
+    curves = main_curves_for(cells, ppl_column, per_sample, selection)
     names = [n.format(k=k) for n in FIGURE_NAMES]
-    work = [(n, fmt, cells, out, k, ppl_column, cap) for n in names for fmt in FORMATS]
+    work = [(n, fmt, cells, out, k, ppl_column, cap, curves) for n in names for fmt in FORMATS]
     if jobs == 1:
         results = [_render(job) for job in work]
     else:
@@ -137,19 +175,41 @@ def make_figures(
     return paths
 
 
-def make_tables(results: Results, out: Path, ppl_column: str | None, cap: float) -> list[Path]:
-    """bit_optimal_k, best_config, cells (.md + .csv) and stats.md."""
+def problems_frame(results: Results) -> pd.DataFrame:
+    """One row per unreadable cell file: its path and why (for ``skipped_files.*``)."""
+    return pd.DataFrame(
+        [(str(p), reason) for p, reason in results.problems], columns=["file", "reason"]
+    )
+
+
+def make_tables(
+    results: Results,
+    out: Path,
+    ppl_column: str | None,
+    cap: float,
+    per_sample: pd.DataFrame | None = None,
+    selection: str = "split",
+) -> list[Path]:
+    """bit_optimal_k, best_config, cells, failed_cells, skipped_files (.md + .csv), stats.md.
+
+    The bit-optimal table rests on the selection-corrected main curves and the best-config
+    table on held-out accuracies when ``per_sample`` is given (docs/analysis.md).
+    """
     cells = results.cells
     paths = _write_table(cell_table(cells), out, "cells")
     if not results.failed.empty:
         paths += _write_table(results.failed, out, "failed_cells")
+    if results.problems:
+        paths += _write_table(problems_frame(results), out, "skipped_files")
     if ACC_COLUMN not in cells.columns:
         log.warning("no %s measurements: bit-optimal and best-config tables skipped", ACC_COLUMN)
         return paths
-    curves = main_curves(cells, ACC_COLUMN)
+    curves = main_curves(cells, ACC_COLUMN, per_sample, selection)
     budgets = default_budgets(curves)
     paths += _write_table(bit_optimal_table(curves, budgets), out, "bit_optimal_k")
-    paths += _write_table(best_config_table(cells, budgets), out, "best_config")
+    paths += _write_table(
+        best_config_table(cells, budgets, per_sample=per_sample), out, "best_config"
+    )
     lines = ["# Statistics", ""]
     for col in ppl_columns(cells):
         r, n = ppl_acc_correlation(cells, col, ACC_COLUMN, cap=cap)
@@ -157,10 +217,25 @@ def make_tables(results: Results, out: Path, ppl_column: str | None, cap: float)
             f"- Pearson r({col}, {ACC_COLUMN}) = {r:.3f} over {n} stable cells "
             f"(ppl <= {cap:g}); the paper reports -0.94"
         )
+    lines.append(f"- main curves: selection={selection} ({_SELECTION_DOC[selection]})")
     if results.failed.shape[0]:
         lines.append(f"- {len(results.failed)} failed cell(s) dropped (failed_cells.md)")
+    if results.problems:
+        lines.append(
+            f"- {len(results.problems)} unreadable cell file(s) skipped (skipped_files.md)"
+        )
+    if results.n_legacy:
+        lines.append(
+            f"- {results.n_legacy} legacy cell(s) (schema_version < 2) excluded; {LEGACY_HINT}"
+        )
     (out / "stats.md").write_text("\n".join(lines) + "\n")
     return [*paths, out / "stats.md"]
+
+
+_SELECTION_DOC = {
+    "split": "configuration chosen on half A of the examples, accuracy on held-out half B",
+    "fixed": "configuration chosen by coverage, then label; no accuracy used",
+}
 
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
@@ -179,9 +254,10 @@ def _setup(args: argparse.Namespace) -> Results:
     known = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     for sweep in args.sweep or []:
         if sweep not in known:
-            close = difflib.get_close_matches(sweep, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(sweep, known)
             raise SystemExit(f"--sweep {sweep!r}: no such sweep in {root}; known: {known}{hint}")
+    # Unreadable files and legacy cells are logged (one warning line each) by the loader;
+    # the log goes to stderr, so --json output on stdout stays clean.
     return load_results(root, args.sweep)
 
 
@@ -189,6 +265,14 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kbit-plot``: figures (PNG+PDF) and tables (.md+.csv) into --out."""
     p = argparse.ArgumentParser(prog="kbit-plot", description=plot_main.__doc__)
     _common_args(p)
+    p.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        default="split",
+        help="how the main curves pick one configuration per (family, k): split = chosen on "
+        "half A of the examples, accuracy reported on held-out half B (default; unbiased); "
+        "fixed = by coverage then label, no accuracy used",
+    )
     p.add_argument("--out", default="figures", help="output folder (default: figures)")
     p.add_argument("--k", type=int, default=4, help="fixed k for figures 3-5 (default 4)")
     p.add_argument("--ppl-task", help="perplexity task (default: wikitext2, else the first)")
@@ -221,8 +305,11 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cap = args.ppl_cap if args.ppl_cap is not None else auto_ppl_cap(results.cells, ppl_column)
-    paths = make_figures(results.cells, out, args.k, ppl_column, cap, args.jobs)
-    paths += make_tables(results, out, ppl_column, cap)
+    per_sample = results.per_sample() if args.selection == "split" else None
+    paths = make_figures(
+        results.cells, out, args.k, ppl_column, cap, args.jobs, per_sample, args.selection
+    )
+    paths += make_tables(results, out, ppl_column, cap, per_sample, args.selection)
     log.info("wrote %d file(s) to %s", len(paths), out)
     return 0
 
@@ -247,7 +334,19 @@ def advise_main(argv: Sequence[str] | None = None) -> int:
     except NothingFits as err:
         sys.stderr.write(f"kbit-advise: {err}\n")
         return 1
-    sys.stdout.write(
-        (json.dumps(advice.to_dict(), indent=2) if args.json else format_advice(advice)) + "\n"
-    )
+    if args.json:
+        data = advice.to_dict()
+        data["skipped_files"] = problems_frame(results).to_dict("records")
+        data["legacy_cells_excluded"] = results.n_legacy
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        sys.stdout.write(format_advice(advice) + _left_out_text(results) + "\n")
     return 0
+
+
+def _left_out_text(results: Results) -> str:
+    """Lines appended to the advice: what the answer could not consider."""
+    lines = [f"Skipped unreadable cell file: {p}: {r}" for p, r in results.problems]
+    if results.n_legacy:
+        lines.append(f"Excluded {results.n_legacy} legacy cell(s); {LEGACY_HINT}")
+    return "".join("\n" + line for line in lines)

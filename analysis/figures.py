@@ -9,6 +9,11 @@ pyplot: no display, no global backend switch, nothing kept alive between calls.
    *unstable*: drawn at the cap with a cross and counted in the legend.
 3. ``block_size``: block-size effect at fixed k. 4. ``dtype``: data types at fixed k.
 5. ``proxy_centering``: block-wise vs proxy (outlier) quantization vs centering at fixed k.
+
+Cells that differ in any result-determining field never share a line: data-type overrides are
+part of every data-type name (``float{exponent_bits=3}``), and numerics / data digest
+(``cuda/bfloat16``, ``data=ab12``) are added to a line's label whenever the cells drawn hold
+more than one value of them.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from analysis.load import ACC_COLUMN
-from analysis.tables import BASELINE_BITS, main_curves
+from analysis.load import ACC_COLUMN, fill_config_defaults
+from analysis.tables import main_curves, overrides_text, variant_labels
+from harness.records import BASELINE_BITS
 
 log = logging.getLogger(__name__)
 
@@ -126,52 +132,76 @@ def _hue_lines(
 
 
 def scaling_figure(
-    cells: pd.DataFrame, y: str = ACC_COLUMN, ylabel: str | None = None
+    cells: pd.DataFrame,
+    y: str = ACC_COLUMN,
+    ylabel: str | None = None,
+    curves: pd.DataFrame | None = None,
 ) -> Figure | None:
-    """The bit-level scaling figure: a line per k, a panel per family, baseline in black."""
-    curves = main_curves(cells, y)
+    """The bit-level scaling figure: a line per k, a panel per family, baseline in black.
+
+    ``curves``: from :func:`analysis.tables.main_curves` (with per-example results for the
+    selection-corrected accuracies); computed from ``cells`` without them if not given.
+    """
+    curves = main_curves(cells, y) if curves is None else curves
     if curves.empty:
         log.info("scaling figure: no cell has %s; skipped", y)
         return None
     return _draw_scaling(curves, y, ylabel or _ylabel(y))
 
 
+def _line_label(name: str, variant: str) -> str:
+    return f"{name} {variant}" if variant else name
+
+
 def _draw_scaling(curves: pd.DataFrame, y: str, ylabel: str) -> Figure:
     families = sorted(curves["model_family"].unique())
+    if "variant" not in curves.columns:
+        curves = curves.assign(variant="")
+    variants = sorted(curves["variant"].unique())
     ks = sorted(int(k) for k in curves["bits"].unique() if k != BASELINE_BITS)
     fig, axes = _panels(families, f"Bit-level scaling: {ylabel}")
     for ax, fam in zip(axes, families, strict=True):
-        sub = curves[curves["model_family"] == fam]
-        for i, k in enumerate(ks):
-            line = sub[sub["bits"] == k].sort_values("total_model_bits")
-            if not line.empty:
+        for vi, variant in enumerate(variants):
+            sub = curves[(curves["model_family"] == fam) & (curves["variant"] == variant)]
+            for i, k in enumerate(ks):
+                line = sub[sub["bits"] == k].sort_values("total_model_bits")
+                if not line.empty:
+                    label = _line_label(f"{k}-bit", variant)
+                    style = _style(i + vi * len(ks))
+                    ax.plot(line["total_model_bits"], line[y], label=label, lw=1.4, ms=4, **style)
+            base = sub[sub["bits"] == BASELINE_BITS].sort_values("total_model_bits")
+            if not base.empty:
                 ax.plot(
-                    line["total_model_bits"], line[y], label=f"{k}-bit", lw=1.4, ms=4, **_style(i)
+                    base["total_model_bits"],
+                    base[y],
+                    color=BASELINE_COLOR,
+                    ls=["--", ":", "-."][vi % 3],
+                    marker=["*", "p", "h"][vi % 3],
+                    lw=1.4,
+                    ms=6,
+                    label=_line_label("16-bit baseline", variant),
                 )
-        base = sub[sub["bits"] == BASELINE_BITS].sort_values("total_model_bits")
-        if not base.empty:
-            ax.plot(
-                base["total_model_bits"],
-                base[y],
-                color=BASELINE_COLOR,
-                ls="--",
-                marker="*",
-                lw=1.4,
-                ms=6,
-                label="16-bit baseline",
-            )
         _finish_axis(ax, fam, ylabel)
     return fig
 
 
 def perplexity_figure(
-    cells: pd.DataFrame, ppl_column: str, cap: float = DEFAULT_PPL_CAP
+    cells: pd.DataFrame,
+    ppl_column: str,
+    cap: float = DEFAULT_PPL_CAP,
+    curves: pd.DataFrame | None = None,
 ) -> Figure | None:
-    """Scaling figure for perplexity; unstable cells (> cap or non-finite) marked at the cap."""
+    """Scaling figure for perplexity; unstable cells (> cap or non-finite) marked at the cap.
+
+    ``curves``: :func:`analysis.tables.main_curves` of ``ppl_column`` (NaN filled with inf so
+    a diverged cell stays on its curve, marked); computed from ``cells`` if not given.
+    """
     if ppl_column not in cells.columns:
         log.info("perplexity figure: no %s column; skipped", ppl_column)
         return None
-    curves = main_curves(cells.assign(**{ppl_column: cells[ppl_column].fillna(np.inf)}), ppl_column)
+    if curves is None:
+        filled = cells.assign(**{ppl_column: cells[ppl_column].fillna(np.inf)})
+        curves = main_curves(filled, ppl_column)
     if curves.empty:
         return None
     raw = curves[ppl_column].to_numpy(dtype=float)
@@ -205,11 +235,23 @@ def _most_common(frame: pd.DataFrame, column: str):
 
 
 def _at_k(cells: pd.DataFrame, k: int, y: str) -> pd.DataFrame:
-    return cells[(cells["bits"] == k) & cells[y].notna()] if y in cells.columns else cells.iloc[0:0]
+    """Cells at k with a ``y`` value, plus ``_dtype`` (name with overrides) and ``_variant``."""
+    if y not in cells.columns:
+        return cells.iloc[0:0].assign(_dtype=[], _variant=[])
+    sub = fill_config_defaults(cells[(cells["bits"] == k) & cells[y].notna()])
+    return sub.assign(
+        _dtype=sub["dtype"].astype(str) + sub["dtype_overrides"].map(overrides_text),
+        _variant=variant_labels(sub),
+    )
 
 
 def _match(frame: pd.DataFrame, column: str, value) -> pd.Series:
     return frame[column].isna() if pd.isna(value) else frame[column] == value
+
+
+def _with_variant(names: pd.Series, sub: pd.DataFrame) -> pd.Series:
+    """Line names with the numerics / data suffix where the cells drawn hold two values."""
+    return names.where(sub["_variant"] == "", names + " " + sub["_variant"])
 
 
 def block_size_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figure | None:
@@ -218,16 +260,18 @@ def block_size_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figur
     sub = sub[(sub["method"] == "blockwise") & ~sub["centering"].astype(bool)]
     if sub.empty:
         return None
-    dtype, scale = _most_common(sub, "dtype"), _most_common(sub, "scale_format")
-    sub = sub[(sub["dtype"] == dtype) & (sub["scale_format"] == scale)]
-    sub = sub.assign(_bs=sub["block_size"].fillna(-1).astype(int))
+    dtype, scale = _most_common(sub, "_dtype"), _most_common(sub, "scale_format")
+    sub = sub[(sub["_dtype"] == dtype) & (sub["scale_format"] == scale)]
+    bs = sub["block_size"].map(lambda b: "per tensor" if pd.isna(b) else f"block {int(b)}")
+    order = sub["block_size"].fillna(-1).map(lambda b: f"{b:020.0f}")  # per tensor first
+    sub = sub.assign(_line=_with_variant(order + "|" + bs, sub))
     return _hue_lines(
         sub,
         y,
-        "_bs",
+        "_line",
         f"Block size at k={k} ({dtype}, {scale} scales)",
         _ylabel(y),
-        hue_fmt=lambda b: "per tensor" if b < 0 else f"block {b}",
+        hue_fmt=lambda h: h.split("|", 1)[1],
     )
 
 
@@ -239,8 +283,9 @@ def dtype_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figure | N
         return None
     bs = _most_common(sub, "block_size")
     sub = sub[_match(sub, "block_size", bs)]
+    sub = sub.assign(_line=_with_variant(sub["_dtype"], sub))
     bs_txt = "per tensor" if pd.isna(bs) else f"block {int(bs)}"
-    return _hue_lines(sub, y, "dtype", f"Data types at k={k} ({bs_txt})", _ylabel(y))
+    return _hue_lines(sub, y, "_line", f"Data types at k={k} ({bs_txt})", _ylabel(y))
 
 
 def proxy_centering_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figure | None:
@@ -250,18 +295,19 @@ def proxy_centering_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> 
         return None
     # Compare like with like: the data type, block size and scale of the proxy/centered cells.
     special = sub[(sub["method"] == "proxy") | sub["centering"].astype(bool)]
-    dtype, bs = _most_common(special, "dtype"), _most_common(special, "block_size")
+    dtype, bs = _most_common(special, "_dtype"), _most_common(special, "block_size")
     scale = _most_common(special, "scale_format")
-    sub = sub[(sub["dtype"] == dtype) & _match(sub, "block_size", bs)]
+    sub = sub[(sub["_dtype"] == dtype) & _match(sub, "block_size", bs)]
     sub = sub[sub["method"].isin(["blockwise", "proxy"]) & (sub["scale_format"] == scale)]
     proxy = sub["method"] == "proxy"
     variant = np.where(proxy, "proxy " + sub["outlier_fraction"].map("{:g}".format), "blockwise")
     centered = np.where(sub["centering"].astype(bool), ", centered", "")
-    sub = sub.assign(_variant=pd.Series(variant, index=sub.index) + centered)
-    sub = sub.sort_values("total_model_bits").drop_duplicates(["model_family", "_variant", "model"])
+    names = pd.Series(variant, index=sub.index) + centered
+    sub = sub.assign(_line=_with_variant(names, sub))
+    sub = sub.sort_values("total_model_bits").drop_duplicates(["model_family", "_line", "model"])
     bs_txt = "per tensor" if pd.isna(bs) else f"block {int(bs)}"
     title = f"Proxy quantization and centering at k={k} ({dtype}, {bs_txt})"
-    return _hue_lines(sub, y, "_variant", title, _ylabel(y))
+    return _hue_lines(sub, y, "_line", title, _ylabel(y))
 
 
 def save_figure(

@@ -7,8 +7,14 @@ Two views of the same records:
 * the *cell* frame: one row per cell, the configuration columns plus one column per measured
   ``task:metric`` (and ``task:metric:stderr``). Figures and tables work on this one.
 
-Failed cells are reported (logged with their error) and dropped: a cell with any failed row
-contributes nothing, so a half-measured cell can never sit on a curve as if it were complete.
+What is left out, and why (each reported once, by logging a warning):
+
+* *problem files* (truncated, corrupt, foreign schema; :func:`harness.records.scan_store`):
+  named one per line and kept on :attr:`Results.problems`; one bad file never stops a plot;
+* *legacy cells* (``schema_version`` < 2): their numerics (device, compute dtype) and data
+  sources are unknown, so they could silently merge with cells that differ in both;
+* *failed cells* (any failed row, including non-finite evaluations written as
+  ``NonFiniteError`` rows): a half-measured or NaN cell can never sit on a curve.
 """
 
 from __future__ import annotations
@@ -16,22 +22,25 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from harness.records import MEAN_ZEROSHOT_TASK, SCHEMA, STATUS_OK, cell_files
+from harness.records import MEAN_ZEROSHOT_TASK, SCHEMA, SCHEMA_VERSION, STATUS_OK, scan_store
 
 log = logging.getLogger(__name__)
 
-# Columns that describe a cell (identical on all of its rows).
+# Columns that describe a cell (identical on all of its rows). Every result-determining
+# field is here, so that cells differing in any of them can be told apart downstream.
 CONFIG_COLUMNS = [
     "key",  # "<sweep>/<cell_id>": unique across sweeps even if a cell id repeats
     "sweep",
     "cell_id",
+    "schema_version",
     "model",
     "model_family",
     "n_params",
@@ -39,6 +48,7 @@ CONFIG_COLUMNS = [
     "method",
     "dtype",
     "dtype_family",
+    "dtype_overrides",
     "bits",
     "block_size",
     "scale_format",
@@ -46,10 +56,25 @@ CONFIG_COLUMNS = [
     "outlier_fraction",
     "total_model_bits",
     "bits_per_param",
+    "device_class",
+    "compute_dtype",
+    "data_digest",
+    "trust_remote_code",
 ]
+# Filled where a store leaves them empty, so that grouping never drops a cell (pandas drops
+# NaN group keys) and "no override" has one spelling.
+CONFIG_DEFAULTS = {
+    "dtype_overrides": "{}",
+    "device_class": "",
+    "compute_dtype": "",
+    "data_digest": "",
+    "trust_remote_code": False,
+}
 MEASURE_COLUMNS = ["task", "metric", "value", "stderr", "n_samples"]
 # Only what analysis needs is read: column projection keeps a 1000-file store fast.
 LONG_COLUMNS = [*CONFIG_COLUMNS[1:], *MEASURE_COLUMNS, "status", "error"]
+FAILED_COLUMNS = ["sweep", "cell_id", "model", "bits", "dtype", "error"]
+LEGACY_HINT = "re-run them; docs/records.md"
 
 ACC_COLUMN = f"{MEAN_ZEROSHOT_TASK}:acc"  # the paper's y axis, in the cell frame
 
@@ -61,59 +86,115 @@ def measure_column(task: str, metric: str) -> str:
 
 @dataclass
 class Results:
-    """Everything analysis reads from a store, already split into usable and failed cells."""
+    """Everything analysis reads from a store, already split into usable and left-out cells."""
 
     long: pd.DataFrame  # ok rows, one per (cell, task, metric)
     cells: pd.DataFrame  # one row per ok cell; config columns + task:metric columns
     failed: pd.DataFrame  # one row per failed cell: sweep, cell_id, model, bits, dtype, error
     results_dir: str = ""
+    problems: list[tuple[Path, str]] = field(default_factory=list)  # unreadable files, why
+    n_legacy: int = 0  # cells left out for schema_version < 2
+    files: list[Path] = field(default_factory=list)  # the readable cell files
 
-    def per_sample(self) -> pd.DataFrame:
+    def per_sample(self, keys: Sequence[str] | None = None) -> pd.DataFrame:
         """Per-example 0/1 rows (key, task, metric, per_sample), read on demand.
 
         Kept out of :attr:`long` because the lists are the bulk of a store and most
         analyses (figures, tables) never touch them.
         """
-        return read_per_sample(self.results_dir, self.cells["key"].tolist())
+        keys = self.cells["key"].tolist() if keys is None else list(keys)
+        return read_per_sample(self.results_dir, keys, files=self.files)
 
 
-def _dataset(results_dir: str | os.PathLike, sweeps: Sequence[str] | None) -> ds.Dataset | None:
-    """A pyarrow dataset over the cell files of the chosen sweeps (None if there are none)."""
-    if sweeps:
-        files = [str(p) for s in sweeps for p in cell_files(results_dir, s)]
-    else:
-        files = [str(p) for p in cell_files(results_dir)]
+def scan_files(
+    results_dir: str | os.PathLike, sweeps: Sequence[str] | None = None
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(readable cell files, [(problem file, reason)]) of the chosen sweeps (all if None)."""
+    scans = [scan_store(results_dir, s) for s in sweeps] if sweeps else [scan_store(results_dir)]
+    files = sorted({p for s in scans for p in s.files})
+    problems = sorted({(p, r) for s in scans for p, r in s.problems})
+    return files, problems
+
+
+def report_problems(problems: Iterable[tuple[Path, str]]) -> None:
+    """One warning line per unreadable file: its name and why, so it can be fixed or removed."""
+    for path, reason in problems:
+        log.warning("skipping unreadable cell file %s: %s", path, reason)
+
+
+def _dataset(files: Sequence[Path]) -> ds.Dataset | None:
+    """A pyarrow dataset over ``files`` with the store schema (missing columns read as null)."""
     if not files:
         return None
-    return ds.dataset(files, schema=SCHEMA, format="parquet")
+    return ds.dataset([str(p) for p in files], schema=SCHEMA, format="parquet")
+
+
+def _read_columns(
+    files: Sequence[Path], columns: list[str], flt: pc.Expression | None = None
+) -> tuple[pa.Table, list[tuple[Path, str]]]:
+    """(rows of ``files`` with ``columns``, files whose data failed to read and why).
+
+    One multi-threaded scan; only when some file's data pages are damaged (its footer read
+    fine, so the scan kept it) is each file read on its own, so that one file cannot sink
+    the rest.
+    """
+    dataset = _dataset(files)
+    if dataset is None:
+        return SCHEMA.empty_table().select(columns), []
+    try:
+        return dataset.to_table(columns=columns, filter=flt, use_threads=True), []
+    except Exception:  # any read error: fall back to per-file reads below
+        pass
+    tables, problems = [], []
+    for path in files:
+        try:
+            tables.append(_dataset([path]).to_table(columns=columns, filter=flt))
+        except Exception as err:  # one damaged file: named, the rest kept
+            problems.append((path, f"unreadable data: {type(err).__name__}: {err}"[:300]))
+    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(columns)
+    return table, problems
 
 
 def read_long_table(
     results_dir: str | os.PathLike,
     sweeps: Sequence[str] | None = None,
     columns: Iterable[str] = LONG_COLUMNS,
+    files: Sequence[Path] | None = None,
 ) -> pa.Table:
-    """The store's rows (all statuses) with only ``columns``, as one Arrow table."""
-    dataset = _dataset(results_dir, sweeps)
-    columns = list(columns)
-    if dataset is None:
-        return SCHEMA.empty_table().select(columns)
-    return dataset.to_table(columns=columns, use_threads=True)
+    """The rows (all statuses) of the readable cell files with only ``columns``."""
+    files = scan_files(results_dir, sweeps)[0] if files is None else files
+    table, problems = _read_columns(files, list(columns))
+    report_problems(problems)
+    return table
 
 
-def read_per_sample(results_dir: str | os.PathLike, keys: Sequence[str]) -> pd.DataFrame:
-    """Per-example rows of the cells named by ``keys`` (filter pushed into the scan)."""
+def read_per_sample(
+    results_dir: str | os.PathLike, keys: Sequence[str], files: Sequence[Path] | None = None
+) -> pd.DataFrame:
+    """Per-example rows of the cells named by ``keys`` (filter pushed into the scan).
+
+    ``files``: the readable cell files (default: scanned again), so that a corrupt file in
+    the store cannot break the read.
+    """
     cols = ["sweep", "cell_id", "task", "metric", "per_sample"]
     sweeps = sorted({k.split("/", 1)[0] for k in keys})
-    dataset = _dataset(results_dir, sweeps) if keys else None
-    if dataset is None:
-        frame = SCHEMA.empty_table().select(cols).to_pandas()
-    else:
-        ids = [k.split("/", 1)[1] for k in keys]
-        flt = pc.field("cell_id").isin(ids) & pc.field("per_sample").is_valid()
-        frame = dataset.to_table(columns=cols, filter=flt).to_pandas()
+    if keys and files is None:
+        files = scan_files(results_dir, sweeps)[0]
+    files = [p for p in files or [] if p.parent.name in sweeps] if keys else []
+    ids = sorted({k.split("/", 1)[1] for k in keys})
+    flt = pc.field("cell_id").isin(ids) & pc.field("per_sample").is_valid()
+    table, problems = _read_columns(files, cols, flt)
+    report_problems(problems)
+    frame = table.to_pandas()
     frame.insert(0, "key", frame["sweep"].astype(str) + "/" + frame["cell_id"].astype(str))
     return frame[frame["key"].isin(set(keys))].drop(columns=["sweep", "cell_id"])
+
+
+def split_legacy(long: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """(rows of current-schema cells, number of legacy cells left out)."""
+    version = pd.to_numeric(long["schema_version"], errors="coerce").fillna(0)
+    legacy_keys = set(long.loc[version < SCHEMA_VERSION, "key"])
+    return long[~long["key"].isin(legacy_keys)].reset_index(drop=True), len(legacy_keys)
 
 
 def split_failed(long: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -122,11 +203,20 @@ def split_failed(long: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     failed_keys = set(long.loc[bad, "key"])
     is_failed_cell = long["key"].isin(failed_keys)
     failed = (
-        long[is_failed_cell & bad]
-        .drop_duplicates("key")[["sweep", "cell_id", "model", "bits", "dtype", "error"]]
-        .reset_index(drop=True)
+        long[is_failed_cell & bad].drop_duplicates("key")[FAILED_COLUMNS].reset_index(drop=True)
     )
     return long[~is_failed_cell].reset_index(drop=True), failed
+
+
+def fill_config_defaults(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every :data:`CONFIG_DEFAULTS` column present and without nulls."""
+    fills = {}
+    for col, default in CONFIG_DEFAULTS.items():
+        if col not in frame.columns:
+            fills[col] = default
+        elif frame[col].isna().any():
+            fills[col] = frame[col].astype(object).where(frame[col].notna(), default)
+    return frame.assign(**fills) if fills else frame
 
 
 def to_cells(long: pd.DataFrame) -> pd.DataFrame:
@@ -149,21 +239,49 @@ def to_cells(long: pd.DataFrame) -> pd.DataFrame:
     return cells.sort_values(["model_family", "bits", "total_model_bits"], ignore_index=True)
 
 
+def _log_failed(failed: pd.DataFrame, n_cells: int) -> None:
+    if failed.empty:
+        return
+    log.warning(
+        "dropping %d failed cell(s) of %d:\n%s",
+        len(failed),
+        n_cells,
+        "\n".join(
+            f"  {r.sweep}/{r.cell_id} {r.model} k={r.bits} {r.dtype}: {r.error}"
+            for r in failed.itertuples()
+        ),
+    )
+
+
 def load_results(results_dir: str | os.PathLike, sweeps: Sequence[str] | None = None) -> Results:
-    """Read a store (or some of its sweeps), report failed cells, return the tidy frames."""
-    long_all = read_long_table(results_dir, sweeps).to_pandas()
+    """Read a store (or some of its sweeps), report what is left out, return the tidy frames."""
+    files, problems = scan_files(results_dir, sweeps)
+    report_problems(problems)
+    table, data_problems = _read_columns(files, LONG_COLUMNS)
+    report_problems(data_problems)
+    bad = {p for p, _ in data_problems}
+    files, problems = [p for p in files if p not in bad], sorted([*problems, *data_problems])
+    long_all = table.to_pandas()
     long_all.insert(0, "key", long_all["sweep"].astype(str) + "/" + long_all["cell_id"].astype(str))
-    long, failed = split_failed(long_all)
-    if not failed.empty:
+    long_all, n_legacy = split_legacy(long_all)
+    if n_legacy:
         log.warning(
-            "dropping %d failed cell(s) of %d:\n%s",
-            len(failed),
-            long_all["key"].nunique(),
-            "\n".join(
-                f"  {r.sweep}/{r.cell_id} {r.model} k={r.bits} {r.dtype}: {r.error}"
-                for r in failed.itertuples()
-            ),
+            "excluding %d legacy cell(s) (schema_version < %d: numerics and data source "
+            "unknown, so they cannot be told apart from current cells); %s",
+            n_legacy,
+            SCHEMA_VERSION,
+            LEGACY_HINT,
         )
+    long, failed = split_failed(fill_config_defaults(long_all))
+    _log_failed(failed, long_all["key"].nunique())
     cells = to_cells(long)
     log.info("loaded %d ok cell(s), %d row(s) from %s", len(cells), len(long), results_dir)
-    return Results(long=long, cells=cells, failed=failed, results_dir=str(results_dir))
+    return Results(
+        long=long,
+        cells=cells,
+        failed=failed,
+        results_dir=str(results_dir),
+        problems=problems,
+        n_legacy=n_legacy,
+        files=files,
+    )

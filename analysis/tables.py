@@ -12,84 +12,240 @@ goes to the smaller k (fewer bits per parameter, i.e. the larger model at that b
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-from analysis.load import ACC_COLUMN
+from analysis.load import ACC_COLUMN, fill_config_defaults
+from analysis.selection import HALF_B, half_scores, rank_heldout
 
 log = logging.getLogger(__name__)
 
 TIE_TOL = 1e-12
-BASELINE_BITS = 16
 # A cell's quantization configuration, apart from k: cells that share it form one curve.
-QUANT_CONFIG = ["method", "dtype", "block_size", "scale_format", "centering", "outlier_fraction"]
-CURVE_COLUMNS = ["model_family", "bits", "model", "key", "total_model_bits", *QUANT_CONFIG]
+QUANT_CONFIG = [
+    "method",
+    "dtype",
+    "dtype_overrides",
+    "block_size",
+    "scale_format",
+    "centering",
+    "outlier_fraction",
+]
+# How and on what a cell was evaluated. Cells that differ here are different measurements:
+# a curve never crosses them, and labels name them whenever the cells shown hold two values.
+VARIANT_COLUMNS = ["device_class", "compute_dtype", "data_digest"]
+NUMERICS_COLUMNS = ["device_class", "compute_dtype"]
+CURVE_COLUMNS = [
+    "model_family",
+    "bits",
+    "model",
+    "key",
+    "total_model_bits",
+    *QUANT_CONFIG,
+    *VARIANT_COLUMNS,
+]
+CURVE_GROUP = ["model_family", *VARIANT_COLUMNS, "bits"]  # one configuration is chosen per group
+SELECTIONS = ("split", "fixed")
+ESTIMATE_ALL = "all examples"
+ESTIMATE_HELDOUT = f"held-out {HALF_B}"
+_DIGEST_MIN = 4  # characters of a data digest shown in labels (more where needed to differ)
 
 
-def config_label(row: pd.Series) -> str:
-    """The label of one cell (see :func:`config_labels` for a whole frame)."""
-    if row["method"] == "none":
-        return "16-bit baseline"
-    bs = "tensor" if pd.isna(row["block_size"]) else int(row["block_size"])
-    label = f"{row['dtype']} bs={bs} {row['scale_format']}"
-    if bool(row["centering"]):
-        label += " centered"
-    if row["method"] == "proxy":
-        label += f" proxy({row['outlier_fraction']:g})"
+def overrides_text(overrides: object) -> str:
+    """``{"exponent_bits": 3}`` -> ``{exponent_bits=3}``; ``""`` for no overrides."""
+    if overrides is None or (isinstance(overrides, float) and np.isnan(overrides)):
+        return ""
+    parsed = json.loads(overrides) if isinstance(overrides, str) and overrides else {}
+    if not parsed:
+        return ""
+    items = (f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(parsed.items()))
+    return "{" + ",".join(items) + "}"
+
+
+def _varies(context: pd.DataFrame, columns: Sequence[str]) -> bool:
+    """Whether ``context`` holds more than one combination of ``columns``."""
+    present = [c for c in columns if c in context.columns]
+    return bool(present) and len(context[present].drop_duplicates()) > 1
+
+
+def _digest_width(digests: pd.Series) -> int:
+    """The shortest prefix (>= 4 characters) that keeps the distinct digests distinct."""
+    uniq = sorted({str(d) for d in digests})
+    width = _DIGEST_MIN
+    while len({u[:width] for u in uniq}) < len(uniq):
+        width += 1
+    return width
+
+
+def variant_labels(cells: pd.DataFrame, context: pd.DataFrame | None = None) -> pd.Series:
+    """``cuda/bfloat16 data=ab12`` parts, each only when ``context`` holds two or more values.
+
+    Why conditional: in a store measured on one device with one data set the parts say
+    nothing and would only lengthen every legend; once two values are present they are what
+    tells two otherwise identical lines apart.
+    """
+    ctx = fill_config_defaults(cells if context is None else context)
+    cells = fill_config_defaults(cells)
+    label = pd.Series("", index=cells.index, dtype=object)
+    if _varies(ctx, NUMERICS_COLUMNS):
+        dev = cells["device_class"].astype(str).replace("", "?")
+        cdt = cells["compute_dtype"].astype(str).replace("", "?")
+        label = label + dev + "/" + cdt
+    if _varies(ctx, ["data_digest"]):
+        width = _digest_width(ctx["data_digest"])
+        digest = cells["data_digest"].astype(str).replace("", "?").str[:width]
+        label = label.where(label == "", label + " ") + "data=" + digest
     return label
 
 
-def config_labels(cells: pd.DataFrame) -> pd.Series:
-    """A short human label per cell for its quantization configuration (k excluded).
-
-    Vectorized twin of the per-row label: a row-wise ``apply`` over a 1,000-cell frame cost
-    a noticeable share of the plotting time.
-    """
-    if cells.empty:
-        return pd.Series([], dtype=object, index=cells.index)
+def _base_labels(cells: pd.DataFrame) -> pd.Series:
+    """Data type (with its overrides), block size, scale format, centering, proxy."""
     bs = cells["block_size"].map(lambda b: "tensor" if pd.isna(b) else str(int(b)))
-    label = cells["dtype"].astype(str) + " bs=" + bs + " " + cells["scale_format"].astype(str)
+    over = cells["dtype_overrides"].map(overrides_text)
+    label = (
+        cells["dtype"].astype(str) + over + " bs=" + bs + " " + cells["scale_format"].astype(str)
+    )
     label = label.where(~cells["centering"].astype(bool), label + " centered")
     outl = cells["outlier_fraction"].map("{:g}".format)
     label = label.where(cells["method"] != "proxy", label + " proxy(" + outl + ")")
     return label.where(cells["method"] != "none", "16-bit baseline").astype(object)
 
 
-def main_curves(cells: pd.DataFrame, y: str = ACC_COLUMN) -> pd.DataFrame:
-    """One curve per (family, k): the points the paper's scaling figure draws.
+def config_labels(cells: pd.DataFrame, context: pd.DataFrame | None = None) -> pd.Series:
+    """A short human label per cell for its configuration (k excluded).
+
+    Data-type overrides are always part of it (``float{exponent_bits=3} bs=64 fp16``);
+    numerics and data digest only when ``context`` (default: ``cells``) holds two or more
+    values of them (see :func:`variant_labels`). Vectorized: a row-wise ``apply`` over a
+    1,000-cell frame cost a noticeable share of the plotting time.
+    """
+    if cells.empty:
+        return pd.Series([], dtype=object, index=cells.index)
+    cells = fill_config_defaults(cells)
+    variant = variant_labels(cells, context)
+    base = _base_labels(cells)
+    return base.where(variant == "", base + " " + variant).astype(object)
+
+
+def config_label(row: pd.Series, context: pd.DataFrame | None = None) -> str:
+    """The label of one cell; ``context``: the cells shown with it (see :func:`config_labels`)."""
+    frame = row.to_frame().T
+    return str(config_labels(frame, frame if context is None else context).iloc[0])
+
+
+def config_keys(cells: pd.DataFrame) -> pd.Series:
+    """One string per distinct configuration + variant: what curves are grouped by.
+
+    Built from the raw columns, not the label, so two configurations can never share a
+    group even if their labels looked alike.
+    """
+    cells = fill_config_defaults(cells)
+    parts = [cells[c].astype(str) for c in [*QUANT_CONFIG, *VARIANT_COLUMNS]]
+    key = parts[0]
+    for part in parts[1:]:
+        key = key + "\x1f" + part
+    return key
+
+
+def _candidates(plain: pd.DataFrame) -> pd.DataFrame:
+    """Per curve group, the configurations covering the most models (data-independent)."""
+    score = plain.groupby([*CURVE_GROUP, "_cfg"], as_index=False, dropna=False).agg(
+        n=("model", "nunique"), config=("config", "first")
+    )
+    most = score.groupby(CURVE_GROUP, dropna=False)["n"].transform("max")
+    cand = score[score["n"] == most].copy()
+    cand["n_candidates"] = cand.groupby(CURVE_GROUP, dropna=False)["_cfg"].transform("size")
+    return cand
+
+
+def _choose(
+    plain: pd.DataFrame, cand: pd.DataFrame, scores: pd.DataFrame | None, selection: str
+) -> pd.DataFrame:
+    """One configuration per curve group, with the rule it was chosen by (``_split``)."""
+    cand = cand.assign(_score=np.nan)
+    if selection == "split" and scores is not None and not scores.empty:
+        a = plain[["_cfg", *CURVE_GROUP, "key"]].join(scores["acc_a"], on="key")
+        # A configuration missing half A on any of its cells gets no score (NaN): mean with
+        # skipna=False, so it never wins on a partial average.
+        grouped = a.assign(_missing=a["acc_a"].isna()).groupby([*CURVE_GROUP, "_cfg"], dropna=False)
+        by_cfg = grouped["acc_a"].mean().where(~grouped["_missing"].any())
+        cand = cand.drop(columns="_score").join(by_cfg.rename("_score"), on=[*CURVE_GROUP, "_cfg"])
+    scored = cand["_score"].notna()
+    group_scored = scored.groupby([cand[c] for c in CURVE_GROUP], dropna=False).transform("any")
+    unscored = (cand["n_candidates"] > 1) & ~group_scored
+    if selection == "split" and unscored.any():
+        log.warning(
+            "main curves: %d (family, k) group(s) without per-example results for every "
+            "candidate configuration: chosen by label (no accuracy used), e.g. %s",
+            cand.loc[unscored, CURVE_GROUP].drop_duplicates().shape[0],
+            cand.loc[unscored, "config"].iloc[0],
+        )
+    cand = cand.sort_values(
+        [*CURVE_GROUP, "_score", "config"],
+        ascending=[True] * len(CURVE_GROUP) + [False, True],
+        na_position="last",
+    ).drop_duplicates(CURVE_GROUP)
+    return cand.assign(_split=cand["_score"].notna() & (cand["n_candidates"] > 1))
+
+
+def main_curves(
+    cells: pd.DataFrame,
+    y: str = ACC_COLUMN,
+    per_sample: pd.DataFrame | None = None,
+    selection: str = "split",
+) -> pd.DataFrame:
+    """One curve per (family, numerics, data, k): the points the paper's scaling figure draws.
 
     A grid usually holds several configurations per k (data types, block sizes, proxy,
-    centering); those have their own figures. For the main figure each (family, k) keeps the
-    plain block-wise configuration (method blockwise, or none for the 16-bit baseline) that
-    covers the most models; ties go to the higher mean zero-shot accuracy (whatever ``y``
-    is, so the accuracy and perplexity figures show the same configurations), then to the
-    label. Returns one row per (family, k, model) with ``y`` and the chosen ``config`` label.
+    centering); those have their own figures. For the main figure each group keeps one plain
+    block-wise configuration (method blockwise, or none for the 16-bit baseline): first
+    those that cover the most models (no accuracy used), then, among those,
+
+    * ``selection="split"`` (default): the highest mean zero-shot accuracy on *half A* of the
+      examples (``per_sample``: rows of :func:`analysis.load.read_per_sample`), and the
+      accuracy reported is that configuration's accuracy on the held-out *half B*. Choosing
+      and reporting on the same examples would report a maximum of noisy numbers: biased up,
+      most where the grid holds the most candidates (analysis/selection.py). Groups with one
+      candidate report all examples (nothing was selected); groups whose candidates lack
+      per-example results fall back to the fixed rule, with a warning.
+    * ``selection="fixed"``: the first label (alphabetical): no accuracy used, all examples
+      reported; unbiased but arbitrary.
+
+    The choice is made on accuracy whatever ``y`` is, so the accuracy and perplexity figures
+    show the same configurations; only an accuracy ``y`` is replaced by its held-out value.
+    Returns one row per (group, model) with ``y``, the ``config`` and ``variant`` labels,
+    ``n_candidates`` and ``estimate`` (what ``y`` rests on).
     """
-    columns = [*CURVE_COLUMNS, y, "config"]
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r} is unknown; allowed: {list(SELECTIONS)}")
+    columns = [*CURVE_COLUMNS, y, "config", "variant", "n_candidates", "estimate"]
     need = {"model_family", "bits", "total_model_bits", y}
     if cells.empty or not need <= set(cells.columns):
         return pd.DataFrame(columns=columns)
     plain = cells[cells["method"].isin(["blockwise", "none"]) & cells[y].notna()]
     if plain.empty:
         return pd.DataFrame(columns=columns)
+    plain = fill_config_defaults(plain)
     plain = plain.assign(
-        config=config_labels(plain),
-        # Rank configurations by accuracy even when plotting perplexity, so both agree.
-        _rank=plain[ACC_COLUMN] if ACC_COLUMN in plain.columns else 0.0,
+        config=config_labels(plain), variant=variant_labels(plain), _cfg=config_keys(plain)
     )
-    group = ["model_family", "bits"]
-    score = plain.groupby([*group, "config"], as_index=False).agg(
-        n=("model", "nunique"), mean=("_rank", "mean")
+    scores = half_scores(per_sample) if per_sample is not None else None
+    pick = _choose(plain, _candidates(plain), scores, selection)
+    chosen = plain.merge(
+        pick[[*CURVE_GROUP, "_cfg", "n_candidates", "_split"]], on=[*CURVE_GROUP, "_cfg"]
     )
-    score = score.sort_values(
-        [*group, "n", "mean", "config"], ascending=[True, True, False, False, True]
-    ).drop_duplicates(group)
-    chosen = plain.merge(score[[*group, "config"]], on=[*group, "config"])
-    chosen = chosen.sort_values([*group, "total_model_bits"], ignore_index=True)
-    return chosen.drop_duplicates([*group, "model"], ignore_index=True)[columns]
+    chosen = chosen.sort_values([*CURVE_GROUP, "total_model_bits"], ignore_index=True)
+    chosen = chosen.drop_duplicates([*CURVE_GROUP, "model"], ignore_index=True)
+    heldout = chosen["_split"].astype(bool) & (y == ACC_COLUMN)
+    if heldout.any():
+        acc_b = chosen["key"].map(scores["acc_b"])
+        chosen[y] = chosen[y].where(~heldout, acc_b)
+    chosen["estimate"] = np.where(heldout, ESTIMATE_HELDOUT, ESTIMATE_ALL)
+    return chosen[columns]
 
 
 def interpolate_log2(
@@ -125,28 +281,37 @@ def default_budgets(curves: pd.DataFrame, per_octave: int = 2) -> np.ndarray:
     return 2.0 ** (np.arange(lo, hi + 1) / per_octave)
 
 
+def _curve_groups(curves: pd.DataFrame) -> list[str]:
+    """Columns that split curves into independent sets: family, and variant when present."""
+    return ["model_family", "variant"] if "variant" in curves.columns else ["model_family"]
+
+
 def bit_optimal_table(
     curves: pd.DataFrame,
     budgets: Sequence[float] | None = None,
     y: str = ACC_COLUMN,
     higher_is_better: bool = True,
 ) -> pd.DataFrame:
-    """The bit-optimal k per family and budget, with every k's interpolated value.
+    """The bit-optimal k per family (and variant) and budget, with every k's interpolated value.
 
-    Columns: model_family, budget_bits, log2_budget, best_k, best_value, and ``k=<k>`` per bit
-    width (NaN where the budget is outside that k's measured range). ``best_k`` is <NA> when no
-    curve covers the budget.
+    Columns: model_family, [variant,] budget_bits, log2_budget, best_k, best_value, and
+    ``k=<k>`` per bit width (NaN where the budget is outside that k's measured range).
+    ``best_k`` is <NA> when no curve covers the budget. ``variant`` (numerics / data, see
+    :func:`variant_labels`) is a column only when the curves hold more than one: curves
+    measured on different devices, dtypes or data never compete in one row.
     """
     budgets = default_budgets(curves) if budgets is None else np.asarray(budgets, dtype=float)
+    groups = _curve_groups(curves)
     rows = []
-    for fam, fam_curves in curves.groupby("model_family", sort=True):
-        ks = sorted(int(k) for k in fam_curves["bits"].unique())
+    for ident, group_curves in curves.groupby(groups, sort=True):
+        ident = dict(zip(groups, ident if isinstance(ident, tuple) else (ident,), strict=True))
+        ks = sorted(int(k) for k in group_curves["bits"].unique())
         interp = {
             k: interpolate_log2(c["total_model_bits"], c[y], budgets)
-            for k, c in fam_curves.groupby("bits")
+            for k, c in group_curves.groupby("bits")
         }
         for i, budget in enumerate(budgets):
-            row = {"model_family": fam, "budget_bits": budget, "log2_budget": np.log2(budget)}
+            row = {**ident, "budget_bits": budget, "log2_budget": np.log2(budget)}
             best_k, best_v = pd.NA, np.nan
             for k in ks:  # ascending k: a later k must be strictly better to win a tie
                 v = interp[k][i]
@@ -161,7 +326,10 @@ def bit_optimal_table(
     table = pd.DataFrame(rows)
     if table.empty:
         return pd.DataFrame(columns=["model_family", "budget_bits", "log2_budget", "best_k"])
-    front = ["model_family", "budget_bits", "log2_budget", "best_k", "best_value"]
+    if "variant" in table.columns and (table["variant"] == "").all():
+        table = table.drop(columns="variant")
+    ident_cols = [c for c in ("model_family", "variant") if c in table.columns]
+    front = [*ident_cols, "budget_bits", "log2_budget", "best_k", "best_value"]
     k_cols = sorted((c for c in table.columns if c.startswith("k=")), key=lambda c: int(c[2:]))
     table["best_k"] = table["best_k"].astype("Int64")
     return table[front + k_cols]
@@ -181,22 +349,39 @@ def rank_under_budget(cells: pd.DataFrame, budget_bits: float, y: str = ACC_COLU
 
 
 def best_config_table(
-    cells: pd.DataFrame, budgets: Sequence[float], y: str = ACC_COLUMN
+    cells: pd.DataFrame,
+    budgets: Sequence[float],
+    y: str = ACC_COLUMN,
+    per_sample: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """The best measured cell (any model, k, data type, block size, method) per budget."""
+    """The best measured cell (any model, k, data type, block size, method) per budget.
+
+    With ``per_sample`` (and an accuracy ``y``) the best of the N fitting cells is chosen on
+    half A of the examples and ``value`` is its held-out half-B accuracy (``value_all``: all
+    examples, selection-biased). Without, ``value`` is the recorded value and ``estimate``
+    says it is the maximum of N (biased up).
+    """
+    scores = half_scores(per_sample) if per_sample is not None and y == ACC_COLUMN else None
     rows = []
     for budget in budgets:
         ranked = rank_under_budget(cells, budget, y)
         row: dict = {"budget_bits": budget, "budget_GiB": budget / 8 / 2**30}
         if not ranked.empty:
-            best = ranked.iloc[0]
+            order, rule = rank_heldout(ranked, scores) if scores is not None else (ranked, "")
+            best = order.iloc[0]
+            value = best["acc_b"] if rule == "split" else best[y]
+            estimate = {"split": ESTIMATE_HELDOUT, "none": ESTIMATE_ALL}.get(
+                rule, f"{ESTIMATE_ALL}, best of {len(ranked)} (biased up)"
+            )
             row.update(
                 model=best["model"],
                 model_family=best["model_family"],
                 bits=int(best["bits"]),
-                config=config_label(best),
+                config=config_label(best, cells),
                 total_model_bits=best["total_model_bits"],
-                value=best[y],
+                value=value,
+                value_all=best[y],
+                estimate=estimate if len(ranked) > 1 else ESTIMATE_ALL,
                 n_fitting=len(ranked),
             )
         rows.append(row)
@@ -211,6 +396,7 @@ CELL_TABLE_COLUMNS = [
     "n_params",
     "method",
     "dtype",
+    "dtype_overrides",
     "bits",
     "block_size",
     "scale_format",
@@ -218,6 +404,9 @@ CELL_TABLE_COLUMNS = [
     "outlier_fraction",
     "total_model_bits",
     "bits_per_param",
+    "device_class",
+    "compute_dtype",
+    "data_digest",
 ]
 
 

@@ -2,7 +2,8 @@
 
     python benchmarks/analysis_bench.py [--keep DIR]
 
-Prints each phase (read the store, build frames, five figures as PNG+PDF rendered in-process
+Prints each phase (read the store, build frames, per-example lists for the selection-corrected
+curves, five figures as PNG+PDF rendered in-process
 and by the default worker processes, tables) and the
 total of load + figures + tables, with the reference loader (``harness.records.read_store``,
 one ``pq.read_table`` per file, all columns) timed side by side for the ratio.
@@ -68,21 +69,29 @@ def main() -> None:
     ref = _timed("reference read_store (all cols)", lambda: read_store(store), t, cpu)
     results = _timed("load_results (dataset, proj.)", lambda: load_results(store), t, cpu)
     print(f"  records: {ref.num_rows}, cells: {len(results.cells)}")
+    # The selection-corrected main curves and best-config table need the per-example lists.
+    per_sample = _timed("per_sample (selection split)", results.per_sample, t, cpu)
     _timed(
         "5 figures, in-process (jobs=1)",
-        lambda: make_figures(results.cells, out, 4, "wikitext2:ppl", 100.0, jobs=1),
+        lambda: make_figures(results.cells, out, 4, "wikitext2:ppl", 100.0, 1, per_sample),
         t,
         cpu,
     )
     _timed(
         f"5 figures (PNG + PDF), jobs={default_jobs()}",
-        lambda: make_figures(results.cells, out, 4, "wikitext2:ppl", 100.0),
+        lambda: make_figures(results.cells, out, 4, "wikitext2:ppl", 100.0, None, per_sample),
         t,
         cpu,
     )
-    _timed("tables + stats", lambda: make_tables(results, out, "wikitext2:ppl", 100.0), t, cpu)
+    _timed(
+        "tables + stats",
+        lambda: make_tables(results, out, "wikitext2:ppl", 100.0, per_sample),
+        t,
+        cpu,
+    )
     phases = [
         "load_results (dataset, proj.)",
+        "per_sample (selection split)",
         f"5 figures (PNG + PDF), jobs={default_jobs()}",
         "tables + stats",
     ]

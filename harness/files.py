@@ -50,7 +50,11 @@ def atomic_output(path: str | os.PathLike, mode: int = _DEFAULT_MODE) -> Iterato
 
 
 def atomic_write(
-    path: str | os.PathLike, data: bytes | str, *, mode: int = _DEFAULT_MODE, skip_same: bool = False
+    path: str | os.PathLike,
+    data: bytes | str,
+    *,
+    mode: int = _DEFAULT_MODE,
+    skip_same: bool = False,
 ) -> Path:
     """Write ``data`` (text as UTF-8) to ``path`` atomically; see :func:`atomic_output`.
 
@@ -66,3 +70,26 @@ def atomic_write(
     with atomic_output(path, mode) as fh:
         fh.write(raw)
     return path
+
+
+def writable_dir_problem(folder: str | os.PathLike, field: str = "results_dir") -> str | None:
+    """Why files cannot be written under ``folder`` (None when they can), creating nothing.
+
+    The nearest existing ancestor must be a writable directory, probed with a temporary file
+    that is removed at once. Checked before any work, so an unusable results folder is
+    refused before a model loads, not after its evaluation.
+    """
+    path = Path(folder).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        if probe == probe.parent:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{field}={str(folder)!r}: cannot be created, {str(probe)!r} is not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        return f"{field}={str(folder)!r}: {str(probe)!r} is not writable ({err.strerror})"
+    return None

@@ -25,7 +25,9 @@ def did_you_mean(value: str, known: Iterable[str], cutoff: float = 0.6) -> str:
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
-def unknown_name(field: str, value: object, known: Iterable[str], what: str = "allowed") -> ValueError:
+def unknown_name(
+    field: str, value: object, known: Iterable[str], what: str = "allowed"
+) -> ValueError:
     """``field=value is unknown; allowed: [...]; did you mean ...?`` as a ValueError.
 
     At most :data:`MAX_LISTED` names are listed: beyond that, the closest ones and the count.

@@ -18,23 +18,37 @@ writing the same cell cannot interleave bytes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+from harness.files import atomic_output, atomic_write
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2  # 2: resolved numerics, data provenance, dtype overrides (docs/records.md)
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
+# k of the unquantized baseline: the one cell of a model that is not quantized at all.
+BASELINE_BITS = 16
+
 # The derived row that the paper plots: mean zero-shot accuracy over its four tasks
 # (LAMBADA, WinoGrande, HellaSwag, PIQA), or over whichever tasks the eval config names.
 MEAN_ZEROSHOT_TASK = "zeroshot_mean"
+
+
+def _arrow(arrow_type: pa.DataType) -> dict[str, pa.DataType]:
+    """Field metadata pinning the Arrow type where the default mapping would widen it."""
+    return {"arrow": arrow_type}
 
 
 @dataclass
@@ -42,7 +56,8 @@ class Record:
     """One row of the store. Field comments are the schema's documentation."""
 
     # --- identity ---------------------------------------------------------------------
-    schema_version: int = SCHEMA_VERSION  # bumped on any incompatible change of this schema
+    # bumped on any incompatible change of this schema
+    schema_version: int = field(default=SCHEMA_VERSION, metadata=_arrow(pa.int32()))
     sweep: str = "adhoc"  # sweep name; the store's subfolder
     cell_id: str = ""  # stable hash of the resolved cell config (see harness.run.cell_id)
     # --- model ------------------------------------------------------------------------
@@ -57,22 +72,34 @@ class Record:
     method: str = "blockwise"  # blockwise | proxy | none (16-bit baseline)
     dtype: str = ""  # data type entry name (conf/dtype/<name>.yaml), e.g. int, quantile, nf4
     dtype_family: str = ""  # int | float | dynamic | quantile | normal | none
-    bits: int = 16  # k; 16 = unquantized baseline
+    # fields of the data type set apart from its entry (e.g. exponent_bits=3), as sorted
+    # JSON; "{}" when the entry is used as it is. Part of every label: variants never merge.
+    dtype_overrides: str = "{}"
+    bits: int = field(default=BASELINE_BITS, metadata=_arrow(pa.int32()))  # k; 16 = baseline
     block_size: int | None = None  # elements per block; None = one scale per tensor
     scale_format: str = "fp16"  # fp16 | bf16 | fp32 | e8m0
     centering: bool = False  # block mean subtracted and stored
     outlier_fraction: float = 0.0  # proxy quantization: share of input dims kept in 16 bit
     total_model_bits: float = 0.0  # harness.bits.total_model_bits: every parameter counted
     bits_per_param: float = 16.0  # total_model_bits / n_params
+    # --- numerics (resolved, never "auto"; part of the cell id) -----------------------
+    device_class: str = ""  # cpu | cuda | mps: where the forward passes ran
+    compute_dtype: str = ""  # float32 | bfloat16 | float16: the dtype the model ran in
     # --- the measurement ---------------------------------------------------------------
     task: str | None = None  # e.g. wikitext2, lambada_openai, zeroshot_mean; None on failure
     metric: str | None = None  # ppl | acc | acc_norm | nll (mean per-token cross-entropy, nats)
     value: float | None = None
     stderr: float | None = None  # standard error as reported by lm-eval; None for ppl
     n_samples: int | None = None  # examples (zero-shot) or predicted tokens (perplexity)
-    per_sample: list[float] | None = None  # per-example correctness (0/1) for paired CIs
+    # per-example correctness (0/1) for paired CIs
+    per_sample: list[float] | None = field(default=None, metadata=_arrow(pa.list_(pa.float32())))
+    # where this row's data came from: "local:<path>;sha256=<hex>" or
+    # "hub:<dataset>[/<config>]@<revision>"; for zeroshot_mean the sources of its tasks
+    data_source: str | None = None
+    task_version: str | None = None  # lm-eval task version (local tasks: "+kbitN" added)
+    data_digest: str = ""  # short hash of every task's source and version: one per cell
     # --- outcome and cost --------------------------------------------------------------
-    status: str = STATUS_OK  # ok | failed
+    status: str = STATUS_OK  # ok | failed (non-finite results are failed, never ok)
     error: str | None = None  # "ExceptionType: message" (+ short traceback) when failed
     load_s: float = 0.0  # seconds loading model + tokenizer
     quantize_s: float = 0.0  # seconds quantizing weights
@@ -87,58 +114,34 @@ class Record:
     git_commit: str = ""  # commit of the harness checkout, "+dirty" if modified; "" if none
     hostname: str = ""
     device: str = ""  # e.g. cpu, cuda:0 (NVIDIA H100 ...)
+    trust_remote_code: bool = False  # whether the model folder's own code was allowed to run
     created_at: str = ""  # UTC ISO-8601 time the record was made
     seed: int = 0
     config: str = ""  # the resolved cell config as YAML
 
 
-SCHEMA = pa.schema(
-    [
-        ("schema_version", pa.int32()),
-        ("sweep", pa.string()),
-        ("cell_id", pa.string()),
-        ("model", pa.string()),
-        ("model_family", pa.string()),
-        ("architecture", pa.string()),
-        ("n_params", pa.int64()),
-        ("n_nonembedding_params", pa.int64()),
-        ("n_quantized_params", pa.int64()),
-        ("quantized_modules", pa.list_(pa.string())),
-        ("method", pa.string()),
-        ("dtype", pa.string()),
-        ("dtype_family", pa.string()),
-        ("bits", pa.int32()),
-        ("block_size", pa.int64()),
-        ("scale_format", pa.string()),
-        ("centering", pa.bool_()),
-        ("outlier_fraction", pa.float64()),
-        ("total_model_bits", pa.float64()),
-        ("bits_per_param", pa.float64()),
-        ("task", pa.string()),
-        ("metric", pa.string()),
-        ("value", pa.float64()),
-        ("stderr", pa.float64()),
-        ("n_samples", pa.int64()),
-        ("per_sample", pa.list_(pa.float32())),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("load_s", pa.float64()),
-        ("quantize_s", pa.float64()),
-        ("eval_s", pa.float64()),
-        ("forward_s", pa.float64()),
-        ("wall_s", pa.float64()),
-        ("version_harness", pa.string()),
-        ("version_torch", pa.string()),
-        ("version_transformers", pa.string()),
-        ("version_lm_eval", pa.string()),
-        ("git_commit", pa.string()),
-        ("hostname", pa.string()),
-        ("device", pa.string()),
-        ("created_at", pa.string()),
-        ("seed", pa.int64()),
-        ("config", pa.string()),
-    ]
-)
+_PLAIN_TYPES: dict[str, pa.DataType] = {
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "str": pa.string(),
+    "bool": pa.bool_(),
+    "list[str]": pa.list_(pa.string()),
+}
+
+
+def _arrow_type(f: dataclasses.Field) -> pa.DataType:
+    """The Arrow type of one Record field: pinned in its metadata, else from its annotation."""
+    if "arrow" in f.metadata:
+        return f.metadata["arrow"]
+    name = str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
+    name = "list[str]" if str(f.type).startswith("list[str]") else name
+    if name not in _PLAIN_TYPES:
+        raise TypeError(f"Record.{f.name}: no Arrow type for annotation {f.type!r}; pin one")
+    return _PLAIN_TYPES[name]
+
+
+# The store's Arrow schema, derived from Record so the two can never disagree.
+SCHEMA = pa.schema([(f.name, _arrow_type(f)) for f in dataclasses.fields(Record)])
 
 _FIELDS = [f.name for f in dataclasses.fields(Record)]
 
@@ -160,45 +163,22 @@ def write_cell(
 ) -> Path:
     """Atomically write all rows of one cell to ``path`` (and its config beside it).
 
-    The rows go to a temporary file in the destination folder, which is flushed, fsynced and
-    renamed over ``path``. ``os.replace`` is atomic on POSIX within one file system, so readers
-    see either the old complete file, the new complete file, or none.
+    Through :func:`harness.files.atomic_output`: readers see either the old complete file,
+    the new complete file, or none, and the file gets the umask's permissions.
     """
     if not records:
         raise ValueError("write_cell: records is empty; a cell writes at least one row")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    table = to_table(records)  # before any file exists: a value that cannot be stored fails here
     if config_yaml is not None:
-        _atomic_write_bytes(path.with_suffix(".yaml"), config_yaml.encode())
-    table = to_table(records)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pq.write_table(table, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path.with_suffix(".yaml"), config_yaml)
+    with atomic_output(path) as fh:
+        pq.write_table(table, fh)
     return path
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_cell(path: str | os.PathLike) -> pa.Table:
-    """Read one cell file with the store schema."""
+    """Read one cell file with the store schema (columns an older file lacks come back null)."""
     return pq.read_table(path, schema=SCHEMA)
 
 
@@ -209,20 +189,135 @@ def cell_files(results_dir: str | os.PathLike, sweep: str | None = None) -> list
     return sorted(p for p in root.glob(pattern) if not p.name.startswith("."))
 
 
+# Without these two a file says nothing about any cell: it cannot be a cell file.
+_REQUIRED_COLUMNS = ("cell_id", "status")
+_MAX_REASON = 300  # characters of one problem line
+_MAX_SCAN_THREADS = 8  # footer reads are file opens and small reads: threads overlap them
+
+
+@dataclass
+class StoreScan:
+    """The store's cell files split into readable ones and problems (path, one-line reason).
+
+    Why: one truncated or foreign parquet (a disk filled up, a file copied in by hand) must
+    not stop a sweep, kbit-status or the analysis; it is named and its cell runs again.
+    """
+
+    files: list[Path]
+    problems: list[tuple[Path, str]]
+
+
+def _one_line(text: str) -> str:
+    """The first non-empty line of ``text``, cut to :data:`_MAX_REASON` characters."""
+    line = next((s.strip() for s in str(text).splitlines() if s.strip()), "")
+    return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 3] + "..."
+
+
+def schema_problem(schema: pa.Schema) -> str | None:
+    """Why a file with this Arrow schema is not a cell file of :data:`SCHEMA`, or None.
+
+    A file may lack columns (an older ``schema_version`` predates them: they read as null)
+    but every column it has must be one of :data:`SCHEMA` with the same type, and
+    ``cell_id`` and ``status`` must be there.
+    """
+    names = schema.names
+    missing = [name for name in _REQUIRED_COLUMNS if name not in names]
+    if missing:
+        return _one_line(f"not a kbit cell file: no column(s) {missing}; it has {names}")
+    for col in schema:
+        want = _SCHEMA_TYPES.get(col.name)
+        if want is None:
+            return _one_line(f"column {col.name!r} is not in the store's schema")
+        if not col.type.equals(want):
+            return f"column {col.name!r} is {col.type}; the store's schema has {want}"
+    return None
+
+
+_SCHEMA_TYPES = {f.name: f.type for f in SCHEMA}
+
+
+def cell_file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a readable cell file (footer only: cheap), or None when it is."""
+    try:
+        schema = pq.read_schema(path)
+    except Exception as err:  # truncated, empty, random bytes, unreadable: all one outcome
+        return _one_line(f"unreadable parquet: {type(err).__name__}: {err}")
+    return schema_problem(schema)
+
+
+def scan_store(results_dir: str | os.PathLike, sweep: str | None = None) -> StoreScan:
+    """Sort every cell file of the store (or of one sweep) into readable files and problems.
+
+    Reads only each file's footer (its schema), on a few threads since the time is file
+    opening and I/O, so scanning tens of thousands of cells takes seconds.
+    """
+    paths = cell_files(results_dir, sweep)
+    workers = min(_MAX_SCAN_THREADS, os.cpu_count() or 1, max(1, len(paths) // 64))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            found = list(pool.map(cell_file_problem, paths, chunksize=64))
+    else:
+        found = [cell_file_problem(p) for p in paths]
+    scan = StoreScan(files=[], problems=[])
+    for path, problem in zip(paths, found, strict=True):
+        if problem is None:
+            scan.files.append(path)
+        else:
+            scan.problems.append((path, problem))
+    return scan
+
+
+def log_problems(problems: list[tuple[Path, str]], what: str = "skipped") -> None:
+    """One warning per problem file, so a reader of the log can find and remove it."""
+    for path, reason in problems:
+        log.warning("cell file %s %s: %s", path, what, reason)
+
+
 def read_store(results_dir: str | os.PathLike, sweep: str | None = None) -> pa.Table:
-    """All rows of the store (or of one sweep) as one Arrow table with :data:`SCHEMA`."""
-    files = cell_files(results_dir, sweep)
-    if not files:
+    """All rows of the store (or of one sweep) as one Arrow table with :data:`SCHEMA`.
+
+    Problem files (see :func:`scan_store`, or a file whose data pages fail to read) are
+    logged and skipped: the rest of the store stays usable.
+    """
+    scan = scan_store(results_dir, sweep)
+    log_problems(scan.problems)
+    if not scan.files:
         return SCHEMA.empty_table()
-    return pa.concat_tables([read_cell(p) for p in files])
+    try:  # one multi-threaded scan; per file only when some file's data is damaged
+        return ds.dataset([str(p) for p in scan.files], schema=SCHEMA, format="parquet").to_table()
+    except Exception:
+        return _read_each(scan.files)
+
+
+def _read_each(files: list[Path]) -> pa.Table:
+    """The cells of ``files`` one by one, skipping (and logging) those that fail to read."""
+    tables = []
+    for path in files:
+        try:
+            tables.append(read_cell(path))
+        except Exception as err:  # a footer that reads but data that does not
+            log_problems([(path, _one_line(f"unreadable data: {type(err).__name__}: {err}"))])
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 
 def cell_status(path: str | os.PathLike) -> str | None:
-    """``ok``, ``failed``, or None if the cell has no file yet. Used to resume sweeps."""
+    """``ok``, ``failed``, or None if the cell has no readable file. Used to resume sweeps.
+
+    Never raises: an unreadable or foreign file is logged and reported as None, so a
+    resumed sweep runs that cell again (and its new file replaces the bad one).
+    """
     path = Path(path)
     if not path.exists():
         return None
-    statuses = set(pq.read_table(path, columns=["status"]).column("status").to_pylist())
+    try:
+        with pq.ParquetFile(path) as pf:
+            problem = schema_problem(pf.schema_arrow)
+            statuses = set() if problem else set(pf.read(columns=["status"])["status"].to_pylist())
+    except Exception as err:
+        problem = _one_line(f"unreadable parquet: {type(err).__name__}: {err}")
+    if problem:
+        log_problems([(path, problem)], "cannot be read; its cell will run again")
+        return None
     return STATUS_FAILED if STATUS_FAILED in statuses or not statuses else STATUS_OK
 
 

@@ -1,82 +1,70 @@
-"""One grid cell end to end: load -> quantize -> evaluate -> records (the ``kbit-run`` entry).
+"""One grid cell end to end: validate -> load -> quantize -> evaluate -> records (``kbit-run``).
 
 ``kbit-run model=/path/to/model dtype=quantile bits=4 block_size=64 eval=paper``; ``bits=16``
 is the unquantized baseline (recorded with method/dtype/dtype_family ``none``).
 
-Cell identity (:func:`cell_id`): sha256 of the resolved cell config *without* the fields that
-cannot change a result (:data:`NON_RESULT_FIELDS`: where results and data live, which device,
-the sweep name, the plot label). At ``bits=16`` the quantization fields are dropped too, so
-the baseline is one cell however many data types a sweep lists.
+Order of work, and what each failure does:
 
-Errors: :func:`validate_cell` runs first and is cheap (no model loading); a bad input raises
-and nothing is written. A failure after validation (OOM, NaN, an lm-eval exception) writes
-ONE ``failed`` record holding the error, and ``main`` returns normally so a multirun goes on
-with the other cells. A SIGKILL leaves no record at all (the write is atomic).
+==============  ===============================================================================
+compose         Hydra checks types and keys against ``harness.config.CellConfig``
+validate        :func:`validate_cell`: every value rule, the results folder, the data type at k,
+                the model folder (config.json, weight files, remote code), the evaluation data
+                (files parse, task names exist), numerics and data sources resolved into the
+                cell id, and a trial record. A refused cell writes nothing, exits 2, one line.
+run             :func:`run_cell`; a failure here (OOM, an lm-eval exception) writes ONE
+                ``failed`` record holding the error; a NaN/inf in any evaluation writes
+                ``failed`` rows for the tasks it touched (never an ``ok`` accuracy).
+exit            0 when the cell is ok (or already done), 1 when it failed, 2 when refused.
+==============  ===============================================================================
+
+Identity (``harness.identity``): the cell id hashes the result-determining config with the
+resolved device class, compute dtype and evaluation data sources. A SIGKILL leaves no record
+at all (the write is atomic).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
-import hashlib
 import json
 import logging
-import re
+import math
+import os
 import socket
 import subprocess
+import sys
 import time
 import traceback
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from harness.evaluate.datasets import resolve_text_path
-from harness.evaluate.tasks import LOCAL_TASKS, check_files, unknown_task_error
+from harness.config import ConfigError, check_cell, eval_limit, register_schema
+from harness.evaluate.datasets import check_text_file, resolve_text_path
+from harness.evaluate.tasks import check_files, check_task_names
 from harness.evaluate.zeroshot import split_tasks
-from harness.models import (
-    LoadedModel,
-    check_hub_reachable,
-    guess_family,
-    load_model,
-    resolve_model_path,
+from harness.files import writable_dir_problem
+from harness.identity import LOCAL, Resolved, Target, cell_id, dtype_overrides, resolve
+from harness.models import LoadedModel, guess_family, load_model
+from harness.records import (
+    BASELINE_BITS,
+    MEAN_ZEROSHOT_TASK,
+    STATUS_FAILED,
+    STATUS_OK,
+    Record,
+    cell_path,
+    cell_status,
+    to_table,
+    write_cell,
 )
-from harness.records import STATUS_FAILED, Record, cell_path, cell_status, write_cell
 
 log = logging.getLogger(__name__)
-
-NON_RESULT_FIELDS = (
-    "results_dir",
-    "data_root",
-    "zoo_dir",
-    "device",
-    "sweep",
-    "model_family",
-    "hydra",
-)
-QUANT_FIELDS = ("dtype", "block_size", "scale_format", "centering", "method", "outlier_fraction",
-                "quantize_embeddings", "quantize_head")  # fmt: skip
-BASELINE_BITS = 16
-
-
-# ----------------------------------------------------------------------------- identity
-def cell_config(cfg: DictConfig) -> dict[str, Any]:
-    """The result-determining part of a cell config, as plain data (see module docstring)."""
-    data = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    for key in NON_RESULT_FIELDS:
-        data.pop(key, None)
-    if data.get("bits") == BASELINE_BITS:
-        for key in QUANT_FIELDS:
-            data.pop(key, None)
-    if data.get("method") != "proxy":
-        data.pop("outlier_fraction", None)
-    return data
-
-
-def cell_id(cfg: DictConfig) -> str:
-    """Stable 16-hex-digit id of a cell: sha256 of :func:`cell_config` as sorted JSON."""
-    text = json.dumps(cell_config(cfg), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+EXIT_FAILED, EXIT_REFUSED = 1, 2
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -132,108 +120,104 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-@functools.lru_cache(maxsize=1)
-def builtin_task_names() -> frozenset[str]:
-    """lm-eval's built-in task and group names, from its YAML files (no TaskManager: fast)."""
-    import lm_eval.tasks
-
-    names = set()
-    pattern = re.compile(r"^(?:task|group):\s*['\"]?([\w.-]+)", re.MULTILINE)
-    for path in Path(lm_eval.tasks.__file__).parent.rglob("*.yaml"):
-        names.update(pattern.findall(path.read_text(encoding="utf-8", errors="replace")))
-    return frozenset(names)
-
-
 # ----------------------------------------------------------------------------- validation
-def dtype_overrides(cfg: DictConfig) -> dict[str, Any]:
-    """Fields of ``cfg.dtype`` that differ from its catalogue entry (command-line overrides)."""
-    from harness.dtypes import get_spec
-
-    node = OmegaConf.to_container(cfg.dtype, resolve=True, enum_to_str=True)
-    spec = get_spec(node["name"])
-    out = {}
-    for key, value in node.items():
-        base = getattr(spec, key, None)
-        base = getattr(base, "value", base)
-        if key != "name" and value != base:
-            out[key] = value
-    return out
-
-
 def _check_quantization(cfg: DictConfig) -> None:
     from harness.dtypes import check
-    from harness.quantize.blockwise import SCALE_FORMATS
-    from harness.quantize.model import METHODS
 
     check(cfg.dtype.name, cfg.bits, **dtype_overrides(cfg))
-    bs = cfg.block_size
-    if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0):
-        raise ValueError(
-            f"block_size={bs!r}; allowed: a positive int or null (one scale per tensor)"
-        )
-    if cfg.scale_format not in SCALE_FORMATS:
-        raise ValueError(f"scale_format={cfg.scale_format!r}; allowed: {list(SCALE_FORMATS)}")
-    if cfg.method not in METHODS:
-        raise ValueError(f"method={cfg.method!r} is unknown; allowed: {list(METHODS)}")
-    if cfg.method == "proxy" and not 0.0 < cfg.outlier_fraction < 1.0:
-        raise ValueError(
-            f"outlier_fraction={cfg.outlier_fraction!r}; allowed with method=proxy: 0 < f < 1"
-        )
 
 
-def _check_eval(cfg: DictConfig, model_dir: Any) -> None:
+def _check_eval(cfg: DictConfig, model_dir: Path | None) -> None:
     ev = cfg.eval
     for entry in ev.perplexity:
-        resolve_text_path(entry.name, entry.get("path"), cfg.data_root, model_dir)
+        path = resolve_text_path(entry.name, entry.get("path"), cfg.data_root, model_dir)
+        if path is not None:
+            check_text_file(entry.name, path)
     tasks = list(ev.tasks)
-    local, builtin = split_tasks(tasks, cfg.data_root, model_dir)
+    check_task_names(tasks, cfg.data_root, model_dir)
+    local, _ = split_tasks(tasks, cfg.data_root, model_dir)
     check_files(local, cfg.data_root, model_dir)
-    zoo_without_folder = [t for t in builtin if t in LOCAL_TASKS]
-    if zoo_without_folder:
-        check_files(zoo_without_folder, cfg.data_root, model_dir)  # raises a clear error
-    known = builtin_task_names() if builtin else set()
-    for name in builtin:
-        if name not in known:
-            raise unknown_task_error(name, sorted(known | set(LOCAL_TASKS)))
-    missing = [t for t in ev.mean_of if t not in tasks]
-    if missing:
-        raise ValueError(f"eval.mean_of={list(ev.mean_of)}: {missing} not in eval.tasks={tasks}")
 
 
-def validate_cell(cfg: DictConfig) -> None:
-    """Raise a clear ValueError for a cell that cannot run; cheap (no model is loaded)."""
-    if OmegaConf.is_missing(cfg, "model") or not str(cfg.model).strip():
-        raise ValueError(
-            "model is not set; allowed: a local folder, a hub id, or zoo:<family>/<size>"
-        )
-    model_dir = resolve_model_path(cfg.model, cfg.zoo_dir)
-    if model_dir is None:
-        check_hub_reachable(cfg.model)
-    if cfg.bits != BASELINE_BITS:
-        _check_quantization(cfg)
-    _check_eval(cfg, model_dir)
+def validate_cell(cfg: DictConfig, target: Target = LOCAL) -> Resolved:
+    """Refuse a cell that cannot run (:class:`ConfigError`, one line); cheap, loads no weights.
+
+    Returns the resolved numerics and data sources (what the cell id is computed from).
+    Every check that can fail after hours of work is made here first, including building a
+    trial record: a value that cannot be stored fails now, not after the evaluation.
+    """
+    try:
+        check_cell(cfg)
+        if cfg.data_root is not None and not Path(str(cfg.data_root)).expanduser().is_dir():
+            raise ConfigError(f"data_root={cfg.data_root!r} is not a folder; allowed: a folder "
+                              "laid out like shared/data (eval/, corpus/), or null for the hub")  # fmt: skip
+        problem = writable_dir_problem(Path(str(cfg.results_dir)) / str(cfg.sweep))
+        if problem:
+            raise ConfigError(problem)
+        if cfg.bits != BASELINE_BITS:
+            _check_quantization(cfg)
+        from harness.identity import model_numerics
+
+        model_dir = model_numerics(cfg, target)[2]
+        _check_eval(cfg, model_dir)
+        resolved = resolve(cfg, target)
+        to_table([Record(**base_fields(cfg, resolved))])
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, OSError) as exc:
+        raise ConfigError(
+            str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        ) from exc
+    return resolved
+
+
+class CellRefused(BaseException):
+    """Carries a :class:`ConfigError` out of a Hydra callback.
+
+    Hydra turns an ``Exception`` raised by a callback into a warning and runs the job anyway;
+    a refused cell must stop before Hydra creates its output folder, so the callback raises
+    this (like ``SystemExit``, not an ``Exception``) and :func:`main` reports it.
+    """
+
+    def __init__(self, error: ConfigError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class ValidateCell(Callback):
+    """Hydra callback: a single run's cell is validated before Hydra creates any folder."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        cell = copy.deepcopy(config)
+        with read_write(cell), open_dict(cell):
+            cell.pop("hydra", None)
+        try:
+            validate_cell(cell)
+        except ConfigError as err:
+            raise CellRefused(err) from err
 
 
 # ----------------------------------------------------------------------------- the cell
 class ModelCache:
-    """Keeps the last loaded model, keyed by (model, device, compute_dtype).
+    """Keeps the last loaded model, keyed by (model, device, compute dtype, remote code).
 
     Consecutive cells of one model (an in-process multirun) reuse it; its weights are
     restored to pristine after every cell. One slot: a sweep orders cells model-major.
     """
 
     def __init__(self) -> None:
-        self.key: tuple[str, str, str] | None = None
+        self.key: tuple[str, str, str, bool] | None = None
         self.loaded: LoadedModel | None = None
 
-    def get(self, cfg: DictConfig) -> tuple[LoadedModel, bool]:
-        key = (str(cfg.model), str(cfg.device), str(cfg.compute_dtype))
+    def get(self, cfg: DictConfig, resolved: Resolved) -> tuple[LoadedModel, bool]:
+        key = (str(cfg.model), str(cfg.device), resolved.compute_dtype, bool(cfg.trust_remote_code))
         if self.key == key and self.loaded is not None:
             return self.loaded, True
         self.clear()
         self.loaded = load_model(
-            cfg.model, device=cfg.device, compute_dtype=cfg.compute_dtype, zoo_dir=cfg.zoo_dir
-        )
+            str(cfg.model), device=str(cfg.device), compute_dtype=resolved.compute_dtype,
+            zoo_dir=cfg.zoo_dir, trust_remote_code=bool(cfg.trust_remote_code),
+        )  # fmt: skip
         self.key = key
         return self.loaded, False
 
@@ -242,8 +226,8 @@ class ModelCache:
         _free_memory()
 
 
-def _quantize(cfg: DictConfig, loaded: LoadedModel) -> tuple[dict[str, Any], Any]:
-    """Quantize in place (or not, at 16 bit); returns (record fields, report)."""
+def _quantize(cfg: DictConfig, loaded: LoadedModel) -> dict[str, Any]:
+    """Quantize in place (or not, at 16 bit); returns the record fields it determines."""
     from harness.models import count_params
     from harness.quantize import quantize_model
     from harness.quantize.model import count_bits
@@ -251,70 +235,116 @@ def _quantize(cfg: DictConfig, loaded: LoadedModel) -> tuple[dict[str, Any], Any
     n_params, n_nonembed = count_params(loaded.model)
     fields: dict[str, Any] = {"n_params": n_params, "n_nonembedding_params": n_nonembed}
     if cfg.bits == BASELINE_BITS:
-        fields.update(method="none", dtype="none", dtype_family="none", block_size=None,
-                      total_model_bits=float(BASELINE_BITS * n_params), bits_per_param=16.0)  # fmt: skip
-        return fields, None
+        fields.update(total_model_bits=float(BASELINE_BITS * n_params), bits_per_param=16.0)
+        return fields
     report = quantize_model(
         loaded.model, cfg.dtype.name, cfg.bits, cfg.block_size,
-        scale_format=cfg.scale_format, centering=cfg.centering, method=cfg.method,
+        scale_format=str(cfg.scale_format), centering=cfg.centering, method=str(cfg.method),
         outlier_fraction=cfg.outlier_fraction, quantize_embeddings=cfg.quantize_embeddings,
         quantize_head=cfg.quantize_head, dtype_overrides=dtype_overrides(cfg),
     )  # fmt: skip
     count = count_bits(loaded.model, report)
     fields.update(
-        method=cfg.method, dtype=cfg.dtype.name, dtype_family=cfg.dtype.family,
         n_quantized_params=report.n_quantized_params, quantized_modules=report.modules,
         outlier_fraction=report.outlier_fraction, quantize_s=report.quantize_s,
         total_model_bits=float(count.total_bits), bits_per_param=float(count.bits_per_param),
     )  # fmt: skip
-    return fields, report
+    return fields
 
 
-def _evaluate(cfg: DictConfig, loaded: LoadedModel) -> tuple[list[dict[str, Any]], float]:
-    """Measurement rows (task, metric, value, ...) and seconds inside forward passes."""
-    from harness.evaluate import evaluate_zeroshot, load_text, mean_accuracy, perplexity_details
-    from harness.records import MEAN_ZEROSHOT_TASK
+def _nonfinite_row(row: dict[str, Any], what: str) -> dict[str, Any]:
+    """A measurement that cannot be trusted: failed, its value withheld, the count named."""
+    return {**row, "value": None, "stderr": None, "per_sample": None, "status": STATUS_FAILED,
+            "error": f"NonFiniteError: {what}"}  # fmt: skip
 
-    ev, rows, forward_s = cfg.eval, [], 0.0
-    for entry in ev.perplexity:
+
+def _perplexity_rows(
+    cfg: DictConfig, loaded: LoadedModel, resolved: Resolved
+) -> tuple[list, float]:
+    from harness.evaluate import load_text, perplexity_details
+
+    rows, forward_s = [], 0.0
+    for entry in cfg.eval.perplexity:
         text = load_text(entry.name, entry.get("path"), cfg.data_root, loaded.path)
         res = perplexity_details(loaded.model, loaded.tokenizer, text, entry.seqlen,
-                                 entry.max_tokens, ev.batch_size)  # fmt: skip
+                                 entry.max_tokens, cfg.eval.batch_size, progress=False)  # fmt: skip
         forward_s += res.forward_s
+        source, version = resolved.sources[f"ppl:{entry.name}"]
+        bad = res.nonfinite or not math.isfinite(res.nll)
         for metric, value in (("ppl", res.ppl), ("nll", res.nll)):
-            rows.append(dict(task=entry.name, metric=metric, value=value, n_samples=res.n_tokens))
-    if ev.tasks:
-        zs = evaluate_zeroshot(
-            loaded.model, loaded.tokenizer, list(ev.tasks), data_root=cfg.data_root,
-            model_dir=loaded.path, limit=ev.limit, batch_size=ev.batch_size,
-            num_fewshot=ev.num_fewshot, bootstrap_iters=ev.bootstrap_iters, seed=cfg.seed,
-        )  # fmt: skip
-        forward_s += zs.forward_s
-        for name, tr in zs.tasks.items():
-            for metric, value in tr.values.items():
-                rows.append(dict(task=name, metric=metric, value=value, stderr=tr.stderr[metric],
-                                 n_samples=tr.n, per_sample=tr.per_sample[metric]))  # fmt: skip
-        if ev.mean_of:
-            mean, stderr, n = mean_accuracy(zs.tasks, list(ev.mean_of))
-            rows.append(
-                dict(task=MEAN_ZEROSHOT_TASK, metric="acc", value=mean, stderr=stderr, n_samples=n)
-            )
+            row = dict(task=entry.name, metric=metric, value=value, n_samples=res.n_tokens,
+                       data_source=source, task_version=version)  # fmt: skip
+            what = (f"perplexity {entry.name}: {res.nonfinite} of {res.n_windows} windows have "
+                    "a NaN/inf loss")  # fmt: skip
+            rows.append(_nonfinite_row(row, what) if bad else row)
     return rows, forward_s
 
 
-def base_fields(cfg: DictConfig) -> dict[str, Any]:
-    """Identity, configuration and provenance fields shared by every row of a cell."""
+def _zeroshot_rows(cfg: DictConfig, loaded: LoadedModel, resolved: Resolved) -> tuple[list, float]:
+    from harness.evaluate import evaluate_zeroshot, mean_accuracy
+
+    ev, rows = cfg.eval, []
+    zs = evaluate_zeroshot(
+        loaded.model, loaded.tokenizer, list(ev.tasks), data_root=cfg.data_root,
+        model_dir=loaded.path, limit=eval_limit(ev.limit), batch_size=ev.batch_size,
+        num_fewshot=ev.num_fewshot, bootstrap_iters=ev.bootstrap_iters, seed=cfg.seed,
+    )  # fmt: skip
+    for name, tr in zs.tasks.items():
+        source, version = resolved.sources[name]
+        for metric, value in tr.values.items():
+            row = dict(task=name, metric=metric, value=value, stderr=tr.stderr[metric],
+                       n_samples=tr.n, per_sample=tr.per_sample[metric], data_source=source,
+                       task_version=version)  # fmt: skip
+            what = (
+                f"task {name}: {tr.nonfinite} of the log-likelihoods of {tr.n} examples are NaN/inf"
+            )
+            rows.append(_nonfinite_row(row, what) if tr.nonfinite else row)
+    if ev.mean_of:
+        mean, stderr, n = mean_accuracy(zs.tasks, list(ev.mean_of))
+        row = dict(task=MEAN_ZEROSHOT_TASK, metric="acc", value=mean, stderr=stderr, n_samples=n,
+                   data_source=" + ".join(resolved.sources[t][0] for t in ev.mean_of))  # fmt: skip
+        bad = [t for t in ev.mean_of if zs.tasks[t].nonfinite]
+        rows.append(
+            _nonfinite_row(row, f"{MEAN_ZEROSHOT_TASK}: tasks {bad} are non-finite") if bad else row
+        )
+    return rows, zs.forward_s
+
+
+def _evaluate(cfg: DictConfig, loaded: LoadedModel, resolved: Resolved) -> tuple[list, float]:
+    """Measurement rows (task, metric, value, status, ...) and seconds in forward passes.
+
+    Every task is evaluated even when an earlier one is non-finite, so a broken model gets a
+    failed row for each task (with the count of non-finite values), never a plausible score.
+    """
+    rows, forward_s = _perplexity_rows(cfg, loaded, resolved)
+    if cfg.eval.tasks:
+        zs_rows, zs_s = _zeroshot_rows(cfg, loaded, resolved)
+        rows, forward_s = rows + zs_rows, forward_s + zs_s
+    return rows, forward_s
+
+
+def base_fields(cfg: DictConfig, resolved: Resolved) -> dict[str, Any]:
+    """Identity, configuration, numerics and provenance fields shared by every row of a cell."""
+    baseline = cfg.bits == BASELINE_BITS
+    method = "none" if baseline else str(cfg.method)
     return dict(
-        sweep=cfg.sweep, cell_id=cell_id(cfg), model=str(cfg.model),
+        sweep=str(cfg.sweep), cell_id=cell_id(cfg, resolved), model=str(cfg.model),
         model_family=cfg.get("model_family") or guess_family(str(cfg.model)),
-        method=cfg.method, dtype=cfg.dtype.name, dtype_family=cfg.dtype.family, bits=cfg.bits,
-        block_size=cfg.block_size, scale_format=cfg.scale_format, centering=cfg.centering,
-        outlier_fraction=cfg.outlier_fraction if cfg.method == "proxy" else 0.0, seed=cfg.seed,
-        config=OmegaConf.to_yaml(cfg, resolve=True), **provenance_fields(),
+        method=method, dtype="none" if baseline else str(cfg.dtype.name),
+        dtype_family="none" if baseline else str(cfg.dtype.family),
+        dtype_overrides="{}" if baseline else json.dumps(dtype_overrides(cfg), sort_keys=True),
+        bits=cfg.bits, block_size=None if baseline else cfg.block_size,
+        scale_format=str(cfg.scale_format), centering=bool(cfg.centering),
+        outlier_fraction=float(cfg.outlier_fraction) if method == "proxy" else 0.0,
+        device_class=resolved.device_class, compute_dtype=resolved.compute_dtype,
+        data_digest=resolved.data_digest, trust_remote_code=bool(cfg.trust_remote_code),
+        seed=cfg.seed, config=OmegaConf.to_yaml(cfg, resolve=True), **provenance_fields(),
     )  # fmt: skip
 
 
-def run_cell(cfg: DictConfig, model_cache: ModelCache | None = None) -> list[Record]:
+def run_cell(
+    cfg: DictConfig, model_cache: ModelCache | None = None, resolved: Resolved | None = None
+) -> list[Record]:
     """Validate, load (or reuse), quantize, evaluate one cell; one Record per (task, metric).
 
     Raises on failure; the weights are restored to pristine whatever happens, so a cached
@@ -323,21 +353,23 @@ def run_cell(cfg: DictConfig, model_cache: ModelCache | None = None) -> list[Rec
     from harness.quantize import restore_model
 
     start = time.perf_counter()
-    validate_cell(cfg)
+    resolved = resolved or validate_cell(cfg)
     cache = model_cache or ModelCache()
-    loaded, reused = cache.get(cfg)
+    loaded, reused = cache.get(cfg, resolved)
     try:
+        if loaded.device_class != resolved.device_class:
+            raise RuntimeError(f"cell resolved for device class {resolved.device_class!r} but the "
+                               f"model loaded on {loaded.device_class!r}")  # fmt: skip
         restore_model(loaded.model)
-        fields = base_fields(cfg)
+        fields = base_fields(cfg, resolved)
         fields.update(architecture=loaded.architecture, device=device_name(loaded.device),
                       load_s=0.0 if reused else loaded.load_s)  # fmt: skip
         fields["model_family"] = cfg.get("model_family") or guess_family(
             str(cfg.model), loaded.architecture
         )
-        quant_fields, _ = _quantize(cfg, loaded)
-        fields.update(quant_fields)
+        fields.update(_quantize(cfg, loaded))
         eval_start = time.perf_counter()
-        rows, forward_s = _evaluate(cfg, loaded)
+        rows, forward_s = _evaluate(cfg, loaded, resolved)
         fields.update(eval_s=time.perf_counter() - eval_start, forward_s=forward_s)
     finally:
         restore_model(loaded.model)
@@ -347,51 +379,155 @@ def run_cell(cfg: DictConfig, model_cache: ModelCache | None = None) -> list[Rec
     return [Record(**fields, **row) for row in rows]
 
 
-def failed_record(cfg: DictConfig, exc: BaseException, wall_s: float) -> Record:
+def failed_record(cfg: DictConfig, exc: BaseException, wall_s: float, resolved: Resolved) -> Record:
     """The single row a cell writes when it fails after validation."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-6:])
-    fields = base_fields(cfg)
-    if cfg.bits == BASELINE_BITS:
-        fields.update(method="none", dtype="none", dtype_family="none", block_size=None)
-    return Record(**fields, status=STATUS_FAILED, error=f"{type(exc).__name__}: {exc}\n{tb}",
-                  wall_s=wall_s)  # fmt: skip
+    return Record(**base_fields(cfg, resolved), status=STATUS_FAILED,
+                  error=f"{type(exc).__name__}: {exc}\n{tb}", wall_s=wall_s)  # fmt: skip
+
+
+def cell_outcome(records: list[Record]) -> str:
+    """``failed`` when any row failed (a half-trustworthy cell is not ok), else ``ok``."""
+    return STATUS_FAILED if any(r.status != STATUS_OK for r in records) else STATUS_OK
 
 
 # ----------------------------------------------------------------------------- entry point
 _MODEL_CACHE = ModelCache()  # one per process: in-process multirun cells share the model
+_OUTCOMES: list[str] = []  # statuses of the cells this process ran (the single-run exit code)
 
 
 def run_and_record(cfg: DictConfig, model_cache: ModelCache | None = None) -> str:
-    """Skip a finished cell, else run it and write its file; returns the cell's status."""
-    path = cell_path(cfg.results_dir, cfg.sweep, cell_id(cfg))
-    if cell_status(path) == "ok":
-        log.info("cell %s already done (%s); skipping", cell_id(cfg), path)
+    """Skip a finished cell, else run it and write its file; returns the cell's status.
+
+    A cell that cannot run raises :class:`ConfigError` and writes nothing.
+    """
+    resolved = validate_cell(cfg)
+    cid = cell_id(cfg, resolved)
+    path = cell_path(cfg.results_dir, cfg.sweep, cid)
+    if cell_status(path) == STATUS_OK:
+        log.info("cell %s already done (%s); skipping", cid, path)
         return "skipped"
-    validate_cell(cfg)  # an input error: raise, write nothing
     start = time.perf_counter()
     try:
-        records = run_cell(cfg, model_cache)
+        records = run_cell(cfg, model_cache, resolved)
     except Exception as exc:  # after validation: record the failure, let the sweep go on
-        log.error("cell %s failed: %s", cell_id(cfg), exc, exc_info=True)
-        records = [failed_record(cfg, exc, time.perf_counter() - start)]
+        log.error("cell %s failed: %s", cid, exc, exc_info=True)
+        records = [failed_record(cfg, exc, time.perf_counter() - start, resolved)]
     write_cell(records, path, OmegaConf.to_yaml(cfg, resolve=True))
-    log.info("cell %s: %s -> %s", cell_id(cfg), records[0].status, path)
-    return records[0].status
+    status = cell_outcome(records)
+    errors = sorted({(r.error or "").splitlines()[0] for r in records if r.status != STATUS_OK})
+    if errors:
+        log.error("cell %s failed: %s", cid, "; ".join(errors))
+    log.info("cell %s: %s -> %s", cid, status, path)
+    return status
 
 
 def _hydra_task(cfg: DictConfig) -> None:
-    run_and_record(cfg, _MODEL_CACHE)
+    _OUTCOMES.append(run_and_record(cfg, _MODEL_CACHE))
+
+
+def target_overrides(argv: list[str]) -> list[str]:
+    """Command-line overrides that set a ``_target_`` (an import path Hydra would call)."""
+    return [a for a in argv if "_target_" in a.split("=", 1)[0]]
+
+
+# OmegaConf's type errors, and what a user may write instead
+_TYPE_WORDS = {"valid bool": "true or false", "to Integer": "an integer",
+               "to Float": "a number", "not a valid int": "an integer"}  # fmt: skip
+
+
+def input_error_line(exc: BaseException) -> str | None:
+    """One line for an input error (a refused config), or None for anything else.
+
+    Hydra reports a composition error as the override, then OmegaConf's message, key and
+    object type on further lines; a user needs the field, the value and what is allowed.
+    """
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from harness.names import unknown_name
+
+    if isinstance(exc, ConfigError) or getattr(exc, "refused", False):  # a refused sweep plan
+        return str(exc)
+    if isinstance(exc, MissingConfigException) and getattr(exc, "options", None):
+        group, _, name = str(exc.missing_cfg_file or "").rpartition("/")
+        options = [o for o in exc.options if not o.endswith("_schema")]
+        return str(unknown_name(group or "config", name, options))
+    if isinstance(exc, ConfigCompositionException | OmegaConfBaseException):
+        cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
+        msg = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
+        key = getattr(cause, "full_key", None)
+        head = str(exc).splitlines()[0] if cause is not exc else ""
+        parts = [p for p in (head, f"{key}: {msg}" if key else msg) if p]
+        allowed = next((a for word, a in _TYPE_WORDS.items() if word in msg), None)
+        return "; ".join(parts) + (f"; allowed: {allowed}" if allowed else "")
+    return None
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Report refused input as one line and exit 2 (``HYDRA_FULL_ERROR=1``: the traceback).
+
+    Hydra's reporter prints composition errors over several lines and task errors as a
+    traceback. Its reporting function is wrapped for the duration of ``kbit-run``; anything
+    that is not an input error still goes through Hydra's own reporting unchanged.
+    """
+    try:
+        import hydra._internal.utils as hydra_utils
+
+        original = hydra_utils.run_and_report
+    except (ImportError, AttributeError):  # a Hydra without it: its own reporting applies
+        yield
+        return
+
+    def report(func: Any) -> Any:
+        def guarded() -> Any:
+            try:
+                return func()
+            except Exception as exc:
+                line = input_error_line(exc)
+                if line is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                sys.stderr.write(f"kbit-run: {line}\n")
+                sys.exit(EXIT_REFUSED)
+
+        return original(guarded)
+
+    hydra_utils.run_and_report = report
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = original
 
 
 def main() -> None:
-    """``kbit-run``: register the dtype schema, then let Hydra compose and run the cell(s)."""
+    """``kbit-run``: register the schemas, let Hydra compose and run the cell(s), exit truthfully.
+
+    Exit status: 0 every cell ok (or already done); 1 a cell failed (a multirun runs the rest
+    first); 2 the input was refused before any work (one line on stderr).
+    """
     import hydra
 
-    from harness.dtypes import register_configs
-
-    register_configs()
+    bad = target_overrides(sys.argv[1:])
+    if bad:
+        sys.stderr.write(f"kbit-run: {bad[0]!r}: overriding a _target_ (an import path Hydra "
+                         "would call) is not allowed on the command line; allowed: the "
+                         "config fields of conf/config.yaml and the launcher settings\n")  # fmt: skip
+        sys.exit(EXIT_REFUSED)
+    register_schema()
     conf = Path(__file__).resolve().parents[1] / "conf"  # absolute: relative means a package
-    hydra.main(config_path=str(conf), config_name="config", version_base="1.3")(_hydra_task)()
+    try:
+        with one_line_errors():
+            hydra.main(config_path=str(conf), config_name="config", version_base="1.3")(
+                _hydra_task
+            )()
+    except CellRefused as refused:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise refused.error from None
+        sys.stderr.write(f"kbit-run: {refused.error}\n")
+        sys.exit(EXIT_REFUSED)
+    if STATUS_FAILED in _OUTCOMES:
+        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ store itself is the truth: a cell is *done* when its record says ok, *failed* wh
 holds an error, and *pending* when the sweep planned it (``sweep_manifest.json``, written by
 :mod:`harness.sweep` at launch) but no record exists yet. Re-launching the same command runs
 exactly the failed and pending cells.
+
+A cell file that cannot be read (truncated, corrupt, or a parquet of another schema) is
+counted as *failed* (the next launch runs that cell again and its new file replaces the bad
+one) and named, one line each, under "problems"; nothing in the store stops the report.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from harness.records import STATUS_FAILED, STATUS_OK, cell_files
+from harness.records import STATUS_FAILED, STATUS_OK, cell_files, scan_store
 from harness.sweep import MANIFEST, read_manifest
 
 
@@ -30,6 +34,8 @@ class SweepStatus:
     pending: int = 0
     errors: dict[str, str] = field(default_factory=dict)  # cell_id -> error (first line)
     pending_ids: list[str] = field(default_factory=list)
+    # unreadable or foreign cell files (counted in ``failed``): file name -> reason
+    problems: dict[str, str] = field(default_factory=dict)
 
     @property
     def cells(self) -> int:
@@ -39,11 +45,17 @@ class SweepStatus:
 def sweep_status(folder: Path) -> SweepStatus:
     """Status of the sweep stored in ``folder`` (RESULTS_DIR/<sweep>)."""
     result = SweepStatus(folder.name)
-    recorded: set[str] = set()
-    for path in cell_files(folder.parent, folder.name):
-        table = pq.read_table(path, columns=["status", "error"])
+    scan = scan_store(folder.parent, folder.name)
+    recorded = {p.stem for p in scan.files} | {p.stem for p, _ in scan.problems}
+    for path, reason in scan.problems:
+        _count_problem(result, path, reason)
+    for path in scan.files:
+        try:
+            table = pq.read_table(path, columns=["status", "error"])
+        except Exception as err:  # a footer that reads but data that does not
+            _count_problem(result, path, f"unreadable data: {type(err).__name__}: {err}")
+            continue
         statuses = table.column("status").to_pylist()
-        recorded.add(path.stem)
         if STATUS_FAILED in statuses or not statuses:
             result.failed += 1
             errors = [e for e in table.column("error").to_pylist() if e]
@@ -53,6 +65,12 @@ def sweep_status(folder: Path) -> SweepStatus:
     result.pending_ids = sorted(set(read_manifest(folder / MANIFEST)) - recorded)
     result.pending = len(result.pending_ids)
     return result
+
+
+def _count_problem(result: SweepStatus, path: Path, reason: str) -> None:
+    """A problem file is a failed cell: the next launch runs it again."""
+    result.failed += 1
+    result.problems[path.name] = (reason.strip().splitlines() or [""])[0]
 
 
 def store_status(results_dir: str | Path, sweep: str | None = None) -> list[SweepStatus]:
@@ -105,10 +123,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no sweeps in {str(root)!r}")
         return 0
     print(format_table(rows))
+    problems = format_problems(rows)
+    if problems:
+        print(problems)
     for row in rows if args.errors else []:
         for cid, err in sorted(row.errors.items()):
             print(f"{row.sweep}/{cid}: {err}")
     return 0 if all(r.failed == 0 and r.pending == 0 for r in rows) else 1
+
+
+def format_problems(rows: list[SweepStatus]) -> str:
+    """The unreadable cell files, one line each ("" when there are none); always shown,
+    since a person has to see them (a re-launch runs their cells again)."""
+    lines = [
+        f"{row.sweep}/{name}: {reason}"
+        for row in rows
+        for name, reason in sorted(row.problems.items())
+    ]
+    if not lines:
+        return ""
+    head = (
+        f"problems: {len(lines)} unreadable cell file(s), counted as failed "
+        "(re-launching the sweep runs these cells again):"
+    )
+    return "\n".join([head, *lines])
 
 
 if __name__ == "__main__":

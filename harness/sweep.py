@@ -29,7 +29,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,8 @@ from hydra.core.override_parser.types import Override
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from harness.files import atomic_write, writable_dir_problem
+from harness.identity import LOCAL, Target
 from harness.records import STATUS_FAILED, STATUS_OK, cell_path, cell_status
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,12 @@ MAX_PROBLEMS_SHOWN = 12
 
 
 class SweepError(CompactHydraException):
-    """A grid that cannot run as declared; raised before any job is queued."""
+    """A sweep that cannot run as declared (``refused``: nothing was queued or written, exit 2),
+    or whose launched cells did not all finish ok (exit 1)."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass
@@ -168,45 +174,70 @@ class CellComposer:
 
 
 def results_dir_problem(folder: str | os.PathLike) -> str | None:
-    """Why cell files cannot be written under ``folder`` (None when they can).
+    """Why cell files cannot be written under ``folder`` (None when they can); creates nothing."""
+    return writable_dir_problem(folder)
 
-    Checked without creating anything: the nearest existing ancestor must be a writable
-    directory, probed with a temporary file that is removed at once.
+
+def launch_target(launcher: DictConfig | None) -> Target:
+    """The machine class the launcher's jobs run on, for resolving ``device=auto``.
+
+    Why: a sweep is planned on a login node without a GPU, and its cell ids must be the ones
+    the jobs compute on GPU nodes. A submitit launcher (Slurm or local processes) runs on
+    GPUs when it asks for them (``gpus_per_node``, ``gpus_per_task`` or a ``gpu`` gres);
+    the in-process launcher runs here.
     """
-    path = Path(folder).expanduser().absolute()
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"results_dir={str(folder)!r}: cannot be created, {str(probe)!r} is a file, not a folder"
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as err:
-        return f"results_dir={str(folder)!r}: {str(probe)!r} is not writable ({err.strerror})"
-    return None
+    if launcher is None or "submitit" not in str(launcher.get("_target_", "")):
+        return LOCAL
+    gpus = [launcher.get(k) for k in ("gpus_per_node", "gpus_per_task")]
+    asks = any(_positive(g) for g in gpus) or "gpu" in str(launcher.get("gres") or "")
+    return Target(cuda_available=asks)
 
 
-def _default_hooks() -> tuple[Callable[[DictConfig], str], Callable[[DictConfig], None]]:
-    """``harness.run.cell_id`` and ``harness.run.validate_cell`` (imported late: heavy imports)."""
-    from harness.run import cell_id, validate_cell
+def _positive(count: Any) -> bool:
+    """A GPU count as submitit takes it (an int, or a string such as "2")."""
+    if isinstance(count, bool) or count is None:
+        return False
+    if isinstance(count, int):
+        return count > 0
+    return str(count).strip() not in ("", "0")
 
-    return cell_id, validate_cell
+
+def pinned_numerics(cfg: DictConfig, resolved: Any) -> list[str]:
+    """Overrides that pin ``auto`` numerics to what the plan resolved, so the job computes
+    the same cell id (and fails loudly, not silently on a CPU, if its node has no GPU)."""
+    pins = []
+    if str(cfg.get("device", "")) == "auto" and getattr(resolved, "device_class", None):
+        pins.append(f"device={resolved.device_class}")
+    if str(cfg.get("compute_dtype", "")) == "auto" and getattr(resolved, "compute_dtype", None):
+        pins.append(f"compute_dtype={resolved.compute_dtype}")
+    return pins
+
+
+def _default_hooks(target: Target) -> tuple[Callable[..., str], Callable[[DictConfig], Any]]:
+    """``harness.identity.cell_id`` and ``harness.run.validate_cell`` for ``target``
+    (imported late: heavy imports)."""
+    from harness.identity import cell_id
+    from harness.run import validate_cell
+
+    return cell_id, lambda cfg: validate_cell(cfg, target)
 
 
 def plan_sweep(
     grid: Sequence[Sequence[str]],
     compose: Callable[[Sequence[str]], DictConfig],
-    cell_id: Callable[[DictConfig], str] | None = None,
-    validate: Callable[[DictConfig], None] | None = None,
+    cell_id: Callable[..., str] | None = None,
+    validate: Callable[[DictConfig], Any] | None = None,
+    target: Target = LOCAL,
 ) -> SweepPlan:
     """Compose, validate, deduplicate and look up every cell of ``grid``; raises nothing.
 
-    Problems are collected (grouped by message, with a count and one example cell) so the
-    user fixes them all in one round instead of one per launch.
+    ``validate(cfg)`` raises for a bad cell and may return the cell's resolved numerics and
+    data sources, which are then passed to ``cell_id(cfg, resolved)`` and pinned into the
+    job's overrides. Problems are collected (grouped by message, with a count and one example
+    cell) so the user fixes them all in one round instead of one per launch.
     """
     if cell_id is None or validate is None:
-        default_id, default_validate = _default_hooks()
+        default_id, default_validate = _default_hooks(target)
         cell_id, validate = cell_id or default_id, validate or default_validate
     plan, seen = SweepPlan(), set()
     problems: OrderedDict[str, list[Sequence[str]]] = OrderedDict()
@@ -214,9 +245,10 @@ def plan_sweep(
     for overrides in _progress(grid):
         try:
             cfg = compose(overrides)
-            validate(cfg)
-            cid = cell_id(cfg)
+            resolved = validate(cfg)
+            cid = cell_id(cfg) if resolved is None else cell_id(cfg, resolved)
             results_dir, sweep = str(cfg.results_dir), str(cfg.sweep)
+            pins = pinned_numerics(cfg, resolved)
         except Exception as err:  # every problem is reported, not only the first
             problems.setdefault(_describe(err), []).append(overrides)
             continue
@@ -230,7 +262,7 @@ def plan_sweep(
             continue
         seen.add((sweep, cid))
         status = cell_status(cell_path(results_dir, sweep, cid))
-        plan.cells.append(Cell(list(overrides), cid, sweep, results_dir, status))
+        plan.cells.append(Cell([*overrides, *pins], cid, sweep, results_dir, status))
     plan.invalid = sum(len(cells) for cells in problems.values())
     plan.problems = [
         f"{msg}  [{len(cells)} cell(s), e.g. {' '.join(cells[0])}]"
@@ -265,7 +297,7 @@ def raise_on_problems(plan: SweepPlan, n_cells: int) -> None:
     lines += [f"  - {p}" for p in shown]
     if more:
         lines.append(f"  ... and {more} more")
-    raise SweepError("\n".join(lines))
+    raise SweepError("\n".join(lines), refused=True)
 
 
 def write_manifest(plan: SweepPlan) -> list[Path]:
@@ -284,10 +316,7 @@ def write_manifest(plan: SweepPlan) -> list[Path]:
             "updated_at": datetime.now(timezone.utc).isoformat(),
             "cells": entries,
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(body, fh, indent=0, sort_keys=True)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(body, indent=0, sort_keys=True))
         written.append(path)
     return written
 
@@ -353,7 +382,8 @@ class KbitSweeper(BasicSweeper):
         parser = OverridesParser.create(config_loader=loader)
         params = {str(k): str(v) for k, v in self.params.items()}
         grid = expand_union(parser, params, self.grids, arguments)
-        plan = plan_sweep(grid, CellComposer(loader, self.config).compose)
+        target = launch_target(self.config.hydra.get("launcher"))
+        plan = plan_sweep(grid, CellComposer(loader, self.config).compose, target=target)
         log.info(plan.summary())
         raise_on_problems(plan, len(grid))
         todo = [c.overrides for c in plan.to_run()]

@@ -348,14 +348,21 @@ def test_advisor_budget_admitting_exactly_one_configuration(grid_store):
         advise(res, smallest - 1)
 
 
-def test_advisor_picks_brute_force_best_with_paired_ci(grid_store):
+def test_advisor_picks_best_on_half_a_and_reports_half_b(grid_store):
     res = load_results(grid_store)
     budget = 2.0**27
     fits = [c for c in grid_records(n_ex=400) if c[0].total_model_bits <= budget]
-    best = max(fits, key=lambda c: (c[0].value, -c[0].total_model_bits))
+
+    def half(rows, start):  # the one task's per-example list, every second position
+        return np.mean([r.per_sample[start::2] for r in rows if r.per_sample is not None])
+
+    best = max(fits, key=lambda c: (half(c, 0), -c[0].total_model_bits))
     advice = advise(res, budget, n_boot=4000)
-    assert advice.n_fitting == len(fits)
+    assert advice.n_fitting == len(fits) and advice.selection_rule == "split"
+    assert "chosen on half A" in advice.selection and f"N={len(fits)}" in advice.selection
     assert advice.best.key == f"grid/{best[0].cell_id}"
+    assert advice.best.accuracy == pytest.approx(half(best, 1))
+    assert advice.best.recorded_accuracy == pytest.approx(best[0].value)
     assert advice.best.bits == 4  # bit-optimal by construction
     assert advice.runner_up is not None
     d = advice.diff_ci
@@ -388,7 +395,7 @@ def test_compare_cells_paired_difference(grid_store):
     # per_sample are sorted 1s then 0s, so pairs differ exactly on the PENALTY[3] share.
     assert ci.estimate == pytest.approx(round(0.52 * 400) / 400 - round(0.32 * 400) / 400)
     assert ci.low <= ci.estimate <= ci.high and ci.low > 0
-    with pytest.raises(KeyError, match="closest: 'grid/toy-26-4'"):
+    with pytest.raises(KeyError, match="did you mean 'grid/toy-26-4'"):
         compare_cells(res, "grid/toy-26-44", "grid/toy-26-3")
 
 

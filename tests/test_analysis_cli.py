@@ -95,17 +95,41 @@ def test_perplexity_figure_caps_and_marks_unstable_cells(store):
     assert marked == n_unstable > 0
 
 
+def _halves(res, keys):
+    """{key: (half-A macro accuracy, half-B macro accuracy)}, by numpy slicing, per cell."""
+    ps = res.per_sample(keys)
+    ps = ps[(ps["metric"] == "acc") & (ps["task"] != "zeroshot_mean")]
+    out = {}
+    for key, rows in ps.groupby("key"):
+        lists = [np.asarray(v, dtype=float) for v in rows["per_sample"]]
+        out[key] = (
+            np.mean([v[0::2].mean() for v in lists]),
+            np.mean([v[1::2].mean() for v in lists]),
+        )
+    return out
+
+
 def test_advise_cli_text_and_json(store, capsys):
     assert advise_main([str(store), "--budget", "1GiB", "--n-boot", "500"]) == 0
     text = capsys.readouterr().out
     assert "Best:" in text and "95% CI" in text and "Runner-up:" in text
-    assert advise_main([str(store), "--budget", "1GiB", "--n-boot", "500", "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
     res = load_results(store)
     fits = res.cells[res.cells["total_model_bits"] <= 8 * 2**30]
-    assert data["best"]["accuracy"] == pytest.approx(fits[ACC_COLUMN].max())
-    assert data["n_fitting"] == len(fits)
+    assert f"selection: best of N={len(fits)} chosen on half A" in text
+    assert advise_main([str(store), "--budget", "1GiB", "--n-boot", "500", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    halves = _halves(res, fits["key"].tolist())
+    # Chosen on half A (ties: fewer bits, then key), reported on held-out half B.
+    size = fits.set_index("key")["total_model_bits"]
+    best = min(halves, key=lambda k: (-halves[k][0], size[k], k))
+    assert data["best"]["key"] == best
+    assert data["best"]["accuracy"] == pytest.approx(halves[best][1])
+    assert data["best"]["recorded_accuracy"] == pytest.approx(
+        fits.set_index("key").loc[best, ACC_COLUMN]
+    )
+    assert data["n_fitting"] == len(fits) and data["selection_rule"] == "split"
     assert data["diff_ci"]["method"] == "paired-bootstrap"
+    assert data["skipped_files"] == [] and data["legacy_cells_excluded"] == 0
 
 
 def test_advise_cli_errors(store, capsys):

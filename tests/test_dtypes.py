@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from harness.dtypes import check, codebook, entries, legal_bits
+from harness.dtypes import bad_entries, check, codebook, entries, legal_bits
 from harness.dtypes.quantile import exact_quantiles
 
 NF4_QLORA = [
@@ -179,7 +179,7 @@ def test_quantile_exact_beyond_torch_quantile_limit():
 
 # ------------------------------------------------------------------------ bad input
 def test_unknown_dtype_names_known_and_closest():
-    with pytest.raises(ValueError, match=r"dtype='nf5'.*known: .*'nf4'.*closest match: 'nf4'"):
+    with pytest.raises(ValueError, match=r"dtype='nf5'.*allowed: .*'nf4'.*did you mean 'nf4'"):
         codebook("nf5", 4)
 
 
@@ -202,9 +202,7 @@ def test_exponent_plus_mantissa_must_fit_k():
 
 
 def test_unknown_override_field_names_the_closest():
-    with pytest.raises(
-        ValueError, match=r"override='exponent_bitz'.*closest match: 'exponent_bits'"
-    ):
+    with pytest.raises(ValueError, match=r"override='exponent_bitz'.*did you mean 'exponent_bits'"):
         codebook("float", 4, exponent_bitz=2)
 
 
@@ -231,15 +229,42 @@ def test_new_type_is_one_yaml_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("name: bad\nfamily: int\nbitz: 4\n", "bitz"),
-        ("name: bad\nfamily: int\nbits: four\n", "four"),
+        (
+            "name: bad\nfamily: int\nbitz: 4\n",
+            r"bad.yaml: field='bitz' is unknown.*did you mean 'bits'",
+        ),
+        ("name: bad\nfamily: int\nbits: four\n", r"bad.yaml: field 'bits'.*four.*allowed: int"),
+        (
+            "name: bad\nfamily: int\nsigned: maybe\n",
+            r"bad.yaml: field 'signed'.*maybe.*allowed: bool",
+        ),
+        ("name: bad\nbits: 4\n", r"bad.yaml: field 'family'.*[Mm]issing"),
+        ("name: [bad\n", r"bad.yaml: not readable YAML"),
+        ("- a list\n", r"bad.yaml: must be a mapping"),
         ("name: other\nfamily: int\n", "file stem"),
     ],
 )
-def test_bad_yaml_entries_fail(tmp_path, text, match):
+def test_bad_yaml_entry_fails_only_when_used(tmp_path, text, match):
+    """A bad file spoils its own name, not its siblings, and its error names file and field."""
     (tmp_path / "bad.yaml").write_text(text)
+    (tmp_path / "good.yaml").write_text("name: good\nfamily: int\nbits: 4\n")
+    assert torch.equal(codebook("good", 4, dtype_dir=tmp_path), codebook("int", 4))
+    assert "bad" not in entries(tmp_path) and "good" in entries(tmp_path)
+    assert list(bad_entries(tmp_path)) == ["bad"]
+    assert "\n" not in bad_entries(tmp_path)["bad"]
     with pytest.raises(ValueError, match=match):
-        codebook("int", 4, dtype_dir=tmp_path)
+        codebook("bad", 4, dtype_dir=tmp_path)
+    assert bad_entries() == {}  # the shipped entries are all good
+
+
+def test_an_entry_cannot_shadow_another(tmp_path, monkeypatch):
+    """Both kbit-run (Hydra) and codebook() must read one definition; two are refused."""
+    (tmp_path / "nf4.yaml").write_text("name: nf4\nfamily: normal\nbits: 4\noffset: 0.9\n")
+    monkeypatch.setenv("KBIT_DTYPE_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match=r"dtype 'nf4' is defined twice: .*conf/dtype/nf4.yaml"):
+        codebook("nf4", 4)
+    assert "nf4" in bad_entries() and "nf4" not in entries()
+    assert codebook("int", 4).numel() == 15  # the other entries are untouched
 
 
 def test_every_k_of_every_family_has_at_most_2k_values_and_zero_where_expected():

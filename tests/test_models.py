@@ -77,6 +77,22 @@ def test_parameter_counts_match_brute_force():
     assert nonembed == total - embed
 
 
+def test_parameter_counts_exclude_a_head_bias_and_need_no_layer_list():
+    import transformers as tf
+
+    cfg = tf.GPTJConfig(vocab_size=100, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                        n_positions=64, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    assert model.lm_head.bias is not None  # GPT-J's head has a bias: it is part of the head
+    total, nonembed = count_params(model)
+    head = model.lm_head.weight.numel() + model.lm_head.bias.numel()
+    assert nonembed == total - model.transformer.wte.weight.numel() - head
+    flat = _NoLayers()  # no decoder-block list: still counted, every Embedding is one
+    flat.embed = nn.Embedding(10, 4)
+    flat.get_output_embeddings = lambda: None
+    assert count_params(flat) == (4 * 4 + 4 + 10 * 4, 4 * 4 + 4)
+
+
 class _NoLayers(nn.Module):
     def __init__(self):
         super().__init__()

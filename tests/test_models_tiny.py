@@ -80,13 +80,15 @@ def save_tiny(family: str, folder: Path, seed: int = 0) -> Path:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_model_round_trips_offline(family, tmp_path):
-    from harness.models import load_model
+    from harness.models import count_params, load_model
 
     model, _ = tiny_model(family)
     folder = save_tiny(family, tmp_path / family)
     loaded = load_model(str(folder), device="cpu")
     assert loaded.architecture == family
     assert loaded.compute_dtype == torch.float32
+    assert loaded.device_class == "cpu" and loaded.device == torch.device("cpu")
+    assert loaded.info is not None and loaded.info.n_params == count_params(model)[0]
     for (name, p), (name2, q) in zip(
         model.state_dict().items(), loaded.model.state_dict().items(), strict=True
     ):

@@ -89,7 +89,7 @@ def test_dataset_resolution(data_root, tmp_path):
     assert load_text("wikitext2", data_root=data_root) == (
         data_root / "eval/wikitext2/test.txt"
     ).read_text(encoding="utf-8")
-    with pytest.raises(ValueError, match="closest match: 'wikitext2'"):
+    with pytest.raises(ValueError, match="did you mean 'wikitext2'"):
         load_text("wikitxt2", data_root=data_root)
     with pytest.raises(ValueError, match="does not exist"):
         load_text("wikitext2", data_root=tmp_path)
@@ -99,3 +99,42 @@ def test_dataset_resolution(data_root, tmp_path):
     (tmp_path / "kbit_eval").mkdir()
     (tmp_path / "kbit_eval" / "heldout.txt").write_text("held out")
     assert load_text("heldout", "model:kbit_eval/heldout.txt", model_dir=tmp_path) == "held out"
+
+
+def test_nan_windows_are_counted_not_raised(text, monkeypatch, tmp_path):
+    """A NaN in the final LayerNorm makes every window's NLL NaN: counted, ppl NaN, no raise."""
+    monkeypatch.setenv("KBIT_CACHE_DIR", str(tmp_path))
+    model, tok = tiny_model("gpt_neox")
+    normal = perplexity_details(model, tok, text, 64, batch_size=2, progress=False)
+    assert normal.nonfinite == 0 and math.isfinite(normal.ppl)
+    with torch.no_grad():
+        model.gpt_neox.final_layer_norm.weight[0] = float("nan")
+    broken = perplexity_details(model, tok, text, 64, batch_size=2, progress=False)
+    assert broken.nonfinite == broken.n_windows > 1
+    assert math.isnan(broken.ppl)
+
+
+def test_text_files_are_checked_and_sourced(data_root, tmp_path):
+    from harness.evaluate import check_text_file, text_source
+    from harness.evaluate.datasets import resolve_text_path
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"empty\.txt is empty"):
+        resolve_text_path("mine", str(empty))
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"ok \xff\xfe not utf-8")
+    with pytest.raises(ValueError, match=r"binary\.txt is not UTF-8 text") as err:
+        check_text_file("mine", binary)
+    assert "\n" not in str(err.value)
+    src = text_source("wikitext2", data_root=data_root)
+    wiki = (data_root / "eval/wikitext2/test.txt").resolve()
+    import hashlib
+
+    want = hashlib.sha256(wiki.read_bytes()).hexdigest()
+    assert src.source == f"local:{wiki};sha256={want}" and src.version == "gptq-1"
+    assert text_source("wikitext2").source == "hub:wikitext/wikitext-2-raw-v1@unpinned"
+    (tmp_path / "dir").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "dir" / f"{name}.txt").write_text(name)
+    assert text_source("d", str(tmp_path / "dir")).source.count("+local:") == 1

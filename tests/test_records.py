@@ -28,7 +28,7 @@ from harness.records import (
 def full_record(**changes) -> Record:
     """Every field set to a non-default value of its declared type."""
     base = dict(
-        schema_version=1, sweep="s", cell_id="0123456789abcdef", model="/m/pythia-tiny",
+        sweep="s", cell_id="0123456789abcdef", model="/m/pythia-tiny",
         model_family="pythia", architecture="gpt_neox", n_params=123_456_789_012,
         n_nonembedding_params=98_765, n_quantized_params=4321,
         quantized_modules=["a.b", "c.d"], method="proxy", dtype="quantile",
@@ -39,7 +39,9 @@ def full_record(**changes) -> Record:
         eval_s=3.5, forward_s=3.0, wall_s=8.0, version_harness="0.1.0", version_torch="2.13",
         version_transformers="5.23", version_lm_eval="0.4.13", git_commit="abc+dirty",
         hostname="h", device="cuda:0 (H100)", created_at="2026-01-01T00:00:00+00:00", seed=7,
-        config="model: x\nbits: 3\n",
+        config="model: x\nbits: 3\n", device_class="cuda", compute_dtype="bfloat16",
+        dtype_overrides='{"exponent_bits": 3}', data_source="local:/d/piqa.jsonl;sha256=ab",
+        task_version="1.0+kbit1", data_digest="0123abcd", trust_remote_code=True,
     )  # fmt: skip
     base.update(changes)
     return Record(**base)

@@ -15,9 +15,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def make_cfg(*overrides: str):
-    from harness.dtypes import register_configs
+    from harness.config import register_schema
 
-    register_configs()
+    register_schema()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
@@ -32,23 +32,90 @@ def smoke(model_dir, results, *extra):
                     "eval.limit=6", "eval.perplexity.0.max_tokens=1024", "device=cpu", *extra)  # fmt: skip
 
 
-def test_cell_id_ignores_where_and_baseline_ignores_dtype(tmp_path):
-    from harness.run import cell_id
+def test_cell_id_ignores_where_and_baseline_ignores_dtype(model_dir, tmp_path):
+    from harness.identity import cell_id
 
-    a = cell_id(make_cfg("model=m/x", "results_dir=/a", "sweep=s1", "device=cpu"))
-    assert a == cell_id(make_cfg("model=m/x", "results_dir=/b", "sweep=s2", "device=cuda"))
-    assert a != cell_id(make_cfg("model=m/x", "bits=3"))
-    assert a != cell_id(make_cfg("model=m/x", "dtype=nf4"))
-    base = cell_id(make_cfg("model=m/x", "bits=16", "dtype=int", "block_size=64"))
-    assert base == cell_id(make_cfg("model=m/x", "bits=16", "dtype=float", "block_size=128"))
+    m = f"model={model_dir}"
+    a = cell_id(make_cfg(m, "results_dir=/a", "sweep=s1", "device=cpu", "model_family=x"))
+    assert a == cell_id(make_cfg(m, "results_dir=/b", "sweep=s2", "device=cpu", "zoo_dir=/z"))
+    assert a != cell_id(make_cfg(m, "bits=3"))
+    assert a != cell_id(make_cfg(m, "dtype=nf4"))
+    base = cell_id(make_cfg(m, "bits=16", "dtype=int", "block_size=64"))
+    assert base == cell_id(make_cfg(m, "bits=16", "dtype=float", "block_size=128"))
     assert len(a) == 16 and int(a, 16) >= 0
+
+
+def test_cell_id_holds_resolved_numerics(model_dir):
+    """A CPU/fp32 cell and a GPU/bf16 cell of one config are different measurements."""
+    from harness.identity import Target, cell_id, resolve
+
+    m, gpu = f"model={model_dir}", Target(cuda_available=True, bf16_supported=True)
+    cpu = make_cfg(m, "device=cpu")
+    auto = make_cfg(m, "device=auto")
+    # on this CPU machine auto resolves to cpu/float32: the same measurement as explicit cpu
+    assert cell_id(auto, resolve(auto, Target(cuda_available=False))) == cell_id(cpu)
+    assert cell_id(auto, resolve(auto, gpu)) != cell_id(cpu)
+    assert cell_id(make_cfg(m, "device=cuda")) == cell_id(make_cfg(m, "device=cuda:1"))
+    assert cell_id(make_cfg(m, "device=cuda")) != cell_id(cpu)
+    assert cell_id(make_cfg(m, "device=cpu", "compute_dtype=float32")) == cell_id(cpu)
+    assert cell_id(make_cfg(m, "device=cpu", "compute_dtype=bfloat16")) != cell_id(cpu)
+    # an fp32 checkpoint runs in bf16 on a GPU that supports it (the checkpoint's own 16-bit
+    # dtype when it has one: tests/test_model_safety.py)
+    assert (resolve(auto, gpu).device_class, resolve(auto, gpu).compute_dtype) == (
+        "cuda",
+        "bfloat16",
+    )
+
+
+def test_cell_id_holds_the_data_source(model_dir, data_root, tmp_path):
+    """Other data is another cell; the same bytes in another folder are the same cell."""
+    import shutil
+
+    from harness.identity import cell_id
+
+    def root_with(piqa: str) -> Path:
+        root = tmp_path / f"data{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(data_root / "eval", root / "eval", symlinks=True)
+        (root / "eval/piqa/valid.jsonl").unlink()
+        (root / "eval/piqa/valid.jsonl").write_text(piqa)
+        return root
+
+    text = (data_root / "eval/piqa/valid.jsonl").read_text()
+    same, other = root_with(text), root_with(text.replace("water", "Water", 1))
+    ids = {
+        name: cell_id(smoke(model_dir, tmp_path, f"data_root={root}"))
+        for name, root in (("orig", data_root), ("same", same), ("other", other))
+    }
+    assert ids["orig"] == ids["same"] != ids["other"]
+
+
+def test_nan_model_gives_failed_rows_for_every_task(tmp_path, data_root):
+    """One NaN in the final LayerNorm: lm-eval would score choice 0 (a plausible accuracy)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from harness.run import cell_id, run_and_record
+
+    folder = save_tiny("gpt_neox", tmp_path / "nan-model")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.gpt_neox.final_layer_norm.weight[3] = float("nan")
+    model.save_pretrained(folder)
+    cfg = smoke(folder, tmp_path / "results", "bits=16")
+    assert run_and_record(cfg) == "failed"
+    rows = records_from_table(read_cell(cell_path(tmp_path / "results", "adhoc", cell_id(cfg))))
+    tasks = {"wikitext2", "lambada_openai", "piqa", MEAN_ZEROSHOT_TASK}
+    assert {r.task for r in rows} == tasks
+    for r in rows:
+        assert r.status == "failed" and r.value is None, (r.task, r.metric, r.value)
+        assert r.error.startswith("NonFiniteError:") and r.task in r.error, r.error
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model=/nonexistent/model/dir"], "no such folder"),
-        (["eval.tasks=[piqa,hellasweg]", "eval.mean_of=[]"], "closest match: 'hellaswag'"),
+        (["model=/nonexistent/model/dir"], "nonexistent/model/dir"),
+        (["eval.tasks=[piqa,hellasweg]", "eval.mean_of=[]"], "did you mean 'hellaswag'"),
         (["dtype=nf4", "bits=3"], "bits=3 is not allowed for dtype 'nf4'"),
         (["block_size=0"], "block_size=0"),
         (["method=proxy", "outlier_fraction=0"], "outlier_fraction"),

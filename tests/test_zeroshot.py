@@ -19,30 +19,23 @@ def _jsonl(path) -> list[dict]:
 
 
 def test_materialized_tasks_join_labels_and_resolve_paths(data_root, tmp_path):
-    out = materialize(["piqa", "hellaswag", "winogrande"], data_root, out_dir=tmp_path)
+    out = materialize(["piqa", "hellaswag", "winogrande"], data_root, out_dir=tmp_path, plain=True)
     piqa = yaml.safe_load((out / "piqa.yaml").read_text())
     assert piqa["task"] == "piqa" and piqa["dataset_path"] == "json"
-    docs = _jsonl(piqa["dataset_kwargs"]["data_files"]["test"])
+    docs = _jsonl(piqa["dataset_kwargs"]["data_files"]["validation"])
     labels = (data_root / "eval/piqa/valid-labels.lst").read_text().split()
     assert len(docs) == len(labels) == 1838
     assert [d["label"] for d in docs] == [int(x) for x in labels]
-    wino = yaml.safe_load((out / "winogrande.yaml").read_text())
-    assert wino["dataset_kwargs"]["data_files"]["test"] == str(
-        (data_root / "eval/winogrande/dev.jsonl").resolve()
-    )
-    hs = _jsonl(out / "hellaswag.jsonl")
-    from lm_eval.tasks.hellaswag.utils import preprocess  # lm-eval's own cleaning, as reference
-
-    raw = _jsonl(data_root / "eval/hellaswag/validation.jsonl")
-    assert len(hs) == len(raw) == 10042
-    assert all(
-        h["choices"] == [preprocess(e) for e in r["endings"]] for h, r in zip(hs, raw, strict=True)
-    )
-    assert [h["gold"] for h in hs] == [r["label"] for r in raw]
+    hs = yaml.safe_load((out / "hellaswag.yaml").read_text())
+    assert hs["dataset_kwargs"]["data_files"]["validation"] == str(
+        (data_root / "eval/hellaswag/validation.jsonl").resolve()
+    )  # already in the hub's format: read as it is
+    wino = _jsonl(out / "winogrande.hub.jsonl")
+    assert len(wino) == 1267 and set(wino[0]) == {"sentence", "option1", "option2", "answer"}
 
 
 def test_unknown_task_and_missing_files_fail_clearly(data_root, tmp_path):
-    with pytest.raises(ValueError, match="closest match: 'winogrande'"):
+    with pytest.raises(ValueError, match="did you mean 'winogrande'"):
         materialize(["winogrand"], data_root, out_dir=tmp_path)
     with pytest.raises(ValueError, match=r"piqa.*does not exist"):
         materialize(["piqa"], tmp_path, out_dir=tmp_path / "o")
@@ -93,41 +86,11 @@ def test_mean_accuracy_is_the_plain_mean():
 
 
 def test_every_local_task_has_lm_eval_name_or_zoo_prefix():
-    from harness.run import builtin_task_names
+    from harness.evaluate.tasks import builtin_task_names
 
     builtin = builtin_task_names()
     for name in LOCAL_TASKS:
         assert name in builtin or name.startswith("zoo_"), name
-
-
-def _builtin_templates(task: str) -> dict:
-    """lm-eval's own YAML for a built-in task (its Jinja prompt templates are the reference)."""
-    import lm_eval.tasks
-
-    root = Path(lm_eval.tasks.__file__).parent
-    path = next(p for p in root.rglob(f"{task}.yaml") if p.parent.name in task)
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
-
-
-@pytest.mark.parametrize("task", ["lambada_openai", "piqa"])
-def test_precomputed_prompts_equal_lm_eval_templates(task, data_root, tmp_path):
-    """kbit precomputes prompts into columns (speed); they must be lm-eval's strings exactly."""
-    from lm_eval.utils import apply_template
-
-    reference = _builtin_templates(task)
-    ours = yaml.safe_load((materialize([task], data_root, out_dir=tmp_path) / f"{task}.yaml")
-                          .read_text())  # fmt: skip
-    docs = _jsonl(ours["dataset_kwargs"]["data_files"]["test"])
-    assert len(docs) > 1000
-    for doc in docs[::7]:
-        assert doc[ours["doc_to_text"]] == apply_template(reference["doc_to_text"], doc)
-        if task == "piqa":
-            assert doc[ours["doc_to_choice"]] == [doc["sol1"], doc["sol2"]]
-            assert str(doc[ours["doc_to_choice"]]) == apply_template(
-                reference["doc_to_choice"], doc
-            )
-        else:
-            assert doc[ours["doc_to_target"]] == apply_template(reference["doc_to_target"], doc)
 
 
 def test_reused_task_objects_give_the_results_of_a_fresh_build(data_root, tmp_path, monkeypatch):
@@ -169,3 +132,60 @@ def test_a_changed_task_file_is_not_served_from_the_task_cache(data_root, tmp_pa
     _, after = zeroshot.task_objects(["winogrande"], root, None, 0)
     assert after is not before
     assert len(after[0].eval_docs) == 5 < len(before[0].eval_docs)
+
+
+# ---------------------------------------------------------------- non-finite and fp32 softmax
+def nan_model():
+    """A tiny GPT-NeoX whose final LayerNorm weight holds one NaN: every log-likelihood is NaN."""
+    model, tok = tiny_model("gpt_neox")
+    with torch.no_grad():
+        model.gpt_neox.final_layer_norm.weight[0] = float("nan")
+    return model, tok
+
+
+PAPER_TASKS = ["lambada_openai", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge"]
+
+
+def test_nan_log_likelihoods_are_counted_for_every_task(data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("KBIT_CACHE_DIR", str(tmp_path))
+    kw = dict(data_root=data_root, limit=3, batch_size=4)
+    broken = evaluate_zeroshot(*nan_model(), PAPER_TASKS, **kw)
+    normal = evaluate_zeroshot(*tiny_model("gpt_neox"), PAPER_TASKS, **kw)
+    for name in PAPER_TASKS:
+        assert broken.tasks[name].n == 3
+        assert broken.tasks[name].nonfinite > 0, name
+        assert normal.tasks[name].nonfinite == 0, name
+
+
+def test_count_nonfinite_reads_logged_responses():
+    from harness.evaluate.zeroshot import count_nonfinite
+
+    samples = [
+        {"filtered_resps": [(-1.0, False), (float("nan"), False)]},
+        {"filtered_resps": [(float("-inf"), True)], "resps": [[(float("-inf"), True)]]},
+        {"resps": [[(-2.0, False)], [("nan", False)]]},
+        {"filtered_resps": ["a generated answer"]},
+    ]
+    assert count_nonfinite(samples) == 3
+
+
+def test_bfloat16_model_runs_log_softmax_in_float32(data_root, tmp_path, monkeypatch):
+    from lm_eval.models import huggingface
+
+    from harness.evaluate import zeroshot
+
+    monkeypatch.setenv("KBIT_CACHE_DIR", str(tmp_path))
+    model, tok = tiny_model("llama")
+    model = model.to(torch.bfloat16)
+    seen = []
+    original = huggingface.HFLM._loglikelihood_tokens
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.softmax_dtype)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(huggingface.HFLM, "_loglikelihood_tokens", spy)
+    assert zeroshot.make_lm(model, tok).softmax_dtype == torch.float32
+    res = evaluate_zeroshot(model, tok, ["piqa"], data_root=data_root, limit=2, batch_size=2)
+    assert seen and set(seen) == {torch.float32}
+    assert res.tasks["piqa"].nonfinite == 0

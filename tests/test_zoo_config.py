@@ -11,11 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from harness.models import count_params
 from harness.zoo import ZooConfigError, ZooModelNotBuiltError, build_family, resolve_model
 from harness.zoo.config import SizeConfig, family_hash, family_names, load_family_config, size_hash
 from harness.zoo.corpus import PACKAGED_CORPUS, corpus_hash, load_corpus, normalize
 from harness.zoo.evalsets import EvalSetsConfig, make_lastword, make_mc, sentences
-from harness.zoo.model import ARCHITECTURES, build_config, count_params
+from harness.zoo.model import ARCHITECTURES, build_config
 from harness.zoo.resolve import parse_spec
 
 FAMILIES = family_names()

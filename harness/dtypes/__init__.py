@@ -8,7 +8,10 @@ values; :func:`check` / :func:`legal_bits` validate a (name, k) pair before any 
 
 from __future__ import annotations
 
+import logging
+
 from harness.dtypes.registry import (
+    bad_entries,
     check,
     clear_cache,
     codebook,
@@ -18,25 +21,48 @@ from harness.dtypes.registry import (
     is_data_dependent,
     legal_bits,
     register_family,
+    user_entries,
 )
 from harness.dtypes.spec import DtypeSpec, Estimator
 
+log = logging.getLogger(__name__)
+
 
 def register_configs() -> None:
-    """Store the entry schema in Hydra's ConfigStore as ``dtype/dtype_schema``.
+    """Store the data type schemas and the user's entries in Hydra's ConfigStore.
 
-    Each ``conf/dtype/*.yaml`` lists ``dtype_schema`` first in its defaults, so Hydra checks
-    the entry's keys and types against :class:`DtypeSpec` at compose time. Called by the
-    ``kbit-run`` entry point before composing (nothing is registered at import time).
+    ``dtype/dtype_schema``: each ``conf/dtype/*.yaml`` lists it first in its defaults, so
+    Hydra checks the entry's keys and types against :class:`DtypeSpec` at compose time.
+    ``dtype/<name>`` for every usable entry found only in ``$KBIT_DTYPE_DIR``: Hydra's search
+    path knows only ``conf/``, and this is how ``kbit-run dtype=<user entry>`` composes the
+    same entry :func:`codebook` reads. Bad entries there are logged (one line each) and left
+    out; they fail only when their name is used. Called by the ``kbit-run`` entry point
+    before composing (nothing is registered at import time); calling it again re-reads
+    ``$KBIT_DTYPE_DIR``.
     """
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(group="dtype", name="dtype_schema", node=DtypeSpec)
+    store = ConfigStore.instance()
+    store.store(group="dtype", name="dtype_schema", node=DtypeSpec)
+    clear_cache()  # the folder may have changed since the last call
+    group = store.repo.get("dtype", {})
+    for name in _REGISTERED - set(user_entries()):  # an entry removed since the last call
+        group.pop(f"{name}.yaml", None)
+    _REGISTERED.clear()
+    for name, spec in user_entries().items():
+        store.store(group="dtype", name=name, node=spec)
+        _REGISTERED.add(name)
+    for name, reason in bad_entries().items():
+        log.warning("data type %r cannot be used: %s", name, reason)
+
+
+_REGISTERED: set[str] = set()  # user entries this process put in the ConfigStore
 
 
 __all__ = [
     "DtypeSpec",
     "Estimator",
+    "bad_entries",
     "check",
     "clear_cache",
     "codebook",
@@ -47,4 +73,5 @@ __all__ = [
     "legal_bits",
     "register_configs",
     "register_family",
+    "user_entries",
 ]

@@ -8,7 +8,6 @@ family and its options. :func:`codebook` is the single lookup that turns a name 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import logging
 import os
@@ -19,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from harness.dtypes.spec import DtypeSpec
+from harness.names import unknown_name
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,6 @@ def register_family(
     return wrap
 
 
-def _unknown(field: str, value: str, known: Sequence[str]) -> ValueError:
-    close = difflib.get_close_matches(value, known, n=1, cutoff=0.0)
-    hint = f"; closest match: {close[0]!r}" if close else ""
-    return ValueError(f"{field}={value!r} is unknown; known: {sorted(known)}{hint}")
-
-
 def families() -> dict[str, Family]:
     """All registered families by name (built-ins imported on first use)."""
     for module in _BUILTIN_FAMILY_MODULES:
@@ -88,16 +82,15 @@ def families() -> dict[str, Family]:
 def get_family(name: str) -> Family:
     fams = families()
     if name not in fams:
-        raise _unknown("family", name, list(fams))
+        raise unknown_name("family", name, fams)
     return fams[name]
 
 
 # --------------------------------------------------------------------------- entries (YAML)
 def default_dtype_dirs(dtype_dir: str | os.PathLike | None = None) -> tuple[Path, ...]:
-    """Folders searched for entries, later ones overriding earlier ones by name.
-
-    The repo's ``conf/dtype``, then ``$KBIT_DTYPE_DIR`` if set, then ``dtype_dir`` if given:
-    a user can add or shadow data types without touching the checkout.
+    """Folders searched for entries: the repo's ``conf/dtype``, then ``$KBIT_DTYPE_DIR`` if
+    set, then ``dtype_dir`` if given, so a user can add data types without touching the
+    checkout. A name defined in two of them is refused when used (docs/dtypes.md).
     """
     import harness
 
@@ -106,40 +99,106 @@ def default_dtype_dirs(dtype_dir: str | os.PathLike | None = None) -> tuple[Path
         dirs.append(Path(os.environ[DTYPE_DIR_ENV]))
     if dtype_dir is not None:
         dirs.append(Path(dtype_dir))
-    return tuple(d.resolve() for d in dirs)
+    return tuple(dict.fromkeys(d.resolve() for d in dirs))  # a folder named twice counts once
 
 
 def parse_entry(path: Path) -> DtypeSpec:
-    """One YAML file -> a validated :class:`DtypeSpec` (the Hydra schema, applied by hand)."""
-    raw = OmegaConf.load(path)
-    if "defaults" in raw:
-        raw.pop("defaults")
+    """One YAML file -> a validated :class:`DtypeSpec` (the Hydra schema, applied by hand).
+
+    Raises a one-line ValueError naming the file, the field and what is allowed.
+    """
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(DtypeSpec), raw)
-        spec = OmegaConf.to_object(merged)
+        raw = OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax, unreadable file
+        raise ValueError(f"dtype entry {path}: not readable YAML: {_first_line(exc)}") from exc
+    if not isinstance(raw, DictConfig):
+        raise ValueError(f"dtype entry {path}: must be a mapping of DtypeSpec fields")
+    raw.pop("defaults", None)
+    fields = {f.name: f for f in dataclasses.fields(DtypeSpec)}
+    for key in raw:
+        if key not in fields:
+            raise unknown_name(f"dtype entry {path}: field", key, fields)
+    try:
+        spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DtypeSpec), raw))
     except OmegaConfBaseException as exc:
-        raise ValueError(f"dtype entry {path}: {exc}") from exc
+        key = str(getattr(exc, "key", None) or getattr(exc, "full_key", "") or "")
+        if key in fields:
+            raise ValueError(
+                f"dtype entry {path}: field {key!r}: {_first_line(exc)}; "
+                f"allowed: {fields[key].type}"
+            ) from exc
+        raise ValueError(f"dtype entry {path}: {_first_line(exc)}") from exc
     if spec.name != path.stem:
         raise ValueError(f"dtype entry {path}: name={spec.name!r} must equal the file stem")
     return spec
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@dataclass(frozen=True)
+class _Catalogue:
+    """Every entry of a set of folders: the usable ones and, by name, why others are not."""
+
+    good: dict[str, DtypeSpec]
+    bad: dict[str, str]  # name -> one-line reason (a parse error, or a name defined twice)
+    where: dict[str, Path]  # name -> the file it came from (good and bad)
+
+
 @lru_cache(maxsize=16)
-def _load_entries(dirs: tuple[Path, ...]) -> dict[str, DtypeSpec]:
-    entries: dict[str, DtypeSpec] = {}
+def _load_entries(dirs: tuple[Path, ...]) -> _Catalogue:
+    """Parse every file once; a bad file only spoils its own name (others stay usable)."""
+    good: dict[str, DtypeSpec] = {}
+    bad: dict[str, str] = {}
+    where: dict[str, Path] = {}
     for folder in dirs:
         if not folder.is_dir():
             raise ValueError(f"dtype folder {folder} does not exist")
         for path in sorted(folder.glob("*.yaml")):
-            entries[path.stem] = parse_entry(path)
-    return entries
+            name = path.stem
+            if name in where:  # one name, one definition: see docs/dtypes.md
+                good.pop(name, None)
+                bad[name] = (
+                    f"dtype {name!r} is defined twice: {where[name]} and {path}; an entry "
+                    "cannot shadow another (kbit-run would compose one, codebook() read the "
+                    "other): rename one (its file and its name: field)"
+                )
+                continue
+            where[name] = path
+            try:
+                good[name] = parse_entry(path)
+            except ValueError as exc:
+                bad[name] = str(exc)
+    return _Catalogue(good, bad, where)
+
+
+def _catalogue(
+    dtype_dir: str | os.PathLike | None = None,
+) -> tuple[dict[str, DtypeSpec], dict[str, str]]:
+    """(usable entries as fresh copies, bad entries' reasons) of the default folders."""
+    cat = _load_entries(default_dtype_dirs(dtype_dir))
+    return {k: dataclasses.replace(v) for k, v in cat.good.items()}, dict(cat.bad)
 
 
 def entries(dtype_dir: str | os.PathLike | None = None) -> dict[str, DtypeSpec]:
-    """Every named data type entry, parsed once per set of folders (see ``clear_cache``)."""
-    return {
-        k: dataclasses.replace(v) for k, v in _load_entries(default_dtype_dirs(dtype_dir)).items()
-    }
+    """Every usable named data type entry, parsed once per set of folders (see ``clear_cache``).
+
+    A file that does not parse is left out (see :func:`bad_entries`); using its name raises
+    its parse error.
+    """
+    return _catalogue(dtype_dir)[0]
+
+
+def bad_entries(dtype_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """Entries that cannot be used, by name: the one-line reason (file, field, what is allowed)."""
+    return _catalogue(dtype_dir)[1]
+
+
+def user_entries() -> dict[str, DtypeSpec]:
+    """Usable entries found only in ``$KBIT_DTYPE_DIR``: the ones Hydra does not see in conf/."""
+    builtin = _load_entries(default_dtype_dirs()[:1]).where
+    return {name: spec for name, spec in entries().items() if name not in builtin}
 
 
 def clear_cache() -> None:
@@ -150,16 +209,18 @@ def clear_cache() -> None:
 
 def get_spec(name: str, dtype_dir: str | os.PathLike | None = None, **overrides: Any) -> DtypeSpec:
     """The entry ``name`` with ``overrides`` applied and type-checked by the schema."""
-    known = entries(dtype_dir)
+    known, bad = _catalogue(dtype_dir)
     if name not in known:
-        raise _unknown("dtype", name, list(known))
+        if name in bad:
+            raise ValueError(bad[name])
+        raise unknown_name("dtype", name, known)
     spec = known[name]
     if not overrides:
         return spec
     fields = [f.name for f in dataclasses.fields(DtypeSpec)]
     for key in overrides:
         if key not in fields:
-            raise _unknown(f"dtype {name!r} override", key, fields)
+            raise unknown_name(f"dtype {name!r} override", key, fields)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(spec), overrides)
     except OmegaConfBaseException as exc:

@@ -1,7 +1,14 @@
 """Evaluation: perplexity (GPTQ protocol) and zero-shot accuracy (lm-eval) of a model in memory."""
 
-from harness.evaluate.datasets import load_text, token_ids
+from harness.evaluate.datasets import check_text_file, load_text, text_source, token_ids
 from harness.evaluate.perplexity import PerplexityResult, perplexity, perplexity_details
+from harness.evaluate.tasks import (
+    TaskSource,
+    builtin_task_names,
+    check_files,
+    check_task_names,
+    task_sources,
+)
 from harness.evaluate.timing import ForwardTimer
 from harness.evaluate.zeroshot import TaskResult, ZeroShotResult, evaluate_zeroshot, mean_accuracy
 
@@ -9,11 +16,18 @@ __all__ = [
     "ForwardTimer",
     "PerplexityResult",
     "TaskResult",
+    "TaskSource",
     "ZeroShotResult",
+    "builtin_task_names",
+    "check_files",
+    "check_task_names",
+    "check_text_file",
     "evaluate_zeroshot",
     "load_text",
     "mean_accuracy",
     "perplexity",
     "perplexity_details",
+    "task_sources",
+    "text_source",
     "token_ids",
 ]

@@ -9,7 +9,6 @@ starting with ``model:`` is relative to the model's own folder (the zoo's ``kbit
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import logging
 import os
@@ -19,6 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from harness.evaluate.tasks import TaskSource, local_source
+from harness.files import atomic_output
+from harness.names import unknown_name
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,10 @@ DATASETS: dict[str, tuple[str, Callable[[], str]]] = {
     "wikitext2": ("eval/wikitext2/test.txt", _hub_wikitext2),
     "ptb": ("eval/ptb/test.txt", _hub_ptb),
 }
+# name -> the hub dataset its loader reads (provenance; keep in step with the loaders above)
+HUB_SOURCES = {"wikitext2": "hub:wikitext/wikitext-2-raw-v1@unpinned",
+               "ptb": "hub:ptb_text_only/penn_treebank@unpinned"}  # fmt: skip
+TEXT_VERSION = "gptq-1"  # how the text is built from its rows (GPTQ's joins); bump on change
 MODEL_PREFIX = "model:"
 
 
@@ -66,15 +73,65 @@ def resolve_text_path(
     else:
         resolved = Path(target).expanduser()
         if not resolved.exists() and path is None:
-            close = difflib.get_close_matches(name, list(DATASETS), n=1)
-            hint = f"; closest match: {close[0]!r}" if close else ""
-            raise ValueError(
-                f"perplexity dataset name={name!r} is neither a known name {sorted(DATASETS)} "
-                f"nor an existing file or folder{hint}"
-            )
+            raise unknown_name("perplexity dataset", name, DATASETS,
+                               what="known names (or an existing file or folder)")  # fmt: skip
     if not resolved.exists():
         raise ValueError(f"perplexity dataset {name!r}: data file {str(resolved)!r} does not exist")
+    check_text_file(name, resolved)
     return resolved
+
+
+def text_files(name: str, resolved: Path) -> list[Path]:
+    """The files a resolved text path stands for: itself, or a folder's ``*.txt`` (sorted)."""
+    if not resolved.is_dir():
+        return [resolved]
+    files = sorted(resolved.glob("*.txt"))
+    if not files:
+        raise ValueError(f"perplexity dataset {name!r}: folder {resolved} has no *.txt files")
+    return files
+
+
+_VERDICTS: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) of files found valid
+
+
+def _check_one(name: str, file: Path) -> None:
+    st = file.stat()
+    key = (str(file.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _VERDICTS:
+        return
+    if st.st_size == 0:
+        raise ValueError(f"perplexity dataset {name!r}: {file} is empty")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"perplexity dataset {name!r}: {file} is not UTF-8 text "
+                         f"({exc.reason} at byte {exc.start})") from None  # fmt: skip
+    if not text.strip():
+        raise ValueError(f"perplexity dataset {name!r}: {file} holds only whitespace")
+    _VERDICTS.add(key)
+
+
+def check_text_file(name: str, resolved: Path) -> None:
+    """Raise one line if a text file (or a folder's ``*.txt``) is empty or not UTF-8.
+
+    Run by :func:`resolve_text_path`, i.e. by the runner's validation before any model
+    loads; each file is read once per (path, size, mtime) in a process.
+    """
+    for file in text_files(name, resolved):
+        _check_one(name, file)
+
+
+def text_source(
+    name: str,
+    path: str | None = None,
+    data_root: str | os.PathLike | None = None,
+    model_dir: str | os.PathLike | None = None,
+) -> TaskSource:
+    """Where a perplexity text comes from (local files with their sha256, or the hub)."""
+    resolved = resolve_text_path(name, path, data_root, model_dir)
+    if resolved is None:
+        return TaskSource(HUB_SOURCES[name], TEXT_VERSION)
+    return TaskSource(local_source(text_files(name, resolved)), TEXT_VERSION)
 
 
 def load_text(
@@ -88,10 +145,7 @@ def load_text(
     if resolved is None:
         return DATASETS[name][1]()
     if resolved.is_dir():
-        files = sorted(resolved.glob("*.txt"))
-        if not files:
-            raise ValueError(f"perplexity dataset {name!r}: folder {resolved} has no *.txt files")
-        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+        return "\n\n".join(f.read_text(encoding="utf-8") for f in text_files(name, resolved))
     return resolved.read_text(encoding="utf-8")
 
 
@@ -146,10 +200,7 @@ def token_ids(tokenizer: object, text: str, *, disk_cache: bool = True) -> torch
 
 def _save_atomic(file: Path, array: np.ndarray) -> None:
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
+        with atomic_output(file) as fh:
             np.save(fh, array)
-        os.replace(tmp, file)
     except OSError as exc:  # a read-only home must not fail an evaluation
         log.warning("could not cache tokens at %s: %s", file, exc)

@@ -31,6 +31,7 @@ class PerplexityResult:
     n_windows: int
     seqlen: int
     forward_s: float  # seconds inside model forward
+    nonfinite: int = 0  # windows whose NLL sum is NaN or inf: the result is not valid
 
 
 def default_seqlen(model: nn.Module) -> int:
@@ -61,8 +62,10 @@ _CE_CHUNK_BYTES = 24 << 20  # float32 logits per cross-entropy call: see window_
 
 
 @torch.no_grad()
-def window_nll_sum(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL (float64) of a batch of windows, logits upcast to float32.
+def window_nll_sums(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (float64) of each window of a batch, logits upcast to float32.
+
+    One value per window so a NaN/inf window is counted, not just propagated into the total.
 
     The cross-entropy runs over chunks of positions, each at most 24 MB of float32 logits.
     Why: its log-softmax writes a temporary as large as its input. For a whole window of
@@ -71,7 +74,7 @@ def window_nll_sum(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     made this loop ~2.5x faster on CPU. Values are the same per position.
     """
     logits = model(batch, use_cache=False).logits
-    total = torch.zeros((), dtype=torch.float64, device=batch.device)
+    sums = torch.zeros(batch.shape[0], dtype=torch.float64, device=batch.device)
     rows = max(1, _CE_CHUNK_BYTES // (4 * logits.shape[-1]))
     n_pred = batch.shape[1] - 1
     for row in range(batch.shape[0]):
@@ -80,8 +83,20 @@ def window_nll_sum(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
             loss = F.cross_entropy(
                 logits[row, start:stop].float(), batch[row, start + 1 : stop + 1], reduction="sum"
             )
-            total += loss.double()
-    return total
+            sums[row] += loss.double()
+    return sums
+
+
+def window_nll_sum(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (float64) of a batch of windows (see :func:`window_nll_sums`)."""
+    return window_nll_sums(model, batch).sum()
+
+
+def _exp(nll: float) -> float:
+    """exp without OverflowError; NaN stays NaN (not inf) so a broken model is not "just bad"."""
+    if math.isnan(nll):
+        return math.nan
+    return math.exp(nll) if nll < 700 else math.inf
 
 
 def perplexity_details(
@@ -94,27 +109,34 @@ def perplexity_details(
     *,
     progress: bool = True,
 ) -> PerplexityResult:
-    """GPTQ-protocol perplexity of ``text`` (see module docstring), with counts and timing."""
+    """GPTQ-protocol perplexity of ``text`` (see module docstring), with counts and timing.
+
+    Never raises on NaN/inf: ``nonfinite`` counts the windows whose NLL is not finite and the
+    caller decides (the runner records the cell as failed).
+    """
     seqlen = seqlen or default_seqlen(model)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
     device = next(model.parameters()).device
     wins = windows(token_ids(tokenizer, text), seqlen, max_tokens)
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    sums = []
     starts = range(0, wins.shape[0], batch_size)
     with ForwardTimer(model) as timer:
         for start in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
             batch = wins[start : start + batch_size].to(device, non_blocking=True)
-            total += window_nll_sum(model, batch)
+            sums.append(window_nll_sums(model, batch))
+    per_window = torch.cat(sums)
+    total = per_window.sum()
     n_tokens = wins.shape[0] * (seqlen - 1)
     nll = float(total) / n_tokens
     return PerplexityResult(
-        ppl=math.exp(nll) if nll < 700 else math.inf,
+        ppl=_exp(nll),
         nll=nll,
         n_tokens=n_tokens,
         n_windows=wins.shape[0],
         seqlen=seqlen,
         forward_s=timer.seconds,
+        nonfinite=int((~torch.isfinite(per_window)).sum()),
     )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from harness.evaluate.tasks import LOCAL_TASKS, materialize, task_files
+from harness.evaluate.tasks import check_task_names, is_local, materialize, task_files
 from harness.evaluate.timing import ForwardTimer
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class TaskResult:
     values: dict[str, float] = field(default_factory=dict)  # metric -> value
     stderr: dict[str, float | None] = field(default_factory=dict)
     per_sample: dict[str, list[float]] = field(default_factory=dict)  # metric -> 0/1 by doc_id
+    nonfinite: int = 0  # requests whose log-likelihood is NaN or inf: the result is not valid
 
 
 @dataclass
@@ -47,29 +48,23 @@ def split_tasks(
     names: list[str], data_root: str | os.PathLike | None, model_dir: str | os.PathLike | None
 ) -> tuple[list[str], list[str]]:
     """(names served by kbit's local definitions, names left to lm-eval's built-ins)."""
-    local = [
-        n
-        for n in names
-        if n in LOCAL_TASKS and (LOCAL_TASKS[n].root == "model" or data_root is not None)
-    ]
+    local = [n for n in names if is_local(n, data_root)]
     return local, [n for n in names if n not in local]
 
 
 def task_manager(
     names: list[str], data_root: str | os.PathLike | None, model_dir: str | os.PathLike | None
 ):
-    """A TaskManager that knows ``names``; without built-ins when all are local (fast)."""
+    """A TaskManager that knows ``names``; without built-ins when all are local (fast).
+
+    Names are checked first (one line, no 10 s index of every built-in for a typo).
+    """
     from lm_eval.tasks import TaskManager
 
+    check_task_names(names, data_root, model_dir)
     local, builtin = split_tasks(names, data_root, model_dir)
     include = str(materialize(local, data_root, model_dir)) if local else None
-    manager = TaskManager(include_path=include, include_defaults=bool(builtin))
-    missing = [n for n in names if n not in manager.all_tasks]
-    if missing:
-        from harness.evaluate.tasks import unknown_task_error
-
-        raise unknown_task_error(missing[0], sorted(set(manager.all_tasks) | set(LOCAL_TASKS)))
-    return manager
+    return TaskManager(include_path=include, include_defaults=bool(builtin))
 
 
 _TASK_CACHE: OrderedDict[tuple, tuple] = OrderedDict()
@@ -139,10 +134,36 @@ def _without_environment_report():
             setattr(evaluator, name, original)
 
 
+def _loglikelihood(response: object) -> float | None:
+    """The log-likelihood of one logged response: ``(ll, is_greedy)``, ``[(ll, greedy)]`` or ll."""
+    while isinstance(response, list | tuple) and response:
+        response = response[0]
+    try:
+        return float(response)
+    except (TypeError, ValueError):
+        return None  # not a log-likelihood (a generated string): nothing to count
+
+
+def count_nonfinite(samples: list[dict]) -> int:
+    """Requests whose log-likelihood is NaN or inf, from lm-eval's logged samples.
+
+    Why: lm-eval's argmax over NaN log-likelihoods picks choice 0, so a broken model gets a
+    plausible accuracy; the runner turns a count > 0 into a failed record.
+    """
+    count = 0
+    for sample in samples:
+        responses = sample.get("filtered_resps") or sample.get("resps") or []
+        for response in responses:
+            value = _loglikelihood(response)
+            count += value is not None and not math.isfinite(value)
+    return count
+
+
 def _task_result(name: str, results: dict) -> TaskResult:
     metrics = results["results"][name]
     samples = sorted(results["samples"][name], key=lambda s: s["doc_id"])
-    out = TaskResult(task=name, n=int(results["n-samples"][name]["effective"]))
+    out = TaskResult(task=name, n=int(results["n-samples"][name]["effective"]),
+                     nonfinite=count_nonfinite(samples))  # fmt: skip
     for metric in METRICS:
         key = f"{metric},none"
         if key not in metrics:
@@ -154,6 +175,15 @@ def _task_result(name: str, results: dict) -> TaskResult:
     if not out.values:
         raise ValueError(f"task={name!r} reports none of {METRICS}; got {sorted(metrics)}")
     return out
+
+
+def make_lm(model: nn.Module, tokenizer: object, batch_size: int = 8):
+    """lm-eval's HFLM around the in-memory model, log-softmax in float32."""
+    from lm_eval.models.huggingface import HFLM
+
+    device = next(model.parameters()).device
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
+                softmax_dtype=torch.float32)  # fmt: skip
 
 
 def evaluate_zeroshot(
@@ -169,13 +199,16 @@ def evaluate_zeroshot(
     bootstrap_iters: int = 1000,
     seed: int = 0,
 ) -> ZeroShotResult:
-    """Run lm-eval's ``simple_evaluate`` on the in-memory model; see the module docstring."""
+    """Run lm-eval's ``simple_evaluate`` on the in-memory model; see the module docstring.
+
+    Log-softmax runs in float32 whatever the model's dtype (a bf16 log-softmax loses the small
+    differences between choices). Non-finite log-likelihoods are counted per task
+    (``TaskResult.nonfinite``), never silently scored.
+    """
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
     manager, objects = task_objects(tasks, data_root, model_dir, num_fewshot)
-    device = next(model.parameters()).device
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    lm = make_lm(model, tokenizer, batch_size)
     with ForwardTimer(model) as timer, torch.no_grad(), _without_environment_report():
         results = simple_evaluate(
             model=lm,

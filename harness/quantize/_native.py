@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from harness.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 NATIVE_ENV = "KBIT_NATIVE"  # "0": never use the compiled kernels
@@ -62,16 +64,17 @@ def _cache_dir() -> Path:
 
 
 def _compile(cc: str, target: Path, march: bool) -> None:
+    """Compile into a private folder beside ``target``, then install it atomically.
+
+    Through :func:`harness.files.atomic_write` so the library gets the umask's permissions
+    (group-readable in a shared cache) and a concurrent job never loads a half-written file.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    cmd = [cc, *FLAGS, *(["-march=native"] if march else []), str(SOURCE), "-o", tmp]
-    try:
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as work:
+        out = Path(work) / target.name
+        cmd = [cc, *FLAGS, *(["-march=native"] if march else []), str(SOURCE), "-o", str(out)]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_write(target, out.read_bytes(), mode=0o777)  # a shared library: rwx & ~umask
 
 
 def _build() -> ctypes.CDLL:

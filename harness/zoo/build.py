@@ -14,6 +14,8 @@ build of the same config only hashes the corpus.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -27,12 +29,14 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 import harness
+from harness.files import atomic_write
+from harness.models import count_params
+from harness.names import did_you_mean
 from harness.zoo.card import write_card
 from harness.zoo.config import (
     FamilyConfig,
     SizeConfig,
     ZooConfigError,
-    _closest,
     default_zoo_dir,
     family_hash,
     load_family_config,
@@ -41,7 +45,7 @@ from harness.zoo.config import (
 )
 from harness.zoo.corpus import corpus_hash, corpus_name, load_corpus, training_text
 from harness.zoo.evalsets import write_eval_sets
-from harness.zoo.model import build_config, count_params
+from harness.zoo.model import build_config
 from harness.zoo.tokenizer import get_tokenizer, token_stream, tokenizer_key
 from harness.zoo.train import TrainPlan, train, val_windows
 
@@ -116,10 +120,27 @@ def _tokens_for(cfg: FamilyConfig, n_nonemb: int) -> int:
     return min(tokens, b.max_tokens) if b.max_tokens is not None else tokens
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+def _install_folder(tmp: Path, final: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``final``, replacing an older ``final``.
+
+    Why not one ``os.replace``: it cannot replace a non-empty folder. The old folder is first
+    renamed aside (so no reader ever sees a half-deleted folder under the final name) and
+    deleted after. When a concurrent build of the same config installs ``final`` in between,
+    its folder (the same content: builds are deterministic) is kept and ``tmp`` dropped.
+    """
+    aside = final.with_name(f".old-{final.name}-{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):  # nothing to replace: the usual case
+        os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        log.info("%s was installed by another build meanwhile; keeping it", final)
+        shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 class _Prepared:
@@ -141,7 +162,7 @@ class _Prepared:
             tmp = fp.folder / f".kbit_eval.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             write_eval_sets(self.corpus.heldout, cfg.eval_sets, cfg.seed, tmp)
-            os.replace(tmp, self.eval_dir)
+            _install_folder(tmp, self.eval_dir)
         log.info(
             "train stream %d tokens, held-out stream %d tokens", len(self.train), len(self.heldout)
         )
@@ -187,9 +208,7 @@ def _build_size(fp: FamilyPaths, prep: _Prepared, size: SizeConfig, device: torc
         "config": asdict(cfg),
     }  # fmt: skip
     write_card(tmp, meta)
-    final = fp.size_folder(size)
-    shutil.rmtree(final, ignore_errors=True)  # a stale build of an older size config
-    os.replace(tmp, final)
+    _install_folder(tmp, fp.size_folder(size))  # replaces a stale build of an older config
     log.info("%s/%s: val loss %.4f after %d tokens", cfg.name, size.name,
              summary["final_val_loss"], summary["tokens_seen"])  # fmt: skip
     return meta
@@ -222,7 +241,7 @@ def build_family(
         if name not in [s.name for s in cfg.sizes]:
             known = [s.name for s in cfg.sizes]
             raise ZooConfigError(
-                f"size {name!r} is not in family {cfg.name}: {known}" + _closest(name, known)
+                f"size {name!r} is not in family {cfg.name}: {known}" + did_you_mean(name, known)
             )
     fp.folder.mkdir(parents=True, exist_ok=True)
     missing = [s for s in todo if not fp.is_built(s)]
@@ -252,8 +271,8 @@ def _write_manifest(fp: FamilyPaths) -> None:
         if fp.is_built(s):
             meta = json.loads((fp.size_folder(s) / "kbit_zoo.json").read_text())
             built[s.name] = {k: meta[k] for k in ("n_params", "n_nonembedding_params", "summary")}
-    _write_json_atomic(fp.folder / "family.json", {
+    atomic_write(fp.folder / "family.json", json.dumps({
         "family": fp.cfg.name, "family_hash": fp.hash, "corpus": corpus_name(fp.cfg.corpus),
         "corpus_source": fp.cfg.corpus, "corpus_hash": fp.corpus_hash, "sizes": built,
         "config": asdict(fp.cfg),
-    })  # fmt: skip
+    }, indent=2))  # fmt: skip

@@ -9,7 +9,6 @@ to a family reuses the sizes already built while any other change builds a new f
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from harness.names import did_you_mean
 
 # Bump when the build changes its output for an unchanged config (forces a rebuild).
 ZOO_FORMAT_VERSION = 3
@@ -115,11 +116,6 @@ def family_names() -> list[str]:
     return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
 
 
-def _closest(name: str, known: list[str]) -> str:
-    match = difflib.get_close_matches(name, known, n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
 def load_family_config(name_or_cfg: str | Path | dict | DictConfig | FamilyConfig) -> FamilyConfig:
     """Load and validate a family: a shipped name, a YAML path, a dict/DictConfig, or a config.
 
@@ -137,7 +133,7 @@ def load_family_config(name_or_cfg: str | Path | dict | DictConfig | FamilyConfi
                 known = family_names()
                 raise ZooConfigError(
                     f"zoo family {str(name_or_cfg)!r} not found in {CONF_DIR}; known: {known}"
-                    + _closest(str(name_or_cfg), known)
+                    + did_you_mean(str(name_or_cfg), known)
                 )
             raw = OmegaConf.load(path)
         else:
@@ -165,7 +161,7 @@ def validate(cfg: FamilyConfig) -> None:
         known = sorted(ARCHITECTURES)
         raise ZooConfigError(
             f"zoo config field architecture={cfg.architecture!r} is unknown; known: {known}"
-            + _closest(cfg.architecture, known)
+            + did_you_mean(cfg.architecture, known)
         )
     _require(bool(cfg.sizes), "sizes", cfg.sizes, "need at least one size")
     names = [s.name for s in cfg.sizes]

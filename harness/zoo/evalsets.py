@@ -52,10 +52,6 @@ def sentences(text: str) -> list[str]:
     return out
 
 
-def _n_words(s: str) -> int:
-    return len(s.split())
-
-
 _STRIP = ".,;:!?\"'“”‘’()[]_-—"
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig, PretrainedConfig
 
 from harness.zoo.config import SizeConfig
@@ -73,26 +72,3 @@ def build_config(
 ) -> PretrainedConfig:
     """The Hugging Face config of one size (architecture validated by config.validate)."""
     return ARCHITECTURES[architecture](size, vocab, context, eos, pad)
-
-
-def count_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(all parameters, non-embedding parameters).
-
-    Non-embedding excludes every nn.Embedding (token and learned position embeddings) and
-    the output head, tied or not: the convention of Kaplan et al. and of records.Record.
-    """
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    emb: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding):
-            emb.add(id(module.weight))
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None:
-        emb.update(id(p) for p in head.parameters())
-    n_emb = sum(p.numel() for p in model.parameters() if id(p) in emb)
-    return total, total - n_emb

@@ -11,8 +11,9 @@ import json
 import os
 from pathlib import Path
 
+from harness.names import did_you_mean
 from harness.zoo.build import ZooModelNotBuiltError, family_paths
-from harness.zoo.config import CORPUS_ENV, ZooConfigError, _closest, load_family_config
+from harness.zoo.config import CORPUS_ENV, ZooConfigError, load_family_config
 
 PREFIX = "zoo:"
 
@@ -45,7 +46,7 @@ def resolve_model(spec: str, zoo_dir: str | Path | None = None) -> Path:
     names = [s.name for s in cfg.sizes]
     if size not in names:
         raise ZooConfigError(
-            f"model={spec!r}: family {family!r} has sizes {names}" + _closest(size, names)
+            f"model={spec!r}: family {family!r} has sizes {names}" + did_you_mean(size, names)
         )
     fp = family_paths(cfg, zoo_dir)
     target = next(s for s in cfg.sizes if s.name == size)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from harness.files import atomic_output, atomic_write
 from harness.zoo.config import TokenizerConfig, ZooConfigError, stable_hash
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,7 @@ def get_tokenizer(
                 "training byte-level BPE, vocab %d, on %d documents", cfg.vocab_size, len(texts)
             )
             tok = _train_bpe(texts, cfg.vocab_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tok.save(str(tmp))
-        os.replace(tmp, path)
+        atomic_write(path, tok.to_str(pretty=True))
     return _wrap(tok, max_length)
 
 
@@ -114,8 +111,6 @@ def token_stream(
         parts.append(np.asarray([*ids, eos], dtype=dtype))
         start = end
     stream = np.concatenate(parts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
-    np.save(tmp, stream)
-    os.replace(tmp, path)
+    with atomic_output(path) as fh:
+        np.save(fh, stream)
     return stream

@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from harness.config import register_schema
 from harness.dtypes import entries, legal_bits, register_configs
 from harness.dtypes.spec import DtypeSpec
 
@@ -18,7 +19,7 @@ NAMES = sorted(p.stem for p in (CONF / "dtype").glob("*.yaml"))
 
 @pytest.fixture
 def hydra_compose():
-    register_configs()
+    register_schema()  # the cell schema conf/config.yaml starts from, and register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         yield compose
@@ -65,3 +66,48 @@ def test_typo_in_a_yaml_entry_fails_at_compose(tmp_path, body, match):
             compose("config")
     finally:
         GlobalHydra.instance().clear()
+
+
+USER_ENTRY = "defaults:\n  - dtype_schema\n  - _self_\nname: {name}\nfamily: float\nbits: 6\nexponent_bits: 3\n"
+
+
+@pytest.fixture
+def user_dtype_dir(tmp_path, monkeypatch):
+    """A $KBIT_DTYPE_DIR with one good entry and a bad sibling."""
+    (tmp_path / "e3m2_user.yaml").write_text(USER_ENTRY.format(name="e3m2_user"))
+    (tmp_path / "broken.yaml").write_text("name: broken\nfamily: int\nbitz: 4\n")
+    monkeypatch.setenv("KBIT_DTYPE_DIR", str(tmp_path))
+    yield tmp_path
+    monkeypatch.delenv("KBIT_DTYPE_DIR")
+    register_configs()  # forget the user entries again
+
+
+def test_user_entry_composes_through_hydra(user_dtype_dir, hydra_compose, caplog):
+    cfg = hydra_compose("config", overrides=["dtype=e3m2_user", "bits=6", "model=x"])
+    assert OmegaConf.get_type(cfg.dtype) is DtypeSpec
+    spec = OmegaConf.to_object(cfg.dtype)
+    assert spec == entries()["e3m2_user"]  # Hydra and codebook() read the same entry
+    assert legal_bits("e3m2_user") == [6]
+    # the bad sibling blocks nothing, but is named at registration
+    assert hydra_compose("config", overrides=["dtype=nf4", "model=x"]).dtype.name == "nf4"
+
+
+def test_bad_user_entry_is_logged_at_registration(user_dtype_dir, caplog):
+    with caplog.at_level("WARNING", logger="harness.dtypes"):
+        register_configs()
+    assert "broken.yaml: field='bitz' is unknown" in caplog.text
+    assert "e3m2_user" not in caplog.text
+
+
+def test_removed_user_entry_is_forgotten(user_dtype_dir, monkeypatch):
+    register_configs()
+    monkeypatch.setenv("KBIT_DTYPE_DIR", str(user_dtype_dir / "elsewhere"))
+    (user_dtype_dir / "elsewhere").mkdir()
+    register_configs()
+    GlobalHydra.instance().clear()
+    with (
+        initialize_config_dir(config_dir=str(CONF), version_base="1.3"),
+        pytest.raises(Exception, match="e3m2_user"),
+    ):
+        compose("config", overrides=["dtype=e3m2_user", "model=x"])
+    GlobalHydra.instance().clear()

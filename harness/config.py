@@ -1,0 +1,246 @@
+"""The typed cell config: one schema for everything a grid cell reads, and every rule on it.
+
+Why a schema: a grid of 20,000 cells must refuse a wrong value before anything runs, not in
+pyarrow after an hour of evaluation. Hydra checks *types* against these dataclasses when it
+composes (``centering=maybe``, ``seed=abc``, ``scale_format=fp17``, an unknown key such as
+``blocksize=32`` all fail there); :func:`check_cell` checks *values* and relations right
+after composition (single runs: a Hydra callback, before any folder is created; sweeps: the
+planner, for every cell before anything is queued). Each rule lives here once, and each
+error is one line naming the field, the value and what is allowed.
+
+==========================  ==================================================================
+CellConfig                  the top level: model, quantization, run settings (``conf/config.yaml``)
+DtypeSpec                   ``dtype`` (``harness.dtypes.spec``; one YAML entry per data type)
+EvalConfig                  ``eval`` (``conf/eval/<name>.yaml``): perplexity sets + zero-shot tasks
+PerplexitySpec              one entry of ``eval.perplexity``
+==========================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from harness.dtypes.spec import DtypeSpec
+from harness.names import did_you_mean
+from harness.records import BASELINE_BITS
+
+
+class ConfigError(ValueError):
+    """A cell config that cannot run: one line naming the field, the value and what is allowed."""
+
+
+class _Choice(str, Enum):
+    """A closed set of strings that behaves as its value everywhere (str, f-strings, JSON)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class ScaleFormat(_Choice):
+    """How each block's absmax scale is stored (and counted in total model bits)."""
+
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp32 = "fp32"
+    e8m0 = "e8m0"
+
+
+class Method(_Choice):
+    """How weights are quantized: every weight block-wise, or proxy (outlier columns in 16 bit)."""
+
+    blockwise = "blockwise"
+    proxy = "proxy"
+
+
+class ComputeDtype(_Choice):
+    """The dtype the model runs in; ``auto`` is resolved before the cell id is computed."""
+
+    auto = "auto"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+@dataclass
+class PerplexitySpec:
+    """One perplexity set (GPTQ protocol: non-overlapping windows of ``seqlen`` tokens)."""
+
+    name: str = MISSING  # wikitext2 | ptb | a label for `path`
+    path: str | None = None  # local file/folder, or model:<relative path>; null = by name
+    seqlen: int | None = None  # null = min(model max positions, 2048)
+    max_tokens: int | None = None  # null = the whole text
+
+
+@dataclass
+class EvalConfig:
+    """What a cell measures: perplexity sets and lm-eval zero-shot tasks."""
+
+    name: str = MISSING  # the conf/eval entry's name
+    perplexity: list[PerplexitySpec] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names
+    mean_of: list[str] = field(default_factory=list)  # -> the derived zeroshot_mean row
+    limit: float | None = None  # examples per task: N >= 1, or a fraction in (0, 1); null = all
+    batch_size: int = 8  # windows (perplexity) and requests (lm-eval) per forward
+    num_fewshot: int = 0
+    bootstrap_iters: int = 1000  # lm-eval bootstrap for non-mean metrics
+
+
+@dataclass
+class CellConfig:
+    """One grid cell. Field comments are the documentation of ``conf/config.yaml``."""
+
+    model: str = MISSING  # local folder, hub id, or zoo:<family>/<size>
+    bits: int = 4  # k: bits per weight; 16 = the unquantized baseline
+    block_size: int | None = 64  # elements per absmax block; null = one scale per tensor
+    scale_format: ScaleFormat = ScaleFormat.fp16
+    centering: bool = False  # subtract the block mean before quantizing
+    method: Method = Method.blockwise
+    outlier_fraction: float = 0.0  # proxy: share of input dims kept in 16 bit (else ignored)
+    quantize_embeddings: bool = False
+    quantize_head: bool = False
+    dtype: DtypeSpec = field(default_factory=DtypeSpec)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: str = "adhoc"  # a plain name: the store's subfolder
+    results_dir: str = "results"
+    data_root: str | None = None  # folder laid out like shared/data; null = hub datasets
+    zoo_dir: str = MISSING
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    compute_dtype: ComputeDtype = ComputeDtype.auto
+    trust_remote_code: bool = False  # run Python shipped in a model folder (never by default)
+    seed: int = 0
+    model_family: str | None = None  # family name for plot panels; null = guessed
+
+
+CELL_FIELDS = tuple(f.name for f in fields(CellConfig))
+EVAL_FIELDS = tuple(f.name for f in fields(EvalConfig))
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+DEVICES_ALLOWED = "auto, cpu, cuda, cuda:N, mps"
+
+
+def register_schema() -> None:
+    """Store the schemas in Hydra's ConfigStore (``cell_schema``; ``dtype/dtype_schema``).
+
+    ``conf/config.yaml`` lists ``cell_schema`` first in its defaults, so Hydra checks every key
+    and type against :class:`CellConfig` when it composes. Called by the ``kbit-run`` entry
+    point and the tests before composing (nothing is registered at import time).
+    """
+    from hydra.core.config_store import ConfigStore
+
+    from harness.dtypes import register_configs
+
+    register_configs()
+    ConfigStore.instance().store(name="cell_schema", node=CellConfig)
+
+
+# ----------------------------------------------------------------------------- rules
+def plain_name(field_name: str, value: Any) -> str:
+    """A name that is safe as one folder: letters, digits, ``_ . -``; never a path."""
+    text = str(value)
+    if not _PLAIN_NAME.match(text) or ".." in text:
+        raise ConfigError(
+            f"{field_name}={text!r} is not a plain name; allowed: letters, digits, '_', '.', '-' "
+            "(starting with a letter or digit, no '..', no '/'), at most 128 characters"
+        )
+    return text
+
+
+def _int_at_least(name: str, value: Any, minimum: int = 1, nullable: bool = False) -> None:
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        null = " or null" if nullable else ""
+        raise ConfigError(f"{name}={value!r}; allowed: an integer >= {minimum}{null}")
+
+
+def eval_limit(value: float | None) -> int | float | None:
+    """``eval.limit`` as lm-eval takes it: a count as an int, a fraction as a float."""
+    return int(value) if value is not None and value >= 1 else value
+
+
+def check_limit(value: Any) -> None:
+    """``eval.limit``: null, a count N >= 1 (integral), or a fraction in (0, 1) (lm-eval's rule)."""
+    if value is None:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and value > 0 and (value < 1 or float(value).is_integer())
+    if not ok:
+        raise ConfigError(
+            f"eval.limit={value!r}; allowed: null (all), an integer count >= 1, "
+            "or a fraction 0 < f < 1"
+        )
+
+
+def _check_keys(node: DictConfig, allowed: tuple[str, ...], prefix: str) -> None:
+    """Keys added with ``+key=value`` bypass the schema; refuse them here."""
+    for key in node:
+        if key not in allowed and key != "hydra":
+            raise ConfigError(
+                f"{prefix}{key}={node[key]!r} is not a setting of the cell; "
+                f"allowed keys: {', '.join(allowed)}{did_you_mean(str(key), allowed)}"
+            )
+
+
+def _check_eval(ev: DictConfig) -> None:
+    _check_keys(ev, EVAL_FIELDS, "eval.")
+    check_limit(ev.limit)
+    _int_at_least("eval.batch_size", ev.batch_size)
+    _int_at_least("eval.num_fewshot", ev.num_fewshot, minimum=0)
+    _int_at_least("eval.bootstrap_iters", ev.bootstrap_iters, minimum=0)
+    for i, entry in enumerate(ev.perplexity):
+        if not str(entry.name).strip():
+            raise ConfigError(f"eval.perplexity.{i}.name={entry.name!r}; allowed: a non-empty name")
+        _int_at_least(f"eval.perplexity.{i}.seqlen", entry.seqlen, 2, nullable=True)
+        _int_at_least(f"eval.perplexity.{i}.max_tokens", entry.max_tokens, 2, nullable=True)
+    tasks = list(ev.tasks)
+    dupes = sorted({t for t in tasks if tasks.count(t) > 1})
+    if dupes:
+        raise ConfigError(f"eval.tasks={tasks}: {dupes} listed twice; allowed: each task once")
+    missing = [t for t in ev.mean_of if t not in tasks]
+    if missing:
+        raise ConfigError(
+            f"eval.mean_of={list(ev.mean_of)}: {missing} not in eval.tasks={tasks}; "
+            "allowed: a subset of eval.tasks"
+        )
+    if not tasks and not ev.perplexity:
+        raise ConfigError("eval: no perplexity set and no task; allowed: at least one of them")
+
+
+def _check_quantization(cfg: DictConfig) -> None:
+    _int_at_least("block_size", cfg.block_size, nullable=True)
+    fraction = cfg.outlier_fraction
+    if cfg.method == Method.proxy and not 0.0 < fraction < 1.0:
+        raise ConfigError(f"outlier_fraction={fraction!r}; allowed with method=proxy: 0 < f < 1")
+
+
+def check_cell(cfg: DictConfig) -> None:
+    """Every value rule of a composed cell config; raises :class:`ConfigError` (one line).
+
+    Cheap (no file is read): the checks that need the model folder or data files live in
+    :func:`harness.run.validate_cell`, which calls this first.
+    """
+    if OmegaConf.is_missing(cfg, "model") or not str(cfg.model).strip():
+        raise ConfigError(
+            "model is not set; allowed: a local folder, a hub id, or zoo:<family>/<size>"
+        )
+    _check_keys(cfg, CELL_FIELDS, "")
+    plain_name("sweep", cfg.sweep)
+    if cfg.model_family is not None:
+        plain_name("model_family", cfg.model_family)
+    if not str(cfg.results_dir).strip():
+        raise ConfigError("results_dir=''; allowed: a folder path")
+    if not _DEVICE.match(str(cfg.device)):
+        raise ConfigError(f"device={cfg.device!r} is unknown; allowed: {DEVICES_ALLOWED}")
+    _int_at_least("seed", cfg.seed, minimum=0)
+    if cfg.bits != BASELINE_BITS:
+        _check_quantization(cfg)
+    _check_eval(cfg.eval)

@@ -1,0 +1,165 @@
+"""Cell identity: what makes two cells the same measurement, resolved before any work.
+
+A cell id is the sha256 of the *result-determining* part of a cell config (:func:`cell_config`),
+which is the composed config with three kinds of change:
+
+* dropped: fields that cannot change a result (:data:`NON_RESULT_FIELDS`: where results and the
+  zoo live, the sweep name, the plot label), and the quantization fields of the 16-bit
+  baseline (so the baseline is one cell however many data types a sweep lists);
+* resolved: ``device`` and ``compute_dtype`` become the *device class* and the *dtype the model
+  runs in* (``auto`` is fp32 on a CPU and the checkpoint's 16-bit dtype on a GPU, so a CPU cell
+  and a GPU cell of the same config are different measurements);
+* replaced: ``data_root`` becomes the *source of every evaluation set* (local file + sha256, or
+  hub dataset + revision) and the lm-eval task version, so a cell re-run on other data is a new
+  cell, never "already done".
+
+A sweep planned on a login node without a GPU resolves the numerics for the machine that will
+run the jobs (:class:`Target`), and hands the resolved values to the jobs as overrides, so the
+planner and the job compute the same id.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from harness.records import BASELINE_BITS
+
+NON_RESULT_FIELDS = (
+    "results_dir",
+    "data_root",  # replaced by the data sources
+    "zoo_dir",
+    "device",  # replaced by the device class
+    "compute_dtype",  # replaced by the resolved dtype
+    "sweep",
+    "model_family",
+    "hydra",
+)
+QUANT_FIELDS = ("dtype", "block_size", "scale_format", "centering", "method", "outlier_fraction",
+                "quantize_embeddings", "quantize_head")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Target:
+    """The machine class a cell will run on; ``None`` fields mean "this machine"."""
+
+    cuda_available: bool | None = None
+    bf16_supported: bool | None = None
+
+
+LOCAL = Target()
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Everything :func:`cell_config` adds to the config: numerics and data provenance."""
+
+    device_class: str
+    compute_dtype: str
+    model_dir: Path | None
+    sources: dict[str, tuple[str, str]]  # eval set name -> (source, version)
+
+    def data_identity(self) -> dict[str, list[str]]:
+        """Per eval set: [content identity, version]. A local file counts by its sha256, not
+        its path, so moving a data folder does not make every cell new."""
+        return {name: [content_identity(src), version]
+                for name, (src, version) in sorted(self.sources.items())}  # fmt: skip
+
+    @property
+    def data_digest(self) -> str:
+        """12 hex digits naming the exact evaluation data of a cell (for labels and grouping)."""
+        text = json.dumps(self.data_identity(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def content_identity(source: str) -> str:
+    """``local:<path>;sha256=<hex>[+local:...]`` -> ``sha256=<hex>[+<hex>]``; others as they are."""
+    digests = re.findall(r";sha256=([0-9a-f]{64})", source)
+    return "sha256=" + "+".join(digests) if source.startswith("local:") and digests else source
+
+
+def dtype_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """Fields of ``cfg.dtype`` that differ from its catalogue entry (command-line overrides)."""
+    from harness.dtypes import get_spec
+
+    node = OmegaConf.to_container(cfg.dtype, resolve=True, enum_to_str=True)
+    spec = get_spec(node["name"])
+    out = {}
+    for key, value in node.items():
+        base = getattr(spec, key, None)
+        base = getattr(base, "value", base)
+        if key != "name" and value != base:
+            out[key] = value
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _numerics(model: str, zoo_dir: str, trust: bool, device: str, compute_dtype: str,
+              target: Target) -> tuple[str, str, Path | None]:  # fmt: skip
+    from harness.models import inspect_model, resolve_numerics
+
+    info = inspect_model(model, zoo_dir, trust_remote_code=trust)
+    device_class, dtype = resolve_numerics(
+        device, compute_dtype, info.checkpoint_dtype,
+        cuda_available=target.cuda_available, bf16_supported=target.bf16_supported,
+    )  # fmt: skip
+    return device_class, dtype, info.path
+
+
+def model_numerics(cfg: DictConfig, target: Target = LOCAL) -> tuple[str, str, Path | None]:
+    """(device class, compute dtype, local model folder or None) of a cell, loading no weights.
+
+    Raises a one-line ValueError for a model folder that cannot load (see
+    ``harness.models.inspect_model``). Cached per (model, settings, target).
+    """
+    return _numerics(
+        str(cfg.model), str(cfg.zoo_dir), bool(cfg.trust_remote_code), str(cfg.device),
+        str(cfg.compute_dtype), target,
+    )  # fmt: skip
+
+
+def resolve(cfg: DictConfig, target: Target = LOCAL) -> Resolved:
+    """Resolve numerics and data sources of a cell (reads config.json and hashes data files,
+    both cached per process: a sweep pays once per model and once per file)."""
+    from harness.evaluate.datasets import text_source
+    from harness.evaluate.tasks import task_sources
+
+    device_class, dtype, model_dir = model_numerics(cfg, target)
+    sources: dict[str, tuple[str, str]] = {}
+    for entry in cfg.eval.perplexity:
+        src = text_source(entry.name, entry.get("path"), cfg.data_root, model_dir)
+        sources[f"ppl:{entry.name}"] = (src.source, src.version)
+    tasks = list(cfg.eval.tasks)
+    for name, src in task_sources(tasks, cfg.data_root, model_dir).items() if tasks else ():
+        sources[name] = (src.source, src.version)
+    return Resolved(device_class, dtype, model_dir, sources)
+
+
+def cell_config(cfg: DictConfig, resolved: Resolved | None = None) -> dict[str, Any]:
+    """The result-determining part of a cell config, as plain data (see module docstring)."""
+    resolved = resolved or resolve(cfg)
+    data = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for key in NON_RESULT_FIELDS:
+        data.pop(key, None)
+    if data.get("bits") == BASELINE_BITS:
+        for key in QUANT_FIELDS:
+            data.pop(key, None)
+    if data.get("method") != "proxy":
+        data.pop("outlier_fraction", None)
+    data["numerics"] = {"device_class": resolved.device_class,
+                        "compute_dtype": resolved.compute_dtype}  # fmt: skip
+    data["data"] = resolved.data_identity()
+    return data
+
+
+def cell_id(cfg: DictConfig, resolved: Resolved | None = None) -> str:
+    """Stable 16-hex-digit id of a cell: sha256 of :func:`cell_config` as sorted JSON."""
+    text = json.dumps(cell_config(cfg, resolved), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
