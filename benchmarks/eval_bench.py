@@ -140,11 +140,11 @@ def bench_cell(model_dir: Path, data_root: Path, work: Path, args) -> dict:
     """
     from hydra import compose, initialize_config_dir
 
-    from harness.dtypes import register_configs
+    from harness.config import register_schema
     from harness.records import read_store
     from harness.run import ModelCache, run_and_record
 
-    register_configs()
+    register_schema()
     conf = Path(__file__).resolve().parents[1] / "conf"
     overrides = [f"model={model_dir}", "eval=paper", f"eval.tasks=[{args.tasks}]",
                  f"eval.mean_of=[{args.tasks}]", f"eval.limit={args.limit}",

@@ -192,3 +192,20 @@ def test_safetensors_header_is_read_not_the_weights(models):
     n = struct.unpack("<Q", weights.read_bytes()[:8])[0]
     header = json.loads(weights.read_bytes()[8 : 8 + n])
     assert header  # so the refusal above is the size check, not a parse failure
+
+
+def test_a_failed_cell_exits_1_and_is_recorded(models, data_root, tmp_path, monkeypatch, capsys):
+    """A cell that fails after validation writes its failed record and exits non-zero."""
+    from harness import run
+    from harness.records import read_store
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated failure mid-evaluation")
+
+    monkeypatch.setattr(run, "_evaluate", boom)
+    argv = [f"model={models['good']}", "eval=smoke", "eval.limit=4", "device=cpu",
+            f"results_dir={tmp_path}", f"data_root={data_root}"]  # fmt: skip
+    code, _ = run_main(argv, monkeypatch, capsys)
+    rows = read_store(tmp_path).to_pylist()
+    assert code == 1
+    assert [r["status"] for r in rows] == ["failed"] and "simulated failure" in rows[0]["error"]

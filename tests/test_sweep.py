@@ -106,7 +106,7 @@ def test_unwritable_results_dir_is_a_problem_and_nothing_is_created(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     target = blocker / "results"
-    assert "is a file, not a folder" in results_dir_problem(target)
+    assert "is not a folder" in results_dir_problem(target)
     plan = plan_sweep(_grid("bits=3,4"), _composer(target), _stub_id, _stub_validate)
     assert len(plan.problems) == 1 and "results_dir=" in plan.problems[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

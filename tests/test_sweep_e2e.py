@@ -173,7 +173,7 @@ def _assert_nothing_written(results: Path) -> None:
         ({"dtype=int,float": "dtype=int,nf4"}, "bits=3"),  # nf4 is 4-bit only
         ({"bits=3,4,16": "bits=3,4,42"}, "bits=42"),
         ("missing-model", "does-not-exist"),
-        ("unwritable", "is a file, not a folder"),
+        ("unwritable", "is not a folder"),
     ],
     ids=["illegal-dtype-bits", "illegal-bits", "unreachable-model", "unwritable-results"],
 )
@@ -189,7 +189,7 @@ def test_bad_input_stops_before_launch(tiny_models, eval_text, tmp_path, change,
     else:
         args = [change.get(a, a) for a in args]
     rc, out = run_to_end(args)
-    assert rc == 1, out[-3000:]
+    assert rc == 2, out[-3000:]
     assert "Sweep not launched" in out and expected in out, out[-3000:]
     assert "Launching" not in out  # nothing queued
     _assert_nothing_written(results)
@@ -198,6 +198,6 @@ def test_bad_input_stops_before_launch(tiny_models, eval_text, tmp_path, change,
 @pytest.mark.slow
 def test_unknown_sweep_names_the_options(tmp_path):
     rc, out = run_to_end(["+sweeps@_global_=dmeo", f"results_dir={tmp_path / 'r'}"])
-    assert rc == 1
-    assert "Could not find 'sweeps/dmeo'" in out and "demo" in out
+    assert rc == 2
+    assert "sweeps='dmeo' is unknown" in out and "did you mean 'demo'" in out
     _assert_nothing_written(tmp_path / "r")

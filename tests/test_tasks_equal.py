@@ -184,4 +184,6 @@ def test_evaluate_zeroshot_equals_the_lm_eval_command_line(data_root, tmp_path, 
                 if metric in theirs:
                     assert float(mine[metric]) == float(theirs[metric]), (name, metric)
             a, b = _loglikelihoods(mine), _loglikelihoods(theirs)
-            assert all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-4) for x, y in zip(a, b))
+            assert all(
+                math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-4) for x, y in zip(a, b, strict=True)
+            )

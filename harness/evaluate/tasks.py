@@ -738,7 +738,7 @@ def materialize(
     for name in names:
         task = LOCAL_TASKS[name]
         files = [f.resolve() for f in task_files([name], data_root, model_dir)]
-        stamp = [[*_stamp(f)] for f in files] + [[TASKS_VERSION, plain]]
+        stamp = [[*_stamp(f)] for f in files] + [[TASKS_VERSION, _lm_eval_version(), plain]]
         if manifest.get(name) == stamp and (out / f"{name}.yaml").is_file():
             continue
         _write_task(task, files, out, plain)

@@ -10,7 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from harness.config import register_schema
-from harness.dtypes import entries, legal_bits, register_configs
+from harness.dtypes import entries, legal_bits
 from harness.dtypes.spec import DtypeSpec
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -19,7 +19,7 @@ NAMES = sorted(p.stem for p in (CONF / "dtype").glob("*.yaml"))
 
 @pytest.fixture
 def hydra_compose():
-    register_schema()  # the cell schema conf/config.yaml starts from, and register_configs()
+    register_schema()  # the cell schema conf/config.yaml starts from, and register_schema()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         yield compose
@@ -56,7 +56,7 @@ def test_typo_in_a_yaml_entry_fails_at_compose(tmp_path, body, match):
     (tmp_path / "dtype" / "bad.yaml").write_text(
         f"defaults:\n  - dtype_schema\n  - _self_\nname: bad\nfamily: int\n{body}\n"
     )
-    register_configs()
+    register_schema()
     GlobalHydra.instance().clear()
     try:
         with (
@@ -79,7 +79,7 @@ def user_dtype_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("KBIT_DTYPE_DIR", str(tmp_path))
     yield tmp_path
     monkeypatch.delenv("KBIT_DTYPE_DIR")
-    register_configs()  # forget the user entries again
+    register_schema()  # forget the user entries again
 
 
 def test_user_entry_composes_through_hydra(user_dtype_dir, hydra_compose, caplog):
@@ -94,16 +94,16 @@ def test_user_entry_composes_through_hydra(user_dtype_dir, hydra_compose, caplog
 
 def test_bad_user_entry_is_logged_at_registration(user_dtype_dir, caplog):
     with caplog.at_level("WARNING", logger="harness.dtypes"):
-        register_configs()
+        register_schema()
     assert "broken.yaml: field='bitz' is unknown" in caplog.text
     assert "e3m2_user" not in caplog.text
 
 
 def test_removed_user_entry_is_forgotten(user_dtype_dir, monkeypatch):
-    register_configs()
+    register_schema()
     monkeypatch.setenv("KBIT_DTYPE_DIR", str(user_dtype_dir / "elsewhere"))
     (user_dtype_dir / "elsewhere").mkdir()
-    register_configs()
+    register_schema()
     GlobalHydra.instance().clear()
     with (
         initialize_config_dir(config_dir=str(CONF), version_base="1.3"),

@@ -33,9 +33,9 @@ def test_every_sweep_is_listed():
 
 
 def _compose(name: str):
-    from harness.dtypes import register_configs
+    from harness.config import register_schema
 
-    register_configs()
+    register_schema()
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=[f"+sweeps@_global_={name}"], return_hydra_config=True)
