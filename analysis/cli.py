@@ -326,8 +326,9 @@ def advise_main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         budget = parse_budget(args.budget)
-    except ValueError as err:
-        p.error(f"--budget: {err}")
+    except ValueError as err:  # one line, like every refused input of kbit
+        sys.stderr.write(f"kbit-advise: --budget: {err}\n")
+        return 2
     results = _setup(args)
     try:
         advice = advise(results, budget, n_boot=args.n_boot, level=args.level, seed=args.seed)

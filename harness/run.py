@@ -24,20 +24,14 @@ at all (the write is atomic).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 import json
 import logging
 import math
 import os
-import socket
-import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +43,17 @@ from harness.evaluate.datasets import check_text_file, resolve_text_path
 from harness.evaluate.tasks import check_files, check_task_names
 from harness.evaluate.zeroshot import split_tasks
 from harness.files import writable_dir_problem
-from harness.identity import LOCAL, Resolved, Target, cell_id, dtype_overrides, resolve
+from harness.identity import (
+    LOCAL,
+    Resolved,
+    Target,
+    cell_id,
+    dtype_overrides,
+    model_numerics,
+    resolve,
+)
 from harness.models import LoadedModel, guess_family, load_model
+from harness.provenance import device_name, provenance_fields
 from harness.records import (
     BASELINE_BITS,
     MEAN_ZEROSHOT_TASK,
@@ -62,52 +65,15 @@ from harness.records import (
     to_table,
     write_cell,
 )
+from harness.refusals import (
+    EXIT_FAILED,
+    EXIT_REFUSED,
+    CellRefused,
+    one_line_errors,
+    target_overrides,
+)
 
 log = logging.getLogger(__name__)
-EXIT_FAILED, EXIT_REFUSED = 1, 2
-
-
-# ----------------------------------------------------------------------------- provenance
-@functools.lru_cache(maxsize=1)
-def _static_provenance() -> dict[str, str]:
-    import lm_eval
-    import torch
-    import transformers
-
-    import harness
-
-    root = Path(harness.__file__).resolve().parents[1]
-    commit = ""
-    try:
-        git = ["git", "-C", str(root)]
-        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
-        commit += "+dirty" if dirty else ""
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return dict(
-        version_harness=harness.__version__, version_torch=torch.__version__,
-        version_transformers=transformers.__version__,
-        version_lm_eval=getattr(lm_eval, "__version__", ""), git_commit=commit,
-        hostname=socket.gethostname(),
-    )  # fmt: skip
-
-
-def provenance_fields() -> dict[str, str]:
-    """Versions, git commit, host and creation time (UTC) for a record."""
-    return {**_static_provenance(), "created_at": datetime.now(timezone.utc).isoformat()}
-
-
-def device_name(device: Any) -> str:
-    """e.g. ``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
-    import torch
-
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return str(device)
 
 
 def _free_memory() -> None:
@@ -156,12 +122,10 @@ def validate_cell(cfg: DictConfig, target: Target = LOCAL) -> Resolved:
             raise ConfigError(problem)
         if cfg.bits != BASELINE_BITS:
             _check_quantization(cfg)
-        from harness.identity import model_numerics
-
         model_dir = model_numerics(cfg, target)[2]
         _check_eval(cfg, model_dir)
         resolved = resolve(cfg, target)
-        to_table([Record(**base_fields(cfg, resolved))])
+        to_table([Record(**base_fields(cfg, resolved, with_config=False))])
     except ConfigError:
         raise
     except (ValueError, TypeError, OSError) as exc:
@@ -169,19 +133,6 @@ def validate_cell(cfg: DictConfig, target: Target = LOCAL) -> Resolved:
             str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         ) from exc
     return resolved
-
-
-class CellRefused(BaseException):
-    """Carries a :class:`ConfigError` out of a Hydra callback.
-
-    Hydra turns an ``Exception`` raised by a callback into a warning and runs the job anyway;
-    a refused cell must stop before Hydra creates its output folder, so the callback raises
-    this (like ``SystemExit``, not an ``Exception``) and :func:`main` reports it.
-    """
-
-    def __init__(self, error: ConfigError) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 class ValidateCell(Callback):
@@ -323,8 +274,12 @@ def _evaluate(cfg: DictConfig, loaded: LoadedModel, resolved: Resolved) -> tuple
     return rows, forward_s
 
 
-def base_fields(cfg: DictConfig, resolved: Resolved) -> dict[str, Any]:
-    """Identity, configuration, numerics and provenance fields shared by every row of a cell."""
+def base_fields(cfg: DictConfig, resolved: Resolved, with_config: bool = True) -> dict[str, Any]:
+    """Identity, configuration, numerics and provenance fields shared by every row of a cell.
+
+    ``with_config=False`` leaves out the config YAML (always a storable string, and the
+    slowest field to build): validation builds a trial record of every cell of a sweep.
+    """
     baseline = cfg.bits == BASELINE_BITS
     method = "none" if baseline else str(cfg.method)
     return dict(
@@ -338,7 +293,8 @@ def base_fields(cfg: DictConfig, resolved: Resolved) -> dict[str, Any]:
         outlier_fraction=float(cfg.outlier_fraction) if method == "proxy" else 0.0,
         device_class=resolved.device_class, compute_dtype=resolved.compute_dtype,
         data_digest=resolved.data_digest, trust_remote_code=bool(cfg.trust_remote_code),
-        seed=cfg.seed, config=OmegaConf.to_yaml(cfg, resolve=True), **provenance_fields(),
+        seed=cfg.seed, config=OmegaConf.to_yaml(cfg, resolve=True) if with_config else "",
+        **provenance_fields(),
     )  # fmt: skip
 
 
@@ -424,80 +380,6 @@ def run_and_record(cfg: DictConfig, model_cache: ModelCache | None = None) -> st
 
 def _hydra_task(cfg: DictConfig) -> None:
     _OUTCOMES.append(run_and_record(cfg, _MODEL_CACHE))
-
-
-def target_overrides(argv: list[str]) -> list[str]:
-    """Command-line overrides that set a ``_target_`` (an import path Hydra would call)."""
-    return [a for a in argv if "_target_" in a.split("=", 1)[0]]
-
-
-# OmegaConf's type errors, and what a user may write instead
-_TYPE_WORDS = {"valid bool": "true or false", "to Integer": "an integer",
-               "to Float": "a number", "not a valid int": "an integer"}  # fmt: skip
-
-
-def input_error_line(exc: BaseException) -> str | None:
-    """One line for an input error (a refused config), or None for anything else.
-
-    Hydra reports a composition error as the override, then OmegaConf's message, key and
-    object type on further lines; a user needs the field, the value and what is allowed.
-    """
-    from hydra.errors import ConfigCompositionException, MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from harness.names import unknown_name
-
-    if isinstance(exc, ConfigError) or getattr(exc, "refused", False):  # a refused sweep plan
-        return str(exc)
-    if isinstance(exc, MissingConfigException) and getattr(exc, "options", None):
-        group, _, name = str(exc.missing_cfg_file or "").rpartition("/")
-        options = [o for o in exc.options if not o.endswith("_schema")]
-        return str(unknown_name(group or "config", name, options))
-    if isinstance(exc, ConfigCompositionException | OmegaConfBaseException):
-        cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
-        msg = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
-        key = getattr(cause, "full_key", None)
-        head = str(exc).splitlines()[0] if cause is not exc else ""
-        parts = [p for p in (head, f"{key}: {msg}" if key else msg) if p]
-        allowed = next((a for word, a in _TYPE_WORDS.items() if word in msg), None)
-        return "; ".join(parts) + (f"; allowed: {allowed}" if allowed else "")
-    return None
-
-
-@contextlib.contextmanager
-def one_line_errors() -> Iterator[None]:
-    """Report refused input as one line and exit 2 (``HYDRA_FULL_ERROR=1``: the traceback).
-
-    Hydra's reporter prints composition errors over several lines and task errors as a
-    traceback. Its reporting function is wrapped for the duration of ``kbit-run``; anything
-    that is not an input error still goes through Hydra's own reporting unchanged.
-    """
-    try:
-        import hydra._internal.utils as hydra_utils
-
-        original = hydra_utils.run_and_report
-    except (ImportError, AttributeError):  # a Hydra without it: its own reporting applies
-        yield
-        return
-
-    def report(func: Any) -> Any:
-        def guarded() -> Any:
-            try:
-                return func()
-            except Exception as exc:
-                line = input_error_line(exc)
-                if line is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-                    raise
-                sys.stderr.write(f"kbit-run: {line}\n")
-                sys.exit(EXIT_REFUSED)
-
-        return original(guarded)
-
-    hydra_utils.run_and_report = report
-    try:
-        yield
-    finally:
-        hydra_utils.run_and_report = original
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from test_models_tiny import FAMILIES, save_tiny, tiny_model
 
-from harness import models
+from harness import model_files, models
 from harness.models import (
     ModelInfo,
     count_params,
@@ -215,8 +215,10 @@ def test_missing_empty_and_configless_folders_are_refused(tmp_path):
 
 def test_inspection_is_cached_until_a_file_changes(good, monkeypatch):
     calls = []
-    real = models._inspect_folder
-    monkeypatch.setattr(models, "_inspect_folder", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = model_files._inspect_folder
+    monkeypatch.setattr(
+        model_files, "_inspect_folder", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     first = inspect_model(str(good))
     for _ in range(100):
         assert inspect_model(str(good)) == first

@@ -209,3 +209,54 @@ def test_a_failed_cell_exits_1_and_is_recorded(models, data_root, tmp_path, monk
     rows = read_store(tmp_path).to_pylist()
     assert code == 1
     assert [r["status"] for r in rows] == ["failed"] and "simulated failure" in rows[0]["error"]
+
+
+BAD_DTYPE_ENTRIES = {
+    "wrongtype": (
+        "name: wrongtype\nfamily: float\nexponent_bits: three\n",
+        ["exponent_bits", "three"],
+    ),
+    "typo": ("name: typo\nfamly: float\n", ["famly", "did you mean 'family'"]),
+    "nofamily": ("name: nofamily\nfamily: floaty\n", ["floaty", "float"]),
+    "misnamed": ("name: other\nfamily: int\n", ["misnamed", "other"]),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(BAD_DTYPE_ENTRIES))
+def test_bad_dtype_yaml_is_one_line_and_blocks_nothing_else(
+    entry, models, data_root, tmp_path, monkeypatch, capsys
+):
+    from harness import run
+
+    folder = tmp_path / "dtypes"
+    folder.mkdir()
+    for name, (text, _) in BAD_DTYPE_ENTRIES.items():
+        (folder / f"{name}.yaml").write_text(text)
+    (folder / "good6.yaml").write_text("name: good6\nfamily: float\nbits: 6\nexponent_bits: 3\n")
+    monkeypatch.setenv("KBIT_DTYPE_DIR", str(folder))
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    base = [f"model={models['good']}", "eval=smoke", "device=cpu", f"data_root={data_root}",
+            f"results_dir={tmp_path / 'results'}"]  # fmt: skip
+    code, err = run_main([*base, f"dtype={entry}"], monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert all(word in err for word in BAD_DTYPE_ENTRIES[entry][1]), err
+    assert not (tmp_path / "results").exists()
+    # a good entry beside the bad ones still composes (its k is refused here: nothing loads)
+    code, err = run_main([*base, "dtype=good6", "bits=5"], monkeypatch, capsys)
+    assert code == 2 and "only exists at bits=6" in err, err
+
+
+@pytest.mark.parametrize(
+    ("budget", "words"),
+    [("4Gb", ["ambiguous"]), ("4 parsecs", ["unknown unit"]), ("-1GiB", ["-1GiB"]),
+     ("GiB", ["GiB"]), ("4", ["no unit"])],
+)  # fmt: skip
+def test_bad_budget_units_are_one_line(budget, words, tmp_path, capsys):
+    from analysis.cli import advise_main
+
+    (tmp_path / "store").mkdir()
+    code = advise_main([str(tmp_path / "store"), f"--budget={budget}"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert all(w in err for w in words) and "--budget" in err, err

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from harness.evaluate import tasks
+from harness.evaluate import task_catalog, task_data, tasks
 from harness.evaluate.tasks import (
     LOCAL_TASKS,
     TaskSource,
@@ -67,8 +67,8 @@ def test_an_empty_file_and_a_label_count_mismatch_fail_clearly(data_root, tmp_pa
 
 def test_the_verdict_is_cached_per_file_version(wino_root, monkeypatch):
     calls = []
-    original = tasks._check_jsonl
-    monkeypatch.setattr(tasks, "_check_jsonl", lambda *a: calls.append(1) or original(*a))
+    original = task_data._check_jsonl
+    monkeypatch.setattr(task_data, "_check_jsonl", lambda *a: calls.append(1) or original(*a))
     check_files(["winogrande"], wino_root, None)
     check_files(["winogrande"], wino_root, None)
     assert len(calls) == 1
@@ -94,7 +94,7 @@ def test_a_conversion_that_does_not_round_trip_is_refused(wino_root):
 
 
 def test_task_sources_hash_local_files_once(data_root, monkeypatch):
-    tasks._HASHES.clear()
+    task_data._HASHES.clear()
     opened = []
     real_sha = hashlib.sha256
     monkeypatch.setattr(tasks.hashlib, "sha256", lambda *a: opened.append(1) or real_sha(*a))
@@ -118,21 +118,21 @@ def test_task_sources_of_hub_tasks_name_dataset_and_revision():
 
 def test_builtin_names_are_fast_and_match_lm_eval(monkeypatch, tmp_path):
     monkeypatch.setenv("KBIT_CACHE_DIR", str(tmp_path))
-    tasks._builtin_index.cache_clear()
+    task_catalog.builtin_index.cache_clear()
     start = time.perf_counter()
     scanned = builtin_task_names()  # a fresh cache: the regex scan of lm-eval's YAMLs
     assert time.perf_counter() - start < 2.0
-    tasks._builtin_index.cache_clear()
+    task_catalog.builtin_index.cache_clear()
     start = time.perf_counter()
     names = builtin_task_names()  # a new process: the disk cache
     assert time.perf_counter() - start < 1.0
     assert names == scanned and len(names) > 10000
     assert {"hellaswag", "arc_easy", "mmlu", "ai2_arc", "lambada", "winogrande"} <= names
-    assert tasks._builtin_index()[0]["arc_easy"].name == "arc_easy.yaml"
+    assert task_catalog.builtin_index()[0]["arc_easy"].name == "arc_easy.yaml"
 
 
 def test_an_unknown_task_name_is_one_short_line_with_a_suggestion(data_root):
-    tasks._builtin_index.cache_clear()
+    task_catalog.builtin_index.cache_clear()
     start = time.perf_counter()
     with pytest.raises(ValueError) as err:
         check_task_names(["piqa", "helaswag"], data_root, None)

@@ -35,8 +35,9 @@ def register_configs() -> None:
     Hydra checks the entry's keys and types against :class:`DtypeSpec` at compose time.
     ``dtype/<name>`` for every usable entry found only in ``$KBIT_DTYPE_DIR``: Hydra's search
     path knows only ``conf/``, and this is how ``kbit-run dtype=<user entry>`` composes the
-    same entry :func:`codebook` reads. Bad entries there are logged (one line each) and left
-    out; they fail only when their name is used. Called by the ``kbit-run`` entry point
+    same entry :func:`codebook` reads. A bad entry there is registered as a bare name, so
+    ``dtype=<it>`` composes and the run's validation refuses it with the entry's own problem
+    (file, field, what is allowed); it blocks nothing else. Called by the ``kbit-run`` entry point
     before composing (nothing is registered at import time); calling it again re-reads
     ``$KBIT_DTYPE_DIR``.
     """
@@ -53,7 +54,10 @@ def register_configs() -> None:
         store.store(group="dtype", name=name, node=spec)
         _REGISTERED.add(name)
     for name, reason in bad_entries().items():
-        log.warning("data type %r cannot be used: %s", name, reason)
+        log.debug("data type %r cannot be used: %s", name, reason)
+        if name not in entries():  # a placeholder: composes, then validation names the problem
+            store.store(group="dtype", name=name, node={"name": name})
+            _REGISTERED.add(name)
 
 
 _REGISTERED: set[str] = set()  # user entries this process put in the ConfigStore

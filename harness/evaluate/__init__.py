@@ -2,13 +2,8 @@
 
 from harness.evaluate.datasets import check_text_file, load_text, text_source, token_ids
 from harness.evaluate.perplexity import PerplexityResult, perplexity, perplexity_details
-from harness.evaluate.tasks import (
-    TaskSource,
-    builtin_task_names,
-    check_files,
-    check_task_names,
-    task_sources,
-)
+from harness.evaluate.task_catalog import builtin_task_names, check_task_names
+from harness.evaluate.task_data import TaskSource, check_files, task_sources
 from harness.evaluate.timing import ForwardTimer
 from harness.evaluate.zeroshot import TaskResult, ZeroShotResult, evaluate_zeroshot, mean_accuracy
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.evaluate.tasks import TaskSource, local_source
+from harness.evaluate.task_data import TaskSource, local_source
 from harness.files import atomic_output
 from harness.names import unknown_name
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from harness.evaluate.tasks import check_task_names, is_local, materialize, task_files
+from harness.evaluate.task_catalog import check_task_names, is_local, task_files
+from harness.evaluate.tasks import materialize
 from harness.evaluate.timing import ForwardTimer
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,189 @@
+"""The data files of kbit's local tasks: checked before any model loads, and identified.
+
+:func:`check_files` is the runner's validation (a missing, empty or malformed file fails in one
+line naming the file and line); :func:`task_sources` is the provenance the cell identity and the
+record carry (each local file's resolved path and sha256, or a built-in's hub dataset and
+revision). Both read a file once per (path, size, mtime) in a process: :func:`file_stamp` keys
+their caches. Built on :mod:`harness.evaluate.task_catalog`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.evaluate.task_catalog import (
+    ADAPTER_VERSION,
+    LOCAL_TASKS,
+    builtin_config,
+    builtin_index,
+    builtin_task_names,
+    config_version,
+    is_local,
+    jsonl_lines,
+    lm_eval_version,
+    task_files,
+    unknown_task_error,
+    yaml_config,
+)
+
+
+# ------------------------------------------------------------------------------ file checking
+def file_stamp(path: Path) -> tuple[str, int, int]:
+    """(resolved path, size, mtime_ns): the key of the per-file caches (and of materializing)."""
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def _check_jsonl(path: Path, schema: Mapping[str, type | tuple[type, ...]]) -> int:
+    """Number of documents in ``path``; raises one line naming the file, line and problem."""
+    count = 0
+    try:
+        for number, line in jsonl_lines(path):
+            where = f"{path}:{number}"
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(doc, dict):
+                raise ValueError(f"{where}: a JSON {type(doc).__name__}, not an object")
+            for key, kind in schema.items():
+                if key not in doc:
+                    raise ValueError(f"{where}: field {key!r} is missing; needed: {sorted(schema)}")
+                if not isinstance(doc[key], kind):
+                    raise ValueError(f"{where}: field {key!r} is a {type(doc[key]).__name__}, "
+                                     f"not {_type_name(kind)}")  # fmt: skip
+            count += 1
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if count == 0:
+        raise ValueError(f"{path}: empty file (no documents)")
+    return count
+
+
+def _check_labels(path: Path) -> int:
+    """Number of integer labels in a ``.lst`` file (one a line)."""
+    count = 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if line.strip():
+                if not re.fullmatch(r"-?\d+", line.strip()):
+                    raise ValueError(f"{path}:{number}: label {line.strip()[:40]!r} is not an int")
+                count += 1
+    if count == 0:
+        raise ValueError(f"{path}: empty file (no labels)")
+    return count
+
+
+_VERDICTS: dict[tuple, int] = {}  # (path, size, mtime_ns, schema) -> number of records
+
+
+def _check_file(path: Path, schema: Mapping[str, type | tuple[type, ...]]) -> int:
+    """Records in a task file, checked once per (path, size, mtime) in this process."""
+    key = (*file_stamp(path), tuple(sorted(schema)))
+    if key not in _VERDICTS:
+        _VERDICTS[key] = (
+            _check_labels(path) if path.suffix == ".lst" else _check_jsonl(path, schema)
+        )
+    return _VERDICTS[key]
+
+
+def check_files(
+    names: Iterable[str],
+    data_root: str | os.PathLike | None,
+    model_dir: str | os.PathLike | None,
+) -> None:
+    """Raise one line if a local task's files are missing, empty or hold an invalid line.
+
+    Called by the runner's validation, before any model loads. Each file is read once per
+    (path, size, mtime) in a process; later calls cost a ``stat``.
+    """
+    for name in names:
+        task = LOCAL_TASKS.get(name)
+        if task is None:
+            raise unknown_task_error(name, LOCAL_TASKS)
+        counts = {f: _check_file(f, task.schema) for f in task_files([name], data_root, model_dir)}
+        if len(set(counts.values())) > 1:
+            listed = ", ".join(f"{n} in {f}" for f, n in counts.items())
+            raise ValueError(f"task={name!r}: files disagree on the number of documents: {listed}")
+
+
+# ----------------------------------------------------------------------------- provenance
+@dataclass(frozen=True)
+class TaskSource:
+    """Where a task's (or a text's) documents come from, and the definition's version.
+
+    ``source``: ``local:<resolved path>;sha256=<hex>`` (several files joined with ``+``) or
+    ``hub:<dataset_path>[/<dataset_name>]@<revision or 'unpinned'>``.
+    """
+
+    source: str
+    version: str
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, computed once per (path, size, mtime_ns) in this process."""
+    key = file_stamp(Path(path))
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(key[0], "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def local_source(files: Iterable[Path]) -> str:
+    """``local:<path>;sha256=<hex>`` per file, joined with ``+``."""
+    return "+".join(f"local:{Path(f).resolve()};sha256={file_sha256(f)}" for f in files)
+
+
+def hub_source(dataset_path: str, dataset_name: str | None, revision: str | None) -> str:
+    name = f"/{dataset_name}" if dataset_name else ""
+    return f"hub:{dataset_path}{name}@{revision or 'unpinned'}"
+
+
+def _builtin_source(name: str) -> TaskSource:
+    """The hub source of a built-in task; groups and tags name lm-eval's release."""
+    tasks, others = builtin_index()
+    if name not in tasks:
+        if name not in others:
+            raise unknown_task_error(name, builtin_task_names() | set(LOCAL_TASKS))
+        return TaskSource(f"hub:lm-eval-group/{name}@unpinned", f"lm-eval-{lm_eval_version()}")
+    cfg = yaml_config(tasks[name])
+    revision = (cfg.get("dataset_kwargs") or {}).get("revision")
+    return TaskSource(
+        hub_source(str(cfg.get("dataset_path")), cfg.get("dataset_name"), revision),
+        config_version(cfg),
+    )
+
+
+def task_sources(
+    names: Iterable[str],
+    data_root: str | os.PathLike | None,
+    model_dir: str | os.PathLike | None,
+) -> dict[str, TaskSource]:
+    """{task: TaskSource} for the cell identity and the record (files hashed once each)."""
+    out = {}
+    for name in names:
+        if not is_local(name, data_root):
+            out[name] = _builtin_source(name)
+            continue
+        task = LOCAL_TASKS[name]
+        base = config_version(builtin_config(task)) + "+" if task.builtin else ""
+        files = task_files([name], data_root, model_dir)
+        out[name] = TaskSource(local_source(files), base + ADAPTER_VERSION)
+    return out
