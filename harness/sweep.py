@@ -272,6 +272,12 @@ def plan_sweep(
 
 
 def _describe(err: BaseException) -> str:
+    """One line per problem, the same line a single ``kbit-run`` of that cell would print."""
+    from harness.refusals import input_error_line
+
+    line = input_error_line(err)
+    if line is not None:
+        return line
     text = str(err).strip() or type(err).__name__
     if "\n" in text and not isinstance(err, ValueError):
         text = text.splitlines()[0]

@@ -92,11 +92,21 @@ def test_user_entry_composes_through_hydra(user_dtype_dir, hydra_compose, caplog
     assert hydra_compose("config", overrides=["dtype=nf4", "model=x"]).dtype.name == "nf4"
 
 
-def test_bad_user_entry_is_logged_at_registration(user_dtype_dir, caplog):
-    with caplog.at_level("WARNING", logger="harness.dtypes"):
+def test_bad_user_entry_composes_and_fails_when_used(user_dtype_dir, caplog):
+    """Registration only notes a bad entry (debug): an unrelated run stays quiet, and a run
+    that names it gets the entry's own problem as its one line (tests/test_refused_inputs)."""
+    from harness.dtypes import get_spec
+
+    with caplog.at_level("DEBUG", logger="harness.dtypes"):
         register_schema()
     assert "broken.yaml: field='bitz' is unknown" in caplog.text
-    assert "e3m2_user" not in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["dtype=broken", "model=x"])
+    GlobalHydra.instance().clear()
+    with pytest.raises(ValueError, match="broken.yaml: field='bitz' is unknown"):
+        get_spec(cfg.dtype.name)
 
 
 def test_removed_user_entry_is_forgotten(user_dtype_dir, monkeypatch):
