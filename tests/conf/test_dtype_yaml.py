@@ -105,7 +105,7 @@ def test_bad_user_entry_composes_and_fails_when_used(user_dtype_dir, caplog):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["dtype=broken", "model=x"])
     GlobalHydra.instance().clear()
-    with pytest.raises(ValueError, match="broken.yaml: field='bitz' is unknown"):
+    with pytest.raises(ValueError, match=r"broken\.yaml: field='bitz' is unknown"):
         get_spec(cfg.dtype.name)
 
 
