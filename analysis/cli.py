@@ -22,6 +22,7 @@ from analysis.figures import (
     FORMATS,
     block_size_figure,
     dtype_figure,
+    method_figure,
     perplexity_figure,
     proxy_centering_figure,
     save_figure,
@@ -72,7 +73,7 @@ def _write_table(frame: pd.DataFrame, out: Path, name: str) -> list[Path]:
 
 
 FIGURE_NAMES = ("scaling_acc", "scaling_ppl", "block_size_k{k}", "dtype_k{k}",
-                "proxy_centering_k{k}")  # fmt: skip
+                "proxy_centering_k{k}", "method_k{k}", "method_ppl_k{k}")  # fmt: skip
 
 
 def build_figure(
@@ -101,6 +102,8 @@ def build_figure(
         f"block_size_k{k}": lambda: block_size_figure(cells, k),
         f"dtype_k{k}": lambda: dtype_figure(cells, k),
         f"proxy_centering_k{k}": lambda: proxy_centering_figure(cells, k),
+        f"method_k{k}": lambda: method_figure(cells, k),
+        f"method_ppl_k{k}": lambda: method_figure(cells, k, ppl_column) if ppl_column else None,
     }
     return builders[name]()
 
@@ -144,7 +147,7 @@ def make_figures(
     per_sample: pd.DataFrame | None = None,
     selection: str = "split",
 ) -> list[Path]:
-    """Build and save the five figures that the data support; returns the files written.
+    """Build and save the figures that the data support; returns the files written.
 
     ``per_sample`` (:meth:`Results.per_sample`) lets the scaling figures use the
     selection-corrected main curves (:func:`analysis.tables.main_curves`).

@@ -9,6 +9,7 @@ pyplot: no display, no global backend switch, nothing kept alive between calls.
    *unstable*: drawn at the cap with a cross and counted in the legend.
 3. ``block_size``: block-size effect at fixed k. 4. ``dtype``: data types at fixed k.
 5. ``proxy_centering``: block-wise vs proxy (outlier) quantization vs centering at fixed k.
+6. ``method``: methods (blockwise, gptq, hqq, ...) at fixed k, accuracy and perplexity.
 
 Cells that differ in any result-determining field never share a line: data-type overrides are
 part of every data-type name (``float{exponent_bits=3}``), and numerics / data digest
@@ -308,6 +309,31 @@ def proxy_centering_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> 
     bs_txt = "per tensor" if pd.isna(bs) else f"block {int(bs)}"
     title = f"Proxy quantization and centering at k={k} ({dtype}, {bs_txt})"
     return _hue_lines(sub, y, "_line", title, _ylabel(y))
+
+
+def method_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figure | None:
+    """Methods compared at fixed k: one line per method (with its settings), on the data type
+    and block size that the most methods share (e.g. int at block 64 for blockwise, gptq, hqq).
+
+    Only drawn when the cells hold more than one method besides proxy (proxy has its own
+    figure). The configuration is a fixed rule (no accuracy is used to choose it).
+    """
+    sub = _at_k(cells, k, y)
+    sub = sub[~sub["method"].isin(["proxy", "none"]) & ~sub["centering"].astype(bool)]
+    if sub.empty or sub["method"].nunique() < 2:
+        return None
+    per_config = sub.groupby(["_dtype", "block_size"], dropna=False)["method"].nunique()
+    widest = per_config[per_config == per_config.max()].index
+    dtype, bs = sorted(widest, key=lambda t: (t[0] != "int", pd.isna(t[1]), str(t)))[0]
+    sub = sub[(sub["_dtype"] == dtype) & _match(sub, "block_size", bs)]
+    settings = sub["method_settings"] if "method_settings" in sub.columns else ""
+    names = sub["method"].astype(str) + pd.Series(settings, index=sub.index).map(overrides_text)
+    sub = sub.assign(_line=_with_variant(names, sub))
+    sub = sub.sort_values("total_model_bits").drop_duplicates(["model_family", "_line", "model"])
+    bs_txt = "per tensor" if pd.isna(bs) else f"block {int(bs)}"
+    log_y = y.endswith(":ppl")
+    return _hue_lines(sub, y, "_line", f"Methods at k={k} ({dtype}, {bs_txt})", _ylabel(y),
+                      log_y=log_y)  # fmt: skip
 
 
 def save_figure(

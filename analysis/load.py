@@ -54,6 +54,7 @@ CONFIG_COLUMNS = [
     "scale_format",
     "centering",
     "outlier_fraction",
+    "method_settings",
     "total_model_bits",
     "bits_per_param",
     "device_class",
@@ -65,6 +66,7 @@ CONFIG_COLUMNS = [
 # NaN group keys) and "no override" has one spelling.
 CONFIG_DEFAULTS = {
     "dtype_overrides": "{}",
+    "method_settings": "{}",
     "device_class": "",
     "compute_dtype": "",
     "data_digest": "",

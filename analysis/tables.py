@@ -34,6 +34,7 @@ QUANT_CONFIG = [
     "scale_format",
     "centering",
     "outlier_fraction",
+    "method_settings",
 ]
 # How and on what a cell was evaluated. Cells that differ here are different measurements:
 # a curve never crosses them, and labels name them whenever the cells shown hold two values.
@@ -112,6 +113,9 @@ def _base_labels(cells: pd.DataFrame) -> pd.Series:
     label = label.where(~cells["centering"].astype(bool), label + " centered")
     outl = cells["outlier_fraction"].map("{:g}".format)
     label = label.where(cells["method"] != "proxy", label + " proxy(" + outl + ")")
+    other = ~cells["method"].isin(["blockwise", "proxy", "none"])
+    settings = cells["method"].astype(str) + cells["method_settings"].map(overrides_text)
+    label = label.where(~other, label + " " + settings)
     return label.where(cells["method"] != "none", "16-bit baseline").astype(object)
 
 

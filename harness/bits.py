@@ -10,7 +10,10 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-SCALE_BITS = {"fp16": 16, "bf16": 16, "fp32": 32, "e8m0": 8}
+SCALE_BITS = {"fp16": 16, "bf16": 16, "fp32": 32, "e8m0": 8, "mx": 8, "nvfp4": 8}
+# Scales stored once per quantized tensor on top of the block scales: NVFP4's FP32 scale.
+TENSOR_SCALE_BITS = {"nvfp4": 32}
+NO_MEAN_FORMATS = ("e8m0", "mx", "nvfp4")  # scale formats that cannot store a block mean
 UNQUANTIZED_BITS = 16  # parameters kept in 16-bit floats (embeddings, norms, biases, outliers)
 CODEBOOK_VALUE_BITS = 16  # one stored codebook value (data-dependent types only)
 
@@ -55,7 +58,7 @@ def total_model_bits(
 ) -> BitCount:
     """Total bits and bits per parameter of a model, by the paper's accounting.
 
-    ``sum_t [ n_t * k_t + blocks_t * s * (2 if centering else 1) + codebook_t * 16 ]
+    ``sum_t [ n_t * k_t + blocks_t * s * (2 if centering else 1) + codebook_t * 16 + g ]
     + 16 * (unquantized_params + outlier_params)``, divided by all parameters for bits/param.
 
     Conventions:
@@ -65,8 +68,12 @@ def total_model_bits(
       exactly once: in an entry, in ``unquantized_params`` or in ``outlier_params``.
     * blocks_t = ceil(n_t / B): the tail block stores a full scale; ``block_size=None`` is
       one scale for the whole tensor.
-    * s = scale bits of ``scale_format``: fp16 = bf16 = 16, fp32 = 32, e8m0 = 8. With
-      ``centering`` each block also stores its mean in the same format (e8m0 cannot).
+    * s = scale bits of ``scale_format``: fp16 = bf16 = 16, fp32 = 32, e8m0 = 8, mx = 8
+      (the E8M0 shared exponent), nvfp4 = 8 (the E4M3 block scale). With ``centering`` each
+      block also stores its mean in the same format (e8m0, mx and nvfp4 cannot).
+    * g = per-tensor scale bits: 32 for nvfp4 (its FP32 tensor scale), else 0. MXFP4
+      (k = 4, B = 32, mx) is 4.25 bits/param; NVFP4 (k = 4, B = 16) is 4.5 bits/param plus
+      32 bits per tensor.
     * ``unquantized_params`` (embeddings, norms, biases, ...) and ``outlier_params``
       (input dimensions kept in 16 bit by proxy quantization, *not* part of any entry's
       ``n_elements``) cost 16 bits each.
@@ -80,15 +87,16 @@ def total_model_bits(
     """
     if scale_format not in SCALE_BITS:
         raise ValueError(f"scale_format={scale_format!r} is unknown; allowed: {sorted(SCALE_BITS)}")
-    if centering and scale_format == "e8m0":
+    if centering and scale_format in NO_MEAN_FORMATS:
         raise ValueError(
-            "centering=True with scale_format='e8m0': a block mean needs a signed format"
+            f"centering=True with scale_format={scale_format!r}: a block mean needs a signed format"
         )
     if unquantized_params < 0 or outlier_params < 0:
         raise ValueError(
             f"unquantized_params={unquantized_params}, outlier_params={outlier_params}: must be >= 0"
         )
     per_block = SCALE_BITS[scale_format] * (2 if centering else 1)
+    per_tensor = TENSOR_SCALE_BITS.get(scale_format, 0)
     total = UNQUANTIZED_BITS * (unquantized_params + outlier_params)
     n_params = unquantized_params + outlier_params
     for entry in quantized:
@@ -100,6 +108,7 @@ def total_model_bits(
             info.n_elements * info.bits
             + blocks * per_block
             + info.codebook_size * CODEBOOK_VALUE_BITS
+            + per_tensor
         )
         n_params += info.n_elements
     if n_params == 0:

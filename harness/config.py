@@ -54,13 +54,6 @@ class ScaleFormat(_Choice):
     e8m0 = "e8m0"
 
 
-class Method(_Choice):
-    """How weights are quantized: every weight block-wise, or proxy (outlier columns in 16 bit)."""
-
-    blockwise = "blockwise"
-    proxy = "proxy"
-
-
 class ComputeDtype(_Choice):
     """The dtype the model runs in; ``auto`` is resolved before the cell id is computed."""
 
@@ -103,8 +96,7 @@ class CellConfig:
     block_size: int | None = 64  # elements per absmax block; null = one scale per tensor
     scale_format: ScaleFormat = ScaleFormat.fp16
     centering: bool = False  # subtract the block mean before quantizing
-    method: Method = Method.blockwise
-    outlier_fraction: float = 0.0  # proxy: share of input dims kept in 16 bit (else ignored)
+    method: Any = MISSING  # conf/method/<name>.yaml: name + the method's own settings
     quantize_embeddings: bool = False
     quantize_head: bool = False
     dtype: DtypeSpec = field(default_factory=DtypeSpec)
@@ -128,7 +120,8 @@ DEVICES_ALLOWED = "auto, cpu, cuda, cuda:N, mps"
 
 
 def register_schema() -> None:
-    """Store the schemas in Hydra's ConfigStore (``cell_schema``; ``dtype/dtype_schema``).
+    """Store the schemas in Hydra's ConfigStore (``cell_schema``; ``dtype/dtype_schema``;
+    ``method/<name>_schema`` for every registered method).
 
     ``conf/config.yaml`` lists ``cell_schema`` first in its defaults, so Hydra checks every key
     and type against :class:`CellConfig` when it composes. Called by the ``kbit-run`` entry
@@ -139,7 +132,12 @@ def register_schema() -> None:
     from harness.dtypes import register_configs
 
     register_configs()
-    ConfigStore.instance().store(name="cell_schema", node=CellConfig)
+    store = ConfigStore.instance()
+    store.store(name="cell_schema", node=CellConfig)
+    from harness.quantize.methods import methods
+
+    for name, entry in methods().items():  # conf/method/<name>.yaml lists <name>_schema first
+        store.store(group="method", name=f"{name}_schema", node=entry.settings)
 
 
 # ----------------------------------------------------------------------------- rules
@@ -215,11 +213,22 @@ def _check_eval(ev: DictConfig) -> None:
         raise ConfigError("eval: no perplexity set and no task; allowed: at least one of them")
 
 
+def method_settings(cfg: DictConfig) -> Any:
+    """The cell's method settings as its registered dataclass (its value rules applied)."""
+    from harness.quantize.methods import make_settings
+
+    node = OmegaConf.to_container(cfg.method, resolve=True, enum_to_str=True)
+    if not isinstance(node, dict) or "name" not in node:
+        raise ConfigError(f"method={node!r}; allowed: a method entry, e.g. method=blockwise")
+    try:
+        return make_settings(str(node["name"]), node)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc).strip().splitlines()[0]) from exc
+
+
 def _check_quantization(cfg: DictConfig) -> None:
     _int_at_least("block_size", cfg.block_size, nullable=True)
-    fraction = cfg.outlier_fraction
-    if cfg.method == Method.proxy and not 0.0 < fraction < 1.0:
-        raise ConfigError(f"outlier_fraction={fraction!r}; allowed with method=proxy: 0 < f < 1")
+    method_settings(cfg)
 
 
 def check_cell(cfg: DictConfig) -> None:

@@ -42,7 +42,7 @@ NON_RESULT_FIELDS = (
     "model_family",
     "hydra",
 )
-QUANT_FIELDS = ("dtype", "block_size", "scale_format", "centering", "method", "outlier_fraction",
+QUANT_FIELDS = ("dtype", "block_size", "scale_format", "centering", "method",
                 "quantize_embeddings", "quantize_head")  # fmt: skip
 
 
@@ -139,7 +139,24 @@ def resolve(cfg: DictConfig, target: Target = LOCAL) -> Resolved:
     tasks = list(cfg.eval.tasks)
     for name, src in task_sources(tasks, cfg.data_root, model_dir).items() if tasks else ():
         sources[name] = (src.source, src.version)
+    calibration = calibration_of(cfg)
+    if calibration is not None:
+        sources["calibration"] = (calibration.source, calibration.version)
     return Resolved(device_class, dtype, model_dir, sources)
+
+
+def calibration_of(cfg: DictConfig) -> Any:
+    """The calibration source of a quantized cell whose method needs data, else None."""
+    from harness.calibration import calibration_source
+    from harness.config import method_settings
+    from harness.quantize.methods import get_method
+
+    if cfg.bits == BASELINE_BITS:
+        return None
+    settings = method_settings(cfg)
+    if not get_method(settings.name).needs_calibration:
+        return None
+    return calibration_source(str(settings.calibration))
 
 
 def cell_config(cfg: DictConfig, resolved: Resolved | None = None) -> dict[str, Any]:
@@ -151,8 +168,6 @@ def cell_config(cfg: DictConfig, resolved: Resolved | None = None) -> dict[str, 
     if data.get("bits") == BASELINE_BITS:
         for key in QUANT_FIELDS:
             data.pop(key, None)
-    if data.get("method") != "proxy":
-        data.pop("outlier_fraction", None)
     data["numerics"] = {"device_class": resolved.device_class,
                         "compute_dtype": resolved.compute_dtype}  # fmt: skip
     data["data"] = resolved.data_identity()

@@ -69,7 +69,9 @@ class Record:
     n_quantized_params: int = 0  # parameters actually stored in k bits
     quantized_modules: list[str] = field(default_factory=list)  # module names quantized
     # --- quantization config -----------------------------------------------------------
-    method: str = "blockwise"  # blockwise | proxy | none (16-bit baseline)
+    method: str = "blockwise"  # blockwise | proxy | gptq | hqq | ... | none (16-bit baseline)
+    # the method's own settings (conf/method/<name>.yaml) as sorted JSON; "{}" when none
+    method_settings: str = "{}"
     dtype: str = ""  # data type entry name (conf/dtype/<name>.yaml), e.g. int, quantile, nf4
     dtype_family: str = ""  # int | float | dynamic | quantile | normal | none
     # fields of the data type set apart from its entry (e.g. exponent_bits=3), as sorted
@@ -79,7 +81,7 @@ class Record:
     block_size: int | None = None  # elements per block; None = one scale per tensor
     scale_format: str = "fp16"  # fp16 | bf16 | fp32 | e8m0
     centering: bool = False  # block mean subtracted and stored
-    outlier_fraction: float = 0.0  # proxy quantization: share of input dims kept in 16 bit
+    outlier_fraction: float = 0.0  # proxy's setting: share of input dims kept in 16 bit
     total_model_bits: float = 0.0  # harness.bits.total_model_bits: every parameter counted
     bits_per_param: float = 16.0  # total_model_bits / n_params
     # --- numerics (resolved, never "auto"; part of the cell id) -----------------------

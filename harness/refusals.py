@@ -64,11 +64,36 @@ def input_error_line(exc: BaseException) -> str | None:
         cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
         msg = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
         key = getattr(cause, "full_key", None)
-        head = str(exc).splitlines()[0] if cause is not exc else ""
+        head = str(exc).splitlines()[0].rstrip(".") if cause is not exc else ""
         parts = [p for p in (head, f"{key}: {msg}" if key else msg) if p]
         allowed = next((a for word, a in _TYPE_WORDS.items() if word in msg), None)
+        allowed = allowed or _allowed_keys(msg, cause)
         return "; ".join(parts) + (f"; allowed: {allowed}" if allowed else "")
     return None
+
+
+# Keys that moved into a config group: a hint instead of "not a setting"
+MOVED_KEYS = {"outlier_fraction": "method.outlier_fraction (with method=proxy)"}
+
+
+def _allowed_keys(msg: str, cause: BaseException) -> str | None:
+    """For "Key 'x' not in 'SomeSchema'": the keys that schema has, the closest first."""
+    import dataclasses
+    import re
+
+    from harness.names import did_you_mean
+
+    match = re.search(r"Key '([^']+)' not in '([^']+)'", msg)
+    schema = getattr(cause, "object_type", None)
+    if not match or schema is None or not dataclasses.is_dataclass(schema):
+        return None
+    key = match.group(1)
+    if key in MOVED_KEYS and schema.__name__ == "CellConfig":
+        return f"{key} moved to {MOVED_KEYS[key]}"
+    keys = [f.name for f in dataclasses.fields(schema)]
+    name = next((f.default for f in dataclasses.fields(schema) if f.name == "name"), None)
+    what = f"the settings of method={name}" if name and "method" in schema.__module__ else "keys"
+    return f"{what}: {', '.join(keys)}{did_you_mean(key, keys)}"
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from harness.config import ConfigError, check_cell, eval_limit, register_schema
+from harness.config import ConfigError, check_cell, eval_limit, method_settings, register_schema
 from harness.evaluate.datasets import check_text_file, resolve_text_path
 from harness.evaluate.tasks import check_files, check_task_names
 from harness.evaluate.zeroshot import split_tasks
@@ -54,6 +54,7 @@ from harness.identity import (
 )
 from harness.models import LoadedModel, guess_family, load_model
 from harness.provenance import device_name, provenance_fields
+from harness.quantize.methods import settings_dict
 from harness.records import (
     BASELINE_BITS,
     MEAN_ZEROSHOT_TASK,
@@ -87,10 +88,26 @@ def _free_memory() -> None:
 
 
 # ----------------------------------------------------------------------------- validation
+def quant_request(cfg: DictConfig, calibration: Any = None) -> Any:
+    """The cell's quantization as the method registry takes it (``QuantRequest``)."""
+    from harness.quantize.methods import QuantRequest
+
+    return QuantRequest(
+        str(cfg.dtype.name), cfg.bits, cfg.block_size, str(cfg.scale_format),
+        bool(cfg.centering), dtype_overrides(cfg), bool(cfg.quantize_embeddings),
+        bool(cfg.quantize_head), method_settings(cfg), calibration, progress=False,
+    )  # fmt: skip
+
+
 def _check_quantization(cfg: DictConfig) -> None:
     from harness.dtypes import check
+    from harness.quantize.methods import get_method
 
     check(cfg.dtype.name, cfg.bits, **dtype_overrides(cfg))
+    request = quant_request(cfg)
+    entry = get_method(request.settings.name)
+    if entry.validate is not None:
+        entry.validate(request.settings, request)
 
 
 def _check_eval(cfg: DictConfig, model_dir: Path | None) -> None:
@@ -177,7 +194,7 @@ class ModelCache:
         _free_memory()
 
 
-def _quantize(cfg: DictConfig, loaded: LoadedModel) -> dict[str, Any]:
+def _quantize(cfg: DictConfig, loaded: LoadedModel, calibration: Any = None) -> dict[str, Any]:
     """Quantize in place (or not, at 16 bit); returns the record fields it determines."""
     from harness.models import count_params
     from harness.quantize import quantize_model
@@ -188,11 +205,13 @@ def _quantize(cfg: DictConfig, loaded: LoadedModel) -> dict[str, Any]:
     if cfg.bits == BASELINE_BITS:
         fields.update(total_model_bits=float(BASELINE_BITS * n_params), bits_per_param=16.0)
         return fields
+    settings = method_settings(cfg)
     report = quantize_model(
         loaded.model, cfg.dtype.name, cfg.bits, cfg.block_size,
-        scale_format=str(cfg.scale_format), centering=cfg.centering, method=str(cfg.method),
-        outlier_fraction=cfg.outlier_fraction, quantize_embeddings=cfg.quantize_embeddings,
+        scale_format=str(cfg.scale_format), centering=cfg.centering, method=settings.name,
+        settings=settings, quantize_embeddings=cfg.quantize_embeddings,
         quantize_head=cfg.quantize_head, dtype_overrides=dtype_overrides(cfg),
+        calibration=calibration, progress=False,
     )  # fmt: skip
     count = count_bits(loaded.model, report)
     fields.update(
@@ -201,6 +220,24 @@ def _quantize(cfg: DictConfig, loaded: LoadedModel) -> dict[str, Any]:
         total_model_bits=float(count.total_bits), bits_per_param=float(count.bits_per_param),
     )  # fmt: skip
     return fields
+
+
+def _calibration(cfg: DictConfig, loaded: LoadedModel) -> Any:
+    """Calibration token ids for a method that needs them (GPTQ's protocol), else None."""
+    from harness.calibration import calibration_text
+    from harness.evaluate.datasets import token_ids
+    from harness.evaluate.perplexity import default_seqlen
+    from harness.quantize.gptq import calibration_ids
+    from harness.quantize.methods import get_method
+
+    if cfg.bits == BASELINE_BITS:
+        return None
+    settings = method_settings(cfg)
+    if not get_method(settings.name).needs_calibration:
+        return None
+    ids = token_ids(loaded.tokenizer, calibration_text(str(settings.calibration)))
+    seqlen = int(settings.seqlen or default_seqlen(loaded.model))
+    return calibration_ids(ids, None, int(settings.n_samples), seqlen, int(settings.seed))
 
 
 def _nonfinite_row(row: dict[str, Any], what: str) -> dict[str, Any]:
@@ -281,7 +318,8 @@ def base_fields(cfg: DictConfig, resolved: Resolved, with_config: bool = True) -
     slowest field to build): validation builds a trial record of every cell of a sweep.
     """
     baseline = cfg.bits == BASELINE_BITS
-    method = "none" if baseline else str(cfg.method)
+    settings = None if baseline else settings_dict(method_settings(cfg))
+    method = "none" if baseline else str(cfg.method.name)
     return dict(
         sweep=str(cfg.sweep), cell_id=cell_id(cfg, resolved), model=str(cfg.model),
         model_family=cfg.get("model_family") or guess_family(str(cfg.model)),
@@ -290,7 +328,8 @@ def base_fields(cfg: DictConfig, resolved: Resolved, with_config: bool = True) -
         dtype_overrides="{}" if baseline else json.dumps(dtype_overrides(cfg), sort_keys=True),
         bits=cfg.bits, block_size=None if baseline else cfg.block_size,
         scale_format=str(cfg.scale_format), centering=bool(cfg.centering),
-        outlier_fraction=float(cfg.outlier_fraction) if method == "proxy" else 0.0,
+        method_settings=json.dumps(settings or {}, sort_keys=True),
+        outlier_fraction=float((settings or {}).get("outlier_fraction", 0.0)),
         device_class=resolved.device_class, compute_dtype=resolved.compute_dtype,
         data_digest=resolved.data_digest, trust_remote_code=bool(cfg.trust_remote_code),
         seed=cfg.seed, config=OmegaConf.to_yaml(cfg, resolve=True) if with_config else "",
@@ -323,7 +362,7 @@ def run_cell(
         fields["model_family"] = cfg.get("model_family") or guess_family(
             str(cfg.model), loaded.architecture
         )
-        fields.update(_quantize(cfg, loaded))
+        fields.update(_quantize(cfg, loaded, _calibration(cfg, loaded)))
         eval_start = time.perf_counter()
         rows, forward_s = _evaluate(cfg, loaded, resolved)
         fields.update(eval_s=time.perf_counter() - eval_start, forward_s=forward_s)

@@ -37,6 +37,38 @@ def test_scale_formats(fmt, bpp):
     assert total_model_bits([(6400, 8, 64)], 0, scale_format=fmt).bits_per_param == bpp
 
 
+@pytest.mark.parametrize(
+    ("k", "block", "fmt", "bpp"),
+    [
+        (4, 32, "mx", 4.25),  # MXFP4: 4 + 8 / 32
+        (6, 32, "mx", 6.25),  # MXFP6
+        (8, 32, "mx", 8.25),  # MXFP8, MXINT8
+        (4, 16, "nvfp4", 4.5 + 32 / 6400),  # NVFP4: 4 + 8 / 16, + one FP32 per tensor
+    ],
+)
+def test_mx_and_nvfp4_bits(k, block, fmt, bpp):
+    assert total_model_bits([(6400, k, block)], 0, scale_format=fmt).bits_per_param == bpp
+
+
+def test_nvfp4_counts_one_fp32_scale_per_tensor_by_hand():
+    # two tensors: 4096 x 4096 and a 1000-element one (63 blocks of 16, tail counted in full)
+    count = total_model_bits([(4096 * 4096, 4, 16), (1000, 4, 16)], 10, scale_format="nvfp4")
+    t1 = 4096 * 4096 * 4 + (4096 * 4096 // 16) * 8 + 32
+    t2 = 1000 * 4 + 63 * 8 + 32
+    assert count.total_bits == t1 + t2 + 10 * 16
+    # MX: 8 bits per 32-element block, no per-tensor term; e8m0 unchanged at 8 per block
+    mx = total_model_bits([(4096 * 4096, 4, 32), (1000, 4, 32)], 0, scale_format="mx")
+    assert mx.total_bits == 4096 * 4096 * 4 + 4096 * 4096 // 32 * 8 + 1000 * 4 + 32 * 8
+    e8 = total_model_bits([(4096 * 4096, 4, 32), (1000, 4, 32)], 0, scale_format="e8m0")
+    assert e8.total_bits == mx.total_bits
+
+
+@pytest.mark.parametrize("fmt", ["e8m0", "mx", "nvfp4"])
+def test_no_centering_with_exponent_scales(fmt):
+    with pytest.raises(ValueError, match=f"centering=True with scale_format='{fmt}'"):
+        total_model_bits([(64, 4, 16)], 0, scale_format=fmt, centering=True)
+
+
 def test_per_tensor_codebook_is_counted():
     # quantile at k=4 on 1024 elements, B=256: 4 + 4*16/1024 + 16*16/1024
     count = total_model_bits([QuantizedTensorInfo(1024, 4, 256, codebook_size=16)], 0)

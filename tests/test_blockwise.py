@@ -246,7 +246,7 @@ def test_empty_tensor():
 
 def test_bad_scale_format_and_centering_with_e8m0():
     with pytest.raises(
-        ValueError, match=r"scale_format='fp8'.*allowed: \['fp16', 'bf16', 'fp32', 'e8m0'\]"
+        ValueError, match=r"scale_format='fp8'.*allowed: \['fp16', 'bf16', 'fp32', 'e8m0', 'mx', 'nvfp4'\]"
     ):
         fake_quantize(torch.randn(10), "int", 4, 64, scale_format="fp8")
     with pytest.raises(ValueError, match="centering=True with scale_format='e8m0'"):

@@ -118,7 +118,7 @@ def test_nan_model_gives_failed_rows_for_every_task(tmp_path, data_root):
         (["eval.tasks=[piqa,hellasweg]", "eval.mean_of=[]"], "did you mean 'hellaswag'"),
         (["dtype=nf4", "bits=3"], "bits=3 is not allowed for dtype 'nf4'"),
         (["block_size=0"], "block_size=0"),
-        (["method=proxy", "outlier_fraction=0"], "outlier_fraction"),
+        (["method=proxy", "method.outlier_fraction=0"], "method.outlier_fraction=0"),
         (["eval.mean_of=[arc_easy]"], "not in eval.tasks"),
     ],
 )

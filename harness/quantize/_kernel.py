@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -361,3 +362,211 @@ def dequantize_blocks(
         dequantize_core, *args, numel=codes.numel(), compile=compile, dynamic_cols=dynamic_cols
     )
     return result if out is None else out.copy_(result)
+
+
+# ------------------------------------------------------------ element-space formats: MX, NVFP4
+# The OCP MX and NVIDIA NVFP4 rules are stated in the element format's own units (E2M1
+# values 0, 0.5, ..., 6; scales that are powers of two or E4M3 values) and round to nearest
+# with ties to *even*. kbit's normalised search (x / scale, nearest code, ties down) cannot
+# reproduce that bit for bit: dividing by 2^e * 6 rounds, and ties go the other way for
+# negative values. So these formats quantize in the element grid instead (see ElementGrid)
+# and dequantize as grid value * grid scale, both exact float32 operations.
+
+ELEMENT_FORMATS = ("mx", "nvfp4")
+NVFP4_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+NVFP4_E4M3_TINY = 2.0**-6  # torch.finfo(torch.float8_e4m3fn).tiny (torchao's E4M3_EPS)
+NVFP4_E2M1_MAX = 6.0
+_E2M1_GRID = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)  # E2M1 magnitudes in units of 0.5
+
+
+@dataclass(frozen=True)
+class ElementGrid:
+    """A codebook as integers of its smallest step: ``code_i = grid_i / n_max``.
+
+    For a float codebook (subnormals included) every value is a whole multiple of the
+    smallest positive value u (the subnormal step); the grid is value / u, exact integers
+    with at most 8 significant bits, and n_max = max / u. The MX exponent of the largest
+    power of two, emax = floor(log2 n_max), is then emax_elem - log2 u: the MX scale
+    2^(floor(log2 amax) - emax) in grid units times the grid value is the same number as
+    OCP's 2^(floor(log2 amax) - emax_elem) times the element value, whatever u is.
+    """
+
+    grid: torch.Tensor  # float32 [n]: sorted signed grid values (exact integers)
+    n_max: float  # largest grid value
+    emax: int  # floor(log2(n_max))
+    inv_p2: float  # 2^-ceil(log2(n_max)): grid / p2 lies in [-1, 1], exactly
+    zero: int  # index of the zero code (ties go to the even distance from it)
+    lut: Lut  # exact nearest-code table of grid * inv_p2
+
+
+def _round_significant(r: torch.Tensor, bits: int) -> torch.Tensor:
+    """float64 r rounded to ``bits`` significant bits (r > 0)."""
+    e = torch.floor(torch.log2(r))
+    q = torch.exp2(e - (bits - 1))
+    return torch.round(r / q) * q
+
+
+def element_grid(code: torch.Tensor) -> ElementGrid:
+    """The grid of a normalised codebook (cached), or ValueError if it has none.
+
+    Codes are float32 roundings of value / max, so value / u is recovered from code /
+    min_positive_code by rounding to 8 significant bits (the float32 error is ~2^-23
+    relative, far below the gap between 8-bit numbers) and checked: every code must be
+    the float32 rounding of grid / n_max, and the grid symmetric with an exact zero.
+    """
+    values = code.detach().to("cpu", torch.float32).contiguous()
+    grid = _cached_grid(values.numpy().tobytes())
+    if grid is None:
+        raise ValueError(
+            "scale_format='mx'/'nvfp4': the codebook is not a float or int grid (every value "
+            "a whole multiple of the smallest positive one, symmetric, with an exact 0); "
+            "allowed: float entries (e2m1, e3m2, e2m3, fp8_*) and int"
+        )
+    return grid if code.device.type == "cpu" else _grid_to(grid, code.device)
+
+
+def _grid_to(g: ElementGrid, device) -> ElementGrid:
+    lut = build_lut((g.grid * g.inv_p2).to(device))
+    return ElementGrid(g.grid.to(device), g.n_max, g.emax, g.inv_p2, g.zero, lut)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_grid(values: bytes) -> ElementGrid | None:
+    code = torch.frombuffer(bytearray(values), dtype=torch.float32).to(torch.float64)
+    pos = code[code > 0]
+    if pos.numel() == 0 or int((code == 0).sum()) != 1:
+        return None
+    grid = torch.zeros_like(code)
+    nz = code != 0
+    grid[nz] = torch.sign(code[nz]) * _round_significant(code[nz].abs() / pos.min(), 8)
+    n_max = float(grid.abs().max())
+    if not torch.equal((grid / n_max).to(torch.float32), code.to(torch.float32)):
+        return None
+    if not torch.equal(grid, -grid.flip(0)) or n_max >= 2**60:
+        return None
+    emax = math.floor(math.log2(n_max))
+    inv_p2 = 2.0 ** -math.ceil(math.log2(n_max))
+    grid32 = grid.to(torch.float32)
+    lut = build_lut(grid32 * inv_p2)
+    if lut is None:
+        return None
+    zero = int((grid < 0).sum())
+    return ElementGrid(grid32, n_max, emax, inv_p2, zero, lut)
+
+
+def nvfp4_grid(code: torch.Tensor) -> ElementGrid:
+    """The grid of ``code``, which must be E2M1 (NVFP4's element format)."""
+    g = element_grid(code)
+    if g.grid.numel() != 15 or g.grid[7:].tolist() != list(_E2M1_GRID):
+        raise ValueError(
+            "scale_format='nvfp4': the codebook must be FP4 E2M1 (dtype 'e2m1', bits=4); "
+            f"got {code.numel()} codes"
+        )
+    return g
+
+
+def grid_index(
+    z: torch.Tensor, table, thr, shift: int, nbins: int, zero: int, inv_p2: float
+) -> torch.Tensor:
+    """Index of the grid value nearest to ``z`` (already within +-n_max), ties to even.
+
+    z * inv_p2 is exact (a power of two), the table search sends a tie to the lower code,
+    and a tie whose lower code is an odd distance from zero moves up: for float grids the
+    even distance is the even mantissa (IEEE round-to-nearest-even, as torch's float8
+    casts and torchao's FP4/FP6 casts round), for int grids the even integer.
+    """
+    y = z * inv_p2
+    c = code_index(y, table, thr, shift, nbins)
+    tie = (y == thr[c]) & (((c - zero) & 1) == 1)
+    return c + tie.long()
+
+
+def mx_scale(xb: torch.Tensor, emax: int) -> torch.Tensor:
+    """Per row: the OCP MX scale 2^(floor(log2 amax) - emax), in grid units, float32 [n, 1].
+
+    floor(log2 amax) is amax's float32 exponent field (as torchao reads it); the exponent
+    is clamped to [-126, 127] so the scale is a normal float32 (an all-zero row gets 2^-126).
+    """
+    amax = xb.abs().amax(dim=1, keepdim=True)
+    e = ((amax.view(torch.int32) >> 23) & 0xFF) - 127 - emax
+    e = torch.where(torch.isnan(amax), torch.full_like(e, 128), e.clamp(-126, 127))
+    return ((e + 127) << 23).view(torch.float32)  # 128 -> inf: the NaN check rejects it
+
+
+def mx_core(xb, table, thr, shift: int, nbins: int, zero: int, inv_p2: float, emax: int,
+            n_max: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(grid indices int64 [n, B], grid scales G [n, 1]): x / G saturated, to nearest even."""
+    g = mx_scale(xb, emax)
+    z = (xb / g).clamp(-n_max, n_max)
+    return grid_index(z, table, thr, shift, nbins, zero, inv_p2), g
+
+
+def mx_quantize_core(xb, table, thr, shift, nbins, zero, inv_p2, emax, n_max):
+    idx, g = mx_core(xb, table, thr, shift, nbins, zero, inv_p2, emax, n_max)
+    return idx.to(torch.uint8), g
+
+
+def mx_fake_core(xb, table, thr, shift, nbins, zero, inv_p2, emax, n_max, grid):
+    idx, g = mx_core(xb, table, thr, shift, nbins, zero, inv_p2, emax, n_max)
+    return grid[idx] * g, g
+
+
+def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:
+    """torchao's per_tensor_amax_to_scale: amax(|x|) / (448 * 6), float32 (0-dim)."""
+    return x.abs().amax().to(torch.float32) / (NVFP4_E4M3_MAX * NVFP4_E2M1_MAX)
+
+
+def nvfp4_core(xb, pts, table, thr, shift: int, nbins: int, zero: int, inv_p2: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(E2M1 grid indices [n, B], block scales T = pts * s8 [n, 1]), torchao's two-level rule.
+
+    s8 = E4M3(clamp(amax / 6 / pts, 2^-6, 448)); elements = x * ((1 / pts) / s8), clamped
+    to +-6 and rounded to nearest even (in grid units of 0.5: times 2, exact).
+    """
+    amax = xb.abs().amax(dim=1, keepdim=True)
+    scaled = (amax / NVFP4_E2M1_MAX) / pts
+    s8 = scaled.clamp(NVFP4_E4M3_TINY, NVFP4_E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+    data = (xb * ((1.0 / pts) / s8)).clamp(-NVFP4_E2M1_MAX, NVFP4_E2M1_MAX)
+    idx = grid_index(data * 2.0, table, thr, shift, nbins, zero, inv_p2)
+    return idx, pts * s8
+
+
+def nvfp4_quantize_core(xb, pts, table, thr, shift, nbins, zero, inv_p2):
+    idx, t = nvfp4_core(xb, pts, table, thr, shift, nbins, zero, inv_p2)
+    return idx.to(torch.uint8), t
+
+
+def nvfp4_fake_core(xb, pts, table, thr, shift, nbins, zero, inv_p2, elem):
+    idx, t = nvfp4_core(xb, pts, table, thr, shift, nbins, zero, inv_p2)
+    return elem[idx] * t, t
+
+
+def element_blocks(
+    xb: torch.Tensor,
+    g: ElementGrid,
+    scale_format: str,
+    pts: torch.Tensor | None,
+    *,
+    fake: bool,
+    compile: bool | None,
+    dynamic_cols: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MX / NVFP4 blocks: (codes uint8 or dequantized float32 [n, B], grid scales [n, 1]).
+
+    The grid scale multiplies the grid value (mx: G; nvfp4: T = pts * s8, which multiplies
+    the E2M1 value = grid / 2). Torch only (eager or compiled): the native C kernels do
+    not implement these formats, so ``compile=None`` takes the torch path on the CPU too.
+    """
+    lut = g.lut
+    search = (lut.table, lut.thresholds, lut.shift, lut.nbins, g.zero, g.inv_p2)
+    if scale_format == "mx":
+        args = (xb, *search, g.emax, g.n_max)
+        fn = mx_fake_core if fake else mx_quantize_core
+        if fake:
+            args = (*args, g.grid)
+    else:
+        args = (xb, pts, *search)
+        fn = nvfp4_fake_core if fake else nvfp4_quantize_core
+        if fake:
+            args = (*args, g.grid * 0.5)
+    return run(fn, *args, numel=xb.numel(), compile=compile, dynamic_cols=dynamic_cols)

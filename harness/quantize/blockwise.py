@@ -16,6 +16,25 @@ code. Ties go to the lower code (the more negative value). The stored (rounded) 
 mean are exactly what dequantization uses, so ``dequantize(quantize(x))`` is reproducible
 from the codes alone. A scale that rounds to zero (fp16 underflow, all-zero block) zeroes its
 block.
+
+Two more scale formats follow published block formats exactly (``ELEMENT_FORMATS``; see
+docs/dtypes.md, "MX and NVFP4"). They quantize in the element format's own grid with
+round-to-nearest-*even* and saturation, as the OCP MX spec and torchao do, instead of the
+normalised search above:
+
+``mx``     OCP MX shared scale X = 2^(floor(log2 amax) - emax_elem) (E8M0), elements
+           x / X saturated to +-max_elem and rounded to nearest even. On kbit's normalised
+           codebook (max |code| = 1) the stored scale is X * max_elem, so code * scale is
+           the element value times X. ``e8m0`` stays kbit's no-clip variant.
+``nvfp4``  NVIDIA NVFP4 (torchao's two-level rule): one FP32 tensor scale
+           pts = amax(|x|) / (448 * 6), per block s8 = E4M3(clamp(amax_b / 6 / pts, 2^-6,
+           448)), elements x * ((1 / pts) / s8) clamped to +-6 and rounded to nearest even
+           E2M1. The stored scale is pts * s8 (what an E2M1 value 0..6 multiplies); the
+           codebook must be ``e2m1``.
+
+Both run on the torch path (eager or ``torch.compile``); the native C kernels do not
+implement them, so on the CPU ``compile=None`` runs torch here. Dequantization runs on all
+three paths. Centering and data-dependent codebooks are refused with them.
 """
 
 from __future__ import annotations
@@ -29,7 +48,8 @@ import torch
 from harness.dtypes import codebook, is_data_dependent
 from harness.quantize import _kernel, _native
 
-SCALE_FORMATS = ("fp16", "bf16", "fp32", "e8m0")
+SCALE_FORMATS = ("fp16", "bf16", "fp32", "e8m0", "mx", "nvfp4")
+ELEMENT_FORMATS = _kernel.ELEMENT_FORMATS  # quantized in the element grid, ties to even
 MAX_CODES = 256  # codes are stored as uint8
 
 
@@ -45,6 +65,7 @@ class QuantizedTensor:
     dtype: torch.dtype  # original dtype (dequantize returns it)
     block_size: int | None  # None = one block for the whole tensor
     scale_format: str
+    tensor_scale: float | None = None  # nvfp4: the FP32 per-tensor scale pts (in the scales)
 
 
 round_to_format = _kernel.round_to_format
@@ -72,6 +93,17 @@ def _check_inputs(
     if centering and scale_format == "e8m0":
         raise ValueError(
             "centering=True with scale_format='e8m0': an unsigned power of two cannot store a block mean; use fp16, bf16 or fp32"
+        )
+    if centering and scale_format in ELEMENT_FORMATS:
+        raise ValueError(
+            f"centering=True with scale_format={scale_format!r}: the format stores no block mean; use fp16, bf16 or fp32"
+        )
+
+
+def _refuse_element_format(scale_format: str, what: str) -> None:
+    if scale_format in ELEMENT_FORMATS:
+        raise ValueError(
+            f"scale_format={scale_format!r} with {what}: the format quantizes in a fixed element grid; allowed: a fixed codebook (float, int entries)"
         )
 
 
@@ -220,6 +252,8 @@ def quantize_blockwise(
     """
     _check_inputs(x, block_size, scale_format, centering)
     code = _check_code(code).to(x.device)
+    if scale_format in ELEMENT_FORMATS:
+        return _quantize_elements(x, code, block_size, scale_format, compile, out)
     lut = _kernel.build_lut(code)
     outs = _out_parts(out, x, torch.uint8, block_size, "out")
     codes, scales, means = [], [], []
@@ -260,13 +294,17 @@ def dequantize_blockwise(
     ``compile`` as in :func:`quantize_blockwise`. ``out``: a contiguous tensor of the
     original dtype and number of elements to write into (returned, viewed as the shape).
     """
-    code = q.code.to(q.codes.device)
+    code, all_scales = q.code.to(q.codes.device), q.scales
+    if q.scale_format in ELEMENT_FORMATS:  # grid value * grid scale, as quantized
+        g = _kernel.element_grid(code)
+        code = g.grid if q.scale_format == "mx" else g.grid * 0.5
+        all_scales = q.scales / g.n_max if q.scale_format == "mx" else q.scales
     direct = out is not None and q.dtype == torch.float32
     outs = _out_parts(out, q.codes, q.dtype, q.block_size, "out")
     pieces, block = [], 0
     for i, cb in enumerate(parts := _blocks(q.codes, q.block_size)):
         rows = slice(block, block + cb.shape[0])
-        scale = q.scales[rows].view(-1, 1)
+        scale = all_scales[rows].view(-1, 1)
         mean = None if q.means is None else q.means[rows].view(-1, 1)
         is_tail = q.block_size is not None and i == len(parts) - 1 and cb.shape[1] != q.block_size
         pieces.append(
@@ -297,6 +335,7 @@ def normalised_values(
 ) -> torch.Tensor:
     """What the codebook sees: per block (x - mean) / scale, clamped to [-1, 1], flattened."""
     _check_inputs(x, block_size, scale_format, centering)
+    _refuse_element_format(scale_format, "normalised values")
     pieces = []
     for xb, mean, compile_ok, dyn in _parts(x, block_size, scale_format, centering):
         y, scale = _kernel.run(
@@ -364,6 +403,7 @@ def fit_population(
     (a block whose scale rounds up to above its absmax stays below 1; if every block does,
     the codebook divides by their maximum, and the materialised tensor keeps that exact).
     """
+    _refuse_element_format(scale_format, "a data-dependent codebook")
     lib = _kernel.native(compile, x)
     if lib is not None:
         pop = BlockNormalised(lib, x, block_size, scale_format, centering)
@@ -400,11 +440,17 @@ def fake_quantize(
     outs = _out_parts(out, x, x.dtype, block_size, "out")
     fitted = None
     if is_data_dependent(dtype, dtype_dir):
+        _refuse_element_format(scale_format, "a data-dependent codebook")
         fitted = fit_population(
             x, block_size, scale_format=scale_format, centering=centering, compile=compile
         )
     code = codebook(dtype, bits, fitted, dtype_dir=dtype_dir, **overrides).to(x.device)
     del fitted
+    if scale_format in ELEMENT_FORMATS:
+        result = _join(_element_pieces(x, code, block_size, scale_format, compile, fake=True)[0])
+        result = result.view(x.shape).to(x.dtype)
+        _out_parts(out, x, x.dtype, block_size, "out")  # checks the buffer
+        return result if out is None else out.view(x.shape).copy_(result)
     lut = _kernel.build_lut(code)
     pieces = []
     for (xb, mean, compile_ok, dyn), o in zip(
@@ -426,3 +472,59 @@ def fake_quantize(
         return out.view(x.shape)
     result = _join(pieces).view(x.shape).to(x.dtype)
     return result if out is None else out.view(x.shape).copy_(result)
+
+
+def _element_pieces(
+    x: torch.Tensor,
+    code: torch.Tensor,
+    block_size: int | None,
+    scale_format: str,
+    compile: bool | None,
+    *,
+    fake: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], float | None]:
+    """(codes or dequantized values per part, stored scales per part, nvfp4 tensor scale)."""
+    if scale_format == "nvfp4":
+        g = _kernel.nvfp4_grid(code)
+        pts = _kernel.nvfp4_tensor_scale(_flat32(x)).view(1, 1)
+        if not _finite_extremes(pts):
+            _check_stats(_flat32(x).view(1, -1), pts, None, scale_format)
+        # An all-zero tensor: torchao divides 0 by 0 (NaN); kbit keeps it zero.
+        pts = torch.where(pts > 0, pts, torch.ones_like(pts))
+    else:
+        g, pts = _kernel.element_grid(code), None
+    values, scales = [], []
+    for xb, _, compile_ok, dyn in _parts(x, block_size, scale_format, False):
+        result, gs = _kernel.element_blocks(
+            xb, g, scale_format, pts, fake=fake, compile=compile if compile_ok else False,
+            dynamic_cols=dyn,
+        )  # fmt: skip
+        _check_stats(xb, gs, None, scale_format)
+        values.append(result)
+        scales.append(gs * g.n_max if scale_format == "mx" else gs)
+    return values, scales, None if pts is None else float(pts)
+
+
+def _quantize_elements(
+    x: torch.Tensor,
+    code: torch.Tensor,
+    block_size: int | None,
+    scale_format: str,
+    compile: bool | None,
+    out: torch.Tensor | None,
+) -> QuantizedTensor:
+    """quantize_blockwise for the element-grid formats (mx, nvfp4)."""
+    _out_parts(out, x, torch.uint8, block_size, "out")  # checks the buffer
+    codes, scales, pts = _element_pieces(x, code, block_size, scale_format, compile, fake=False)
+    flat = _join(codes)
+    return QuantizedTensor(
+        codes=flat if out is None else out.view(-1).copy_(flat),
+        scales=_join(scales),
+        means=None,
+        code=code,
+        shape=x.shape,
+        dtype=x.dtype,
+        block_size=block_size,
+        scale_format=scale_format,
+        tensor_scale=pts,
+    )

@@ -5,17 +5,14 @@ not doubled); every later call quantizes *from that copy*, never from already-qu
 weights, and :func:`restore_model` copies it back bit for bit. One loaded model therefore
 serves every quantization config of a sweep.
 
+*How* the weights become k-bit values is a method (``harness.quantize.methods``: blockwise,
+proxy, gptq, hqq, or one you register); this module is what every method shares: the pristine
+copies, the per-module round-to-nearest loop (:func:`quantize_each`), the report a record is
+built from, and the bit count.
+
 Layout: weights are quantized in ``nn.Linear`` layout (out, in), so blocks of ``block_size``
 run along the input dimension for every family; GPT-2's ``Conv1D`` (stored (in, out)) is
 transposed before and after.
-
-Proxy quantization (Dettmers & Zettlemoyer 2022, "outlier-dependent quantization through
-proxy quantization"): outlier features of the hidden states are found without data from the
-weights alone. The hidden units of layer i whose weight rows have the largest standard
-deviation (top ``outlier_fraction``) are taken as outlier dimensions; the matching input
-columns of layer i + 1 are kept in 16 bit. The other columns are quantized as usual, with the
-kept columns zeroed first so the outliers do not inflate the block scales. The layer pairing
-per family is :data:`harness.models.PROXY_PAIRS`.
 """
 
 from __future__ import annotations
@@ -30,13 +27,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from harness.models import is_conv1d, linear_weight, proxy_pairs, quantizable_modules
+from harness.models import is_conv1d, linear_weight, quantizable_modules
 from harness.quantize.blockwise import fake_quantize
 
 log = logging.getLogger(__name__)
 
 _PRISTINE = "_kbit_pristine"
-METHODS = ("blockwise", "proxy")
 
 
 @dataclass
@@ -60,9 +56,12 @@ class QuantizeReport:
     block_size: int | None
     scale_format: str
     centering: bool
-    outlier_fraction: float
+    outlier_fraction: float = 0.0  # proxy's share of input dims kept in 16 bit (else 0)
     tensors: list[TensorEntry] = field(default_factory=list)
     quantize_s: float = 0.0
+    settings: dict = field(default_factory=dict)  # the method's own settings, as plain data
+    # per-block offsets stored beside the scales (zero points), counted like centering means
+    block_offsets: bool = False
 
     @property
     def modules(self) -> list[str]:
@@ -74,8 +73,11 @@ class QuantizeReport:
         return sum(t.numel - t.outlier_numel for t in self.tensors)
 
 
-def _pristine(model: nn.Module, names: list[str], modules: dict[str, nn.Module]) -> dict:
-    """The kept original weights (Linear layout), created on first use, extended as needed."""
+def pristine_weights(
+    model: nn.Module, names: list[str], modules: dict[str, nn.Module] | None = None
+) -> dict[str, torch.Tensor]:
+    """The kept original weights (as stored by the module), created on first use."""
+    modules = modules if modules is not None else dict(model.named_modules())
     store = model.__dict__.setdefault(_PRISTINE, {})
     for name in names:
         if name not in store:
@@ -93,29 +95,8 @@ def restore_model(model: nn.Module) -> int:
     return len(store)
 
 
-def _outlier_columns(sources: list[torch.Tensor], fraction: float) -> torch.Tensor:
-    """Indices of the top ``fraction`` hidden units by weight-row std (product over sources)."""
-    score = torch.ones(sources[0].shape[0], dtype=torch.float64)
-    for w in sources:
-        score *= w.to(torch.float64).std(dim=1)
-    k = min(score.numel(), max(1, round(fraction * score.numel())))
-    return torch.topk(score, k).indices.sort().values
-
-
-def _proxy_plan(
-    model: nn.Module, store: dict, modules: dict[str, nn.Module], fraction: float
-) -> dict[str, torch.Tensor]:
-    """Target module name -> input columns to keep in 16 bit."""
-    plan = {}
-    for sources, target in proxy_pairs(model):
-        if target not in modules:
-            continue
-        weights = [_linear_layout(store[s], modules[s]) for s in sources]
-        plan[target] = _outlier_columns(weights, fraction)
-    return plan
-
-
-def _linear_layout(weight: torch.Tensor, module: nn.Module) -> torch.Tensor:
+def linear_layout(weight: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """A weight in ``nn.Linear`` layout (out, in): GPT-2's Conv1D stores it transposed."""
     return weight.t() if is_conv1d(module) else weight
 
 
@@ -132,6 +113,67 @@ def _quantize_one(
     return out
 
 
+def fake_quantize_kwargs(request: Any) -> dict[str, Any]:
+    """``fake_quantize`` keywords of a :class:`harness.quantize.methods.QuantRequest`."""
+    return dict(
+        dtype=request.dtype, bits=request.bits, block_size=request.block_size,
+        scale_format=request.scale_format, centering=request.centering,
+        **(request.dtype_overrides or {}),
+    )  # fmt: skip
+
+
+def selected_modules(model: nn.Module, request: Any) -> dict[str, nn.Module]:
+    """The modules whose weights the request quantizes (see ``harness.models``)."""
+    return quantizable_modules(
+        model, embeddings=request.quantize_embeddings, head=request.quantize_head
+    )
+
+
+def quantize_each(
+    model: nn.Module,
+    request: Any,
+    report: QuantizeReport,
+    keep: dict[str, torch.Tensor] | None = None,
+    names: list[str] | None = None,
+) -> QuantizeReport:
+    """Round-to-nearest every selected weight (or ``names``) from its pristine copy, in place.
+
+    ``keep``: module name -> input columns left as they are (proxy's outlier columns).
+    The shared loop of every method that rounds weights independently.
+    """
+    modules = selected_modules(model, request)
+    names = list(modules) if names is None else names
+    store = pristine_weights(model, names)
+    kw = fake_quantize_kwargs(request)
+    desc = f"quantize {request.dtype}{request.bits}"
+    with torch.no_grad():
+        for name in tqdm(names, desc=desc, disable=not request.progress, leave=False):
+            module = modules[name]
+            original = linear_layout(store[name], module).to(module.weight.device)
+            cols = (keep or {}).get(name)
+            target = linear_weight(module)
+            if cols is None and target.is_contiguous() and target.dtype == original.dtype:
+                fake_quantize(original, out=target, **kw)  # no intermediate full-size copy
+            else:
+                target.copy_(
+                    _quantize_one(
+                        original, cols.to(original.device) if cols is not None else None, kw
+                    )
+                )
+            report.tensors.append(tensor_entry(name, original, cols))
+    return report
+
+
+def tensor_entry(
+    name: str, original: torch.Tensor, keep: torch.Tensor | None = None
+) -> TensorEntry:
+    """The bit-accounting entry of one quantized weight (Linear layout)."""
+    n_keep = 0 if keep is None else keep.numel()
+    return TensorEntry(
+        name, original.numel(), tuple(original.shape), n_keep, n_keep * original.shape[0]
+    )
+
+
 def quantize_model(
     model: nn.Module,
     dtype: str,
@@ -141,69 +183,43 @@ def quantize_model(
     scale_format: str = "fp16",
     centering: bool = False,
     method: str = "blockwise",
-    outlier_fraction: float = 0.02,
+    settings: Any = None,
+    outlier_fraction: float | None = None,
     quantize_embeddings: bool = False,
     quantize_head: bool = False,
     dtype_overrides: dict[str, Any] | None = None,
+    calibration: torch.Tensor | None = None,
     progress: bool = True,
 ) -> QuantizeReport:
-    """Fake-quantize every selected weight in place from the pristine copy; see module doc.
+    """Quantize every selected weight in place with ``method``, from the pristine copies.
 
-    ``method``: ``blockwise`` (every weight) or ``proxy`` (keep the top ``outlier_fraction``
-    input columns of each pair's target in 16 bit). ``dtype_overrides`` go to the data type
-    entry (e.g. ``exponent_bits``).
+    ``settings``: the method's settings (its dataclass, or a dict of its fields; None = its
+    defaults). ``outlier_fraction`` is kept as a shorthand for ``method="proxy"``'s setting.
+    ``calibration``: (n_samples, seqlen) token ids for methods that need them (gptq).
+    ``dtype_overrides`` go to the data type entry (e.g. ``exponent_bits``).
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is unknown; allowed: {list(METHODS)}")
-    if method == "proxy" and not 0.0 <= outlier_fraction < 1.0:
-        raise ValueError(f"outlier_fraction={outlier_fraction!r}; allowed: 0 <= fraction < 1")
-    start = time.perf_counter()
-    modules = quantizable_modules(model, embeddings=quantize_embeddings, head=quantize_head)
-    all_modules = dict(model.named_modules())
-    names = list(modules)
-    plan: dict[str, torch.Tensor] = {}
-    if method == "proxy":
-        sources = [s for src, _ in proxy_pairs(model) for s in src]
-        store = _pristine(model, names + sources, all_modules)
-        plan = _proxy_plan(model, store, modules, outlier_fraction)
-    store = _pristine(model, names, all_modules)
-    kw = dict(
-        dtype=dtype,
-        bits=bits,
-        block_size=block_size,
-        scale_format=scale_format,
-        centering=centering,
-        **(dtype_overrides or {}),
-    )
-    report = QuantizeReport(
-        method, dtype, bits, block_size, scale_format, centering,
-        outlier_fraction if method == "proxy" else 0.0,
+    from harness.quantize.methods import QuantRequest, get_method, make_settings
+
+    entry = get_method(method)
+    if settings is None or isinstance(settings, dict):
+        values = dict(settings or {})
+        if outlier_fraction is not None:
+            values["outlier_fraction"] = outlier_fraction
+        settings = make_settings(method, values)
+    if entry.needs_calibration and calibration is None:
+        raise ValueError(f"method={method!r} needs calibration token ids; none given")
+    request = QuantRequest(
+        dtype, bits, block_size, scale_format, centering, dict(dtype_overrides or {}),
+        quantize_embeddings, quantize_head, settings, calibration, progress,
     )  # fmt: skip
+    if entry.validate is not None:
+        entry.validate(settings, request)
+    start = time.perf_counter()
     restore_model(model)  # weights outside this config's selection go back to pristine
-    with torch.no_grad():
-        for name in tqdm(names, desc=f"quantize {dtype}{bits}", disable=not progress, leave=False):
-            module = modules[name]
-            dev = module.weight.device
-            original = _linear_layout(store[name], module).to(dev)
-            keep = plan.get(name)
-            target = linear_weight(module)
-            if keep is None and target.is_contiguous() and target.dtype == original.dtype:
-                fake_quantize(original, out=target, **kw)  # no intermediate full-size copy
-            else:
-                quantized = _quantize_one(original, keep.to(dev) if keep is not None else None, kw)
-                target.copy_(quantized)
-            n_keep = 0 if keep is None else keep.numel()
-            report.tensors.append(
-                TensorEntry(
-                    name,
-                    original.numel(),
-                    tuple(original.shape),
-                    n_keep,
-                    n_keep * original.shape[0],
-                )
-            )
+    report = entry.apply(model, request)
     report.quantize_s = time.perf_counter() - start
-    _check_finite(model, names, all_modules)
+    names = [t.name for t in report.tensors]
+    _check_finite(model, names, dict(model.named_modules()))
     return report
 
 
@@ -211,6 +227,17 @@ def _check_finite(model: nn.Module, names: list[str], modules: dict[str, nn.Modu
     bad = [n for n in names if not bool(torch.isfinite(modules[n].weight).all())]
     if bad:
         raise FloatingPointError(f"quantized weights of {bad[:5]} contain NaN/inf")
+
+
+def new_report(request: Any, method: str) -> QuantizeReport:
+    """An empty report for ``request`` (methods fill in the tensors)."""
+    from harness.quantize.methods import settings_dict
+
+    settings = settings_dict(request.settings) if request.settings is not None else {}
+    return QuantizeReport(
+        method, request.dtype, request.bits, request.block_size, request.scale_format,
+        request.centering, float(settings.get("outlier_fraction", 0.0) or 0.0), settings=settings,
+    )  # fmt: skip
 
 
 def outlier_share(report: QuantizeReport) -> float:
@@ -241,6 +268,6 @@ def count_bits(model: nn.Module, report: QuantizeReport):
         entries,
         unquantized,
         scale_format=report.scale_format,
-        centering=report.centering,
+        centering=report.centering or report.block_offsets,
         outlier_params=outliers,
     )

@@ -15,7 +15,8 @@ from harness.sweep import expand_union
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
-QUANT_KEYS = {"dtype", "block_size", "centering", "method", "outlier_fraction", "scale_format"}
+QUANT_KEYS = {"dtype", "block_size", "centering", "method", "method.outlier_fraction",
+              "scale_format"}  # fmt: skip
 
 # Unique cells per sweep, counted by hand from each file's grid (see the comment in each file).
 EXPECTED_CELLS = {
@@ -25,6 +26,7 @@ EXPECTED_CELLS = {
     "dtypes": 5 * (7 * 6 + 2 + 2 + 1),
     "proxy": 5 * (2 * 2 * 2 * 4 + 1),
     "paper": 26 * (4 * 6 * 8 * 2 * 2 + 1),
+    "methods": 5 * (2 * 2 * (3 * 3 + 1) + 3 * 2 + 1),
 }
 
 
@@ -49,7 +51,7 @@ def _unique(cells: list[list[str]]) -> set[frozenset[str]]:
         if kv.get("bits") == "16":
             kv = {k: v for k, v in kv.items() if k not in QUANT_KEYS}
         if kv.get("method", "blockwise") != "proxy":
-            kv.pop("outlier_fraction", None)
+            kv.pop("method.outlier_fraction", None)
         out.add(frozenset(kv.items()))
     return out
 

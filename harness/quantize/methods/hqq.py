@@ -1,0 +1,83 @@
+"""``hqq``: half-quadratic quantization (Badri & Shaji 2023) through the ``hqq`` library.
+
+Calibration-free: per group of ``block_size`` weights along the input dimension it stores a
+scale and a zero point and optimises them (HQQ's proximal solver) instead of taking min/max.
+This module only plugs :func:`harness.quantize.hqq.hqq_fake_quantize` into the method registry,
+which is the point: a method from a library is one settings class and one function.
+
+What it supports: the ``int`` data type (HQQ's own asymmetric integer grid with a zero point),
+bits 2, 3, 4, 5, 6, 8, block sizes that are multiples of 8 (or null: one group per row), with
+``centering=false`` (the zero point plays that role). The scale and the zero point are stored in
+``scale_format`` (fp16 as HQQ deploys them), so the bit count is k per weight plus two
+``scale_format`` values per block (``harness.quantize.hqq.hqq_bits``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from harness.quantize.hqq import HQQ_BITS, hqq_fake_quantize, supported
+from harness.quantize.methods import QuantRequest, register_method
+from harness.quantize.model import (
+    QuantizeReport,
+    linear_layout,
+    new_report,
+    pristine_weights,
+    selected_modules,
+    tensor_entry,
+)
+
+DTYPES = ("int",)  # HQQ's grid is its own asymmetric integer grid
+SCALE_FORMATS = ("fp16", "bf16", "fp32")  # how the scale and zero point are stored
+
+
+@dataclass
+class HQQSettings:
+    """HQQ's library defaults are used as they are (its optimiser's steps, lp norm, beta)."""
+
+    name: str = "hqq"
+
+
+def check_request(settings: HQQSettings, request: QuantRequest) -> None:
+    """What HQQ can do, refused before any model loads (one line each)."""
+    from harness.dtypes import get_spec
+
+    family = get_spec(request.dtype).family
+    if family not in DTYPES:
+        raise ValueError(f"method=hqq: dtype={request.dtype!r} (family {family!r}); allowed: "
+                         "dtype=int (HQQ quantizes to its own asymmetric integer grid)")  # fmt: skip
+    if request.bits not in HQQ_BITS or request.bits < 2:
+        raise ValueError(f"method=hqq: bits={request.bits}; allowed: "
+                         f"{[b for b in HQQ_BITS if b >= 2]}")  # fmt: skip
+    if request.block_size is not None and request.block_size % 8:
+        raise ValueError(f"method=hqq: block_size={request.block_size}; allowed: a multiple "
+                         "of 8, or null (one group per row)")  # fmt: skip
+    if request.centering:
+        raise ValueError("method=hqq: centering=true; allowed: false (HQQ's zero point "
+                         "already offsets each block)")  # fmt: skip
+    if request.scale_format not in SCALE_FORMATS:
+        raise ValueError(f"method=hqq: scale_format={request.scale_format!r}; allowed: "
+                         f"{list(SCALE_FORMATS)} (how its scale and zero point are stored)")  # fmt: skip
+
+
+@register_method("hqq", HQQSettings, validate=check_request)
+def hqq(model: nn.Module, request: QuantRequest) -> QuantizeReport:
+    """Every selected weight through HQQ at ``bits`` with groups of ``block_size`` inputs."""
+    modules = selected_modules(model, request)
+    store = pristine_weights(model, list(modules))
+    report = new_report(request, "hqq")
+    report.block_offsets = True  # a zero point per block, stored like a centering mean
+    with torch.no_grad():
+        for name, module in modules.items():
+            original = linear_layout(store[name], module).to(module.weight.device)
+            problem = supported(request.bits, request.block_size, original.shape[1],
+                                original.shape[0])  # fmt: skip
+            if problem:
+                raise ValueError(f"{name}: {problem}")
+            quantized = hqq_fake_quantize(original, request.bits, request.block_size)
+            linear_layout(module.weight, module).copy_(quantized)
+            report.tensors.append(tensor_entry(name, original))
+    return report

@@ -1,0 +1,66 @@
+"""``proxy``: outlier-dependent quantization through proxy quantization (Dettmers & Zettlemoyer
+2022, section 3), found from the weights alone.
+
+The hidden units of layer i whose weight rows have the largest standard deviation (top
+``outlier_fraction``) are taken as outlier dimensions; the matching input columns of layer
+i + 1 are kept in 16 bit. The other columns are quantized as usual, with the kept columns
+zeroed first so the outliers do not inflate the block scales. The layer pairing per family is
+:data:`harness.models.PROXY_PAIRS` (the MLP's two matrices; docs/methods.md says what that
+covers and what it does not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from harness.models import proxy_pairs
+from harness.quantize.methods import QuantRequest, register_method
+from harness.quantize.model import (
+    QuantizeReport,
+    linear_layout,
+    new_report,
+    pristine_weights,
+    quantize_each,
+    selected_modules,
+)
+
+
+@dataclass
+class ProxySettings:
+    """Proxy quantization's one setting."""
+
+    name: str = "proxy"
+    outlier_fraction: float = 0.02  # share of input dimensions kept in 16 bit (the paper: 2%)
+
+    def __post_init__(self) -> None:
+        fraction = self.outlier_fraction
+        if isinstance(fraction, bool) or not 0.0 < float(fraction) < 1.0:
+            raise ValueError(f"method.outlier_fraction={fraction!r}; allowed: 0 < f < 1")
+
+
+def outlier_columns(sources: list[torch.Tensor], fraction: float) -> torch.Tensor:
+    """Indices of the top ``fraction`` hidden units by weight-row std (product over sources)."""
+    score = torch.ones(sources[0].shape[0], dtype=torch.float64)
+    for w in sources:
+        score *= w.to(torch.float64).std(dim=1)
+    k = min(score.numel(), max(1, round(fraction * score.numel())))
+    return torch.topk(score, k).indices.sort().values
+
+
+@register_method("proxy", ProxySettings)
+def proxy(model: nn.Module, request: QuantRequest) -> QuantizeReport:
+    """Block-wise, with each pair's target keeping its outlier input columns in 16 bit."""
+    modules = selected_modules(model, request)
+    all_modules = dict(model.named_modules())
+    pairs = proxy_pairs(model)
+    sources = [s for src, _ in pairs for s in src]
+    store = pristine_weights(model, [*modules, *sources], all_modules)
+    keep = {}
+    for names, target in pairs:
+        if target in modules:
+            weights = [linear_layout(store[s], all_modules[s]) for s in names]
+            keep[target] = outlier_columns(weights, request.settings.outlier_fraction)
+    return quantize_each(model, request, new_report(request, "proxy"), keep)

@@ -1,0 +1,219 @@
+"""MX and NVFP4 (scale_format='mx' / 'nvfp4') against torchao's reference implementations.
+
+torchao (a dev-only dependency) quantizes with ``MXTensor.to_mx(x, elem, 32)`` and
+``NVFP4Tensor.to_nvfp4(x, per_tensor_scale=...)``; kbit must dequantize to exactly the same
+float32 values (max abs difference 0). MXINT8 is not in torchao 0.18, so it is checked
+against a brute-force statement of the OCP rule. See docs/dtypes.md, "MX and NVFP4".
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.dtypes import codebook
+from harness.quantize import dequantize_blockwise, fake_quantize, quantize_blockwise
+
+mx_tensor = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
+nvfp4_tensor = pytest.importorskip("torchao.prototype.mx_formats.nvfp4_tensor")
+
+
+def ocp_fp8_code(dtype: torch.dtype) -> torch.Tensor:
+    """The OCP FP8 codebook (every finite value of torch's float8 dtype), normalised.
+
+    kbit's float family has no NaN/inf encodings (``fp8_e4m3`` tops out at 480, not 448), so
+    the MXFP8 tests pass these codebooks to quantize_blockwise directly.
+    """
+    v = torch.arange(256, dtype=torch.uint8).view(dtype).to(torch.float32)
+    v = torch.unique(v[torch.isfinite(v)])
+    return (v.double() / v.max()).to(torch.float32)
+
+
+# id -> (kbit: (dtype, bits, overrides) or an explicit codebook, torchao element dtype)
+MX = {
+    "mxfp4": (("e2m1", 4), torch.float4_e2m1fn_x2),
+    "mxfp6_e3m2": (("fp6_e3m2", 6), "fp6_e3m2"),
+    "mxfp6_e2m3": (("fp6_e2m3", 6), "fp6_e2m3"),
+    "mxfp8_e4m3": (torch.float8_e4m3fn, torch.float8_e4m3fn),
+    "mxfp8_e5m2": (torch.float8_e5m2, torch.float8_e5m2),
+}
+
+
+def weights(kind: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    if kind == "zeros_outliers":
+        flat = x.view(-1)
+        flat[:64] = 0.0  # two all-zero MX blocks (four NVFP4 blocks)
+        flat[100:116] = 0.0
+        idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 500),), generator=g)
+        flat[idx] *= 50.0  # outliers
+        flat[200] = -1e4
+    elif kind == "heavy_tailed":  # Student-t with 2 degrees of freedom: weights with long tails
+        u = torch.randn(shape, generator=g).square() + torch.randn(shape, generator=g).square()
+        x = x / (u / 2).sqrt() * 0.02
+    elif kind == "bf16":  # bf16 weights: few mantissa bits, so many exact rounding ties
+        x = (x * 0.05).to(torch.bfloat16).to(torch.float32)
+    elif kind == "ties":  # every value an exact midpoint of a 3-bit-mantissa grid, both signs
+        m = torch.randint(0, 16, shape, generator=g).to(torch.float32) + 0.5
+        e = torch.randint(-4, 4, shape, generator=g).to(torch.float32)
+        s = torch.randint(0, 2, shape, generator=g).to(torch.float32) * 2 - 1
+        x = s * m * torch.exp2(e) / 8
+    return x.contiguous()
+
+
+KINDS = ["normal", "zeros_outliers", "heavy_tailed", "bf16", "ties"]
+SHAPES = [(512, 512), (64, 96), (3, 8, 128)]
+
+
+def kbit_mx(x: torch.Tensor, spec, compile=None) -> torch.Tensor:
+    if isinstance(spec, torch.dtype):
+        q = quantize_blockwise(x, ocp_fp8_code(spec), 32, scale_format="mx", compile=compile)
+        return dequantize_blockwise(q, compile=compile)
+    name, bits = spec
+    return fake_quantize(x, name, bits, 32, scale_format="mx", compile=compile)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fmt", list(MX))
+def test_mx_equals_torchao(fmt, kind, shape):
+    spec, elem = MX[fmt]
+    x = weights(kind, shape)
+    ref = mx_tensor.MXTensor.to_mx(x, elem, block_size=32).dequantize(torch.float32)
+    got = kbit_mx(x, spec)
+    assert (got - ref).abs().max().item() == 0.0
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp6_e3m2", "mxfp6_e2m3"])
+def test_mx_quantize_dequantize_equals_fake_quantize(fmt):
+    (name, bits), elem = MX[fmt]
+    x = weights("bf16", (96, 64), seed=3)
+    q = quantize_blockwise(x, codebook(name, bits), 32, scale_format="mx")
+    ref = mx_tensor.MXTensor.to_mx(x, elem, block_size=32).dequantize(torch.float32)
+    assert torch.equal(dequantize_blockwise(q), ref)
+    assert torch.equal(fake_quantize(x, name, bits, 32, scale_format="mx"), ref)
+    # the stored scale is the OCP scale times the element max: X * 6 for E2M1, X * 28 / 7.5
+    scale = mx_tensor.MXTensor.to_mx(x, elem, block_size=32).scale.view(torch.uint8)
+    x_ocp = torch.exp2(scale.to(torch.float32).view(-1) - 127)
+    max_elem = {"mxfp4": 6.0, "mxfp6_e3m2": 28.0, "mxfp6_e2m3": 7.5}[fmt]
+    assert torch.equal(q.scales, x_ocp * max_elem)
+
+
+@pytest.mark.parametrize("fmt", list(MX))
+def test_mx_paths_are_bit_identical(fmt):
+    """Eager torch, torch.compile and the default path (torch on the CPU for quantizing,
+    the native kernels for dequantizing) give the same codes, scales and values."""
+    spec, _ = MX[fmt]
+    code = ocp_fp8_code(spec) if isinstance(spec, torch.dtype) else codebook(*spec)
+    x = weights("zeros_outliers", (64, 256), seed=1)
+    qs = [
+        quantize_blockwise(x, code, 32, scale_format="mx", compile=c) for c in (False, True, None)
+    ]
+    for q in qs[1:]:
+        assert torch.equal(q.codes, qs[0].codes)
+        assert torch.equal(q.scales, qs[0].scales)
+    deq = [dequantize_blockwise(qs[0], compile=c) for c in (False, True, None)]
+    assert torch.equal(deq[0], deq[1]) and torch.equal(deq[0], deq[2])
+    assert torch.equal(kbit_mx(x, spec, compile=True), deq[0])
+
+
+def test_kbit_fp8_e4m3_entry_differs_only_where_ocp_saturates():
+    """The shipped ``fp8_e4m3`` entry has every bit pattern finite (max 480). Under the MX
+    rule the block max lands in [256, 512): OCP E4M3 saturates anything above 448 to 448,
+    kbit's codebook rounds [464, 496) to 480 and saturates at 480. Those are the only
+    differences; everything else is exact."""
+    x = weights("normal", (512, 512))
+    ref = mx_tensor.MXTensor.to_mx(x, torch.float8_e4m3fn, 32).dequantize(torch.float32)
+    got = fake_quantize(x, "fp8_e4m3", 8, 32, scale_format="mx")
+    scale = ref.view(-1, 32).abs().amax(1, keepdim=True) / 448  # the block's X (max is 448 X)
+    diff = (got != ref).view(-1, 32)
+    assert diff.any()
+    assert torch.equal(ref.view(-1, 32).abs()[diff], (448 * scale.expand(-1, 32))[diff])
+    assert torch.equal(got.view(-1, 32).abs()[diff], (480 * scale.expand(-1, 32))[diff])
+
+
+def mxint8_reference(x: torch.Tensor) -> torch.Tensor:
+    """OCP MXINT8, written out: X = 2^floor(log2 amax) (INT8 is 1.6 fixed point, emax 0);
+    element = round-half-even(x / X * 64) saturated to [-127, 127], value = element / 64 * X."""
+    xb = x.reshape(-1, 32).to(torch.float64)
+    amax = xb.abs().amax(1, keepdim=True)
+    e = torch.floor(torch.log2(torch.where(amax > 0, amax, torch.ones_like(amax))))
+    X = torch.exp2(e.clamp(-126, 127))
+    q = torch.round(xb / X * 64).clamp(-127, 127)
+    return (q / 64 * X).to(torch.float32).view(x.shape)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mxint8_equals_ocp_rule(kind):
+    x = weights(kind, (128, 256))
+    assert torch.equal(fake_quantize(x, "int", 8, 32, scale_format="mx"), mxint8_reference(x))
+
+
+def nvfp4_ref(x: torch.Tensor) -> torch.Tensor:
+    pts = nvfp4_tensor.per_tensor_amax_to_scale(x.abs().amax())
+    t = nvfp4_tensor.NVFP4Tensor.to_nvfp4(x, per_tensor_scale=pts)
+    return t.dequantize(torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (64, 96), (2, 16, 64)], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_nvfp4_equals_torchao(kind, shape):
+    x = weights(kind, shape)
+    ref = nvfp4_ref(x)
+    got = fake_quantize(x, "e2m1", 4, 16, scale_format="nvfp4")
+    assert (got - ref).abs().max().item() == 0.0
+    assert torch.equal(got, ref)
+    q = quantize_blockwise(x, codebook("e2m1", 4), 16, scale_format="nvfp4")
+    assert torch.equal(dequantize_blockwise(q), ref)
+    pts = nvfp4_tensor.per_tensor_amax_to_scale(x.abs().amax())
+    assert q.tensor_scale == pts.item()
+    t = nvfp4_tensor.NVFP4Tensor.to_nvfp4(x, per_tensor_scale=pts)
+    assert torch.equal(q.scales, t.get_hp_scales().reshape(-1))  # pts * s8 per block
+
+
+def test_nvfp4_exact_ties_round_to_even():
+    """Tensor amax 2688 makes pts = 1; a block amax of 24 makes s8 = 4 and the reciprocal
+    1/4 exact, so x / 4 hits every E2M1 midpoint exactly (both signs)."""
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    row = torch.cat([torch.tensor([24.0]), mids * 4, -mids * 4, torch.tensor([0.0])])
+    x = torch.cat([row, torch.full((16,), 2688.0), -row]).view(3, 16)
+    got = fake_quantize(x, "e2m1", 4, 16, scale_format="nvfp4")
+    ref = nvfp4_ref(x)
+    assert torch.equal(got, ref)
+    even = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]) * 4  # ties to the even mantissa
+    assert torch.equal(got[0, 1:8], even) and torch.equal(got[0, 8:15], -even)
+
+
+def test_nvfp4_paths_are_bit_identical():
+    x = weights("zeros_outliers", (64, 256), seed=2)
+    code = codebook("e2m1", 4)
+    qs = [quantize_blockwise(x, code, 16, scale_format="nvfp4", compile=c) for c in (False, True)]
+    assert torch.equal(qs[0].codes, qs[1].codes) and torch.equal(qs[0].scales, qs[1].scales)
+    deq = [dequantize_blockwise(qs[0], compile=c) for c in (False, True, None)]
+    assert torch.equal(deq[0], deq[1]) and torch.equal(deq[0], deq[2])
+    assert torch.equal(fake_quantize(x, "e2m1", 4, 16, scale_format="nvfp4", compile=True), deq[0])
+
+
+def test_all_zero_tensor_stays_zero():
+    """torchao's NVFP4 divides 0 by a zero tensor scale (NaN); kbit returns zeros."""
+    x = torch.zeros(4, 32)
+    assert torch.equal(fake_quantize(x, "e2m1", 4, 16, scale_format="nvfp4"), x)
+    assert torch.equal(fake_quantize(x, "e2m1", 4, 32, scale_format="mx"), x)
+
+
+def test_refusals():
+    x = torch.randn(64)
+    with pytest.raises(ValueError, match=r"nvfp4.*must be FP4 E2M1"):
+        fake_quantize(x, "fp6_e3m2", 6, 16, scale_format="nvfp4")
+    with pytest.raises(ValueError, match="not a float or int grid"):
+        fake_quantize(x, "nf4", 4, 32, scale_format="mx")
+    with pytest.raises(ValueError, match="centering=True with scale_format='mx'"):
+        fake_quantize(x, "e2m1", 4, 32, scale_format="mx", centering=True)
+    with pytest.raises(ValueError, match="scale_format='mx' with a data-dependent codebook"):
+        fake_quantize(x, "quantile", 4, 32, scale_format="mx")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fake_quantize(torch.tensor([1.0, float("nan")] * 16), "e2m1", 4, 32, scale_format="mx")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fake_quantize(torch.tensor([1.0, float("inf")] * 8), "e2m1", 4, 16, scale_format="nvfp4")
