@@ -210,6 +210,11 @@ def make_tables(
     curves = main_curves(cells, ACC_COLUMN, per_sample, selection)
     budgets = default_budgets(curves)
     paths += _write_table(bit_optimal_table(curves, budgets), out, "bit_optimal_k")
+    others = sorted(set(cells["method"]) - {"blockwise", "proxy", "none"})
+    for method in others:  # every other method's own curves (e.g. gptq, hqq), same budgets
+        mcurves = main_curves(cells, ACC_COLUMN, per_sample, selection, method=method)
+        table = bit_optimal_table(mcurves, budgets)
+        paths += _write_table(table, out, f"bit_optimal_k_{method}")
     paths += _write_table(
         best_config_table(cells, budgets, per_sample=per_sample), out, "best_config"
     )

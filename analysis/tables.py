@@ -201,8 +201,12 @@ def main_curves(
     y: str = ACC_COLUMN,
     per_sample: pd.DataFrame | None = None,
     selection: str = "split",
+    method: str = "blockwise",
 ) -> pd.DataFrame:
     """One curve per (family, numerics, data, k): the points the paper's scaling figure draws.
+
+    ``method``: the curves of this method (default the paper's round-to-nearest ``blockwise``;
+    e.g. ``gptq`` for its own bit-optimal table), with the 16-bit baselines.
 
     A grid usually holds several configurations per k (data types, block sizes, proxy,
     centering); those have their own figures. For the main figure each group keeps one plain
@@ -230,7 +234,7 @@ def main_curves(
     need = {"model_family", "bits", "total_model_bits", y}
     if cells.empty or not need <= set(cells.columns):
         return pd.DataFrame(columns=columns)
-    plain = cells[cells["method"].isin(["blockwise", "none"]) & cells[y].notna()]
+    plain = cells[cells["method"].isin([method, "none"]) & cells[y].notna()]
     if plain.empty:
         return pd.DataFrame(columns=columns)
     plain = fill_config_defaults(plain)

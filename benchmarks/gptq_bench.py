@@ -3,6 +3,7 @@ whole model's GPTQ vs one perplexity evaluation of it.
 
     python benchmarks/gptq_bench.py                 # 1024x4096 and 4096x1024, int4 B=128
     python benchmarks/gptq_bench.py --full-reference  # run the plain algorithm on every column
+    python benchmarks/gptq_bench.py --threads 1     # on a shared, loaded machine (see below)
 
 Per layer: ``gptq_quantize_weight`` (float32, Cholesky factor, lazy batches of 128 columns)
 against the paper's algorithm written plainly (float32, one column at a time, H^-1 updated
@@ -15,6 +16,11 @@ Model: the largest zoo model found under $KBIT_ZOO_DIR or ~/.cache/kbit/zoo (its
 kbit_eval/heldout.txt is the evaluation text and the calibration source), else a random
 4-layer GPT-NeoX evaluated on random token windows. Hessians come from 128 calibration
 windows of the model's context (at most 2048 tokens), GPTQ's default.
+
+Threads: the column loop is thousands of small (one column) ops; when other processes load
+the cores, torch's intra-op thread pool waits on descheduled workers and each small op can
+take milliseconds instead of microseconds (measured 20x slower at load 5 on 2 cores). Time
+with ``--threads 1`` there, and say which was used (the first line prints it).
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ def plain_gptq(w: torch.Tensor, h: torch.Tensor, block: int, max_cols: int | Non
         q[:, j] = code[torch.searchsorted(thr, y)] * scale
         err = (w[:, j] - q[:, j]) / hinv[j, j]
         w[:, j + 1 :] -= err.unsqueeze(1) * hinv[j, j + 1 :].unsqueeze(0)
-        hinv -= torch.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
+        hinv.addr_(hinv[:, j].clone(), hinv[j, :].clone(), alpha=-1 / float(hinv[j, j]))
     return q
 
 
@@ -146,7 +152,10 @@ def main() -> None:
     parser.add_argument("--ref-cols", type=int, default=256)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--no-model", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for out_f, in_f in ((1024, 4096), (4096, 1024)):
         bench_layer(out_f, in_f, args.ref_cols, args.full_reference)

@@ -51,7 +51,9 @@ class ScaleFormat(_Choice):
     fp16 = "fp16"
     bf16 = "bf16"
     fp32 = "fp32"
-    e8m0 = "e8m0"
+    e8m0 = "e8m0"  # power of two rounded up so nothing clips (kbit's)
+    mx = "mx"  # OCP MX: E8M0 = 2^(floor(log2 amax) - emax_elem), elements saturate
+    nvfp4 = "nvfp4"  # NVFP4: an E4M3 scale per block of 16 times one FP32 scale per tensor
 
 
 class ComputeDtype(_Choice):

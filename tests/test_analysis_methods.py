@@ -52,3 +52,14 @@ def test_kbit_plot_writes_the_method_figures(tmp_path):
     assert plot_main([str(store), "--out", str(tmp_path / "fig"), "--k", "3", "--jobs", "1"]) == 0
     assert (tmp_path / "fig" / "method_k3.png").is_file()
     assert (tmp_path / "fig" / "method_ppl_k3.png").is_file()
+
+
+def test_each_method_gets_its_bit_optimal_table(tmp_path):
+    from analysis.cli import plot_main
+
+    store = _store(tmp_path / "store")
+    assert plot_main([str(store), "--out", str(tmp_path / "fig"), "--k", "3", "--jobs", "1"]) == 0
+    for name in ("bit_optimal_k", "bit_optimal_k_gptq", "bit_optimal_k_hqq"):
+        assert (tmp_path / "fig" / f"{name}.md").is_file(), name
+    gptq = (tmp_path / "fig" / "bit_optimal_k_gptq.csv").read_text()
+    assert "best_k" in gptq

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -246,7 +247,8 @@ def test_empty_tensor():
 
 def test_bad_scale_format_and_centering_with_e8m0():
     with pytest.raises(
-        ValueError, match=r"scale_format='fp8'.*allowed: \['fp16', 'bf16', 'fp32', 'e8m0', 'mx', 'nvfp4'\]"
+        ValueError,
+        match=r"scale_format='fp8'.*allowed: \['fp16', 'bf16', 'fp32', 'e8m0', 'mx', 'nvfp4'\]",
     ):
         fake_quantize(torch.randn(10), "int", 4, 64, scale_format="fp8")
     with pytest.raises(ValueError, match="centering=True with scale_format='e8m0'"):
@@ -274,3 +276,43 @@ def test_e8m0_scale_is_the_next_power_of_two():
     assert torch.equal(
         round_to_format(s, "e8m0"), torch.tensor([1.0, 1.0, 0.5, 2.0**-8, 2.0**-126, 0.0])
     )
+
+
+# ------------------------------------------------------------- MX: brute force of the OCP rule
+def mx_brute_force(x: torch.Tensor, e_bits: int, m_bits: int, block: int) -> torch.Tensor:
+    """OCP MX in float64 by enumeration: X = 2^(floor(log2 amax) - emax_elem), each x / X
+    saturated to +-max and sent to the nearest element value, ties to the even mantissa."""
+    bias = 2 ** (e_bits - 1) - 1
+    mags = [2.0 ** (1 - bias) * m / 2**m_bits for m in range(2**m_bits)]
+    mags += [2.0 ** (e - bias) * (1 + m / 2**m_bits) for e in range(1, 2**e_bits) for m in range(2**m_bits)]  # fmt: skip
+    vmax, emax = max(mags), math.floor(math.log2(max(mags)))
+    out = []
+    for row in x.double().view(-1, block).tolist():
+        amax = max(abs(v) for v in row)
+        scale = 2.0 ** max(math.floor(math.log2(amax)) - emax, -126) if amax > 0 else 1.0
+        res = []
+        for v in row:
+            z = min(abs(v) / scale, vmax)
+            best = min(range(len(mags)), key=lambda i: (abs(z - mags[i]), i % 2))  # even wins ties
+            res.append(math.copysign(mags[best] * scale, v) if mags[best] else 0.0)
+        out.append(res)
+    return torch.tensor(out, dtype=torch.float32).view(x.shape)
+
+
+@pytest.mark.parametrize(("e_bits", "m_bits"), [(2, 1), (3, 2), (2, 3), (4, 3), (1, 2), (3, 1)])
+def test_mx_equals_brute_force_on_every_path(e_bits, m_bits):
+    k = 1 + e_bits + m_bits
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(24, 32, generator=g)
+    x[0] = 0.0  # an all-zero block
+    x[1] = (torch.randint(-40, 40, (32,), generator=g) / 8.0).to(torch.float32)  # exact ties
+    x[2, 5] = 300.0  # an outlier
+    x = x.to(torch.bfloat16).to(torch.float32)  # few mantissa bits: many more ties
+    ref = mx_brute_force(x, e_bits, m_bits, 32)
+    kw = {"exponent_bits": e_bits, "mantissa_bits": m_bits}
+    for compile in (False, True, None):
+        got = fake_quantize(x, "float", k, 32, scale_format="mx", compile=compile, **kw)
+        assert torch.equal(got, ref), (compile, (got - ref).abs().max())
+    q = quantize_blockwise(x, codebook("float", k, **kw), 32, scale_format="mx")
+    assert torch.equal(dequantize_blockwise(q), ref)
+    assert torch.equal(dequantize_blockwise(q, compile=False), ref)

@@ -110,28 +110,41 @@ def test_identity_hessian_matches_any_layout(shape, block_size, scale_format, ce
         assert torch.equal(q, fake_quantize(w, dtype, 4, block_size, **kw)), dtype
 
 
-@pytest.mark.parametrize(("dtype", "bits"), [("int", 4), ("quantile", 3)])
-def test_matches_reference_gptq(dtype: str, bits: int) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "bits", "block_size", "lazy_cols"),
+    [
+        ("int", 4, 128, 128),
+        ("quantile", 3, 128, 128),
+        ("int", 3, 64, 48),  # groups start mid-batch and end in the next batch
+    ],
+)
+def test_matches_reference_gptq(dtype: str, bits: int, block_size: int, lazy_cols: int) -> None:
     """kbit's GPTQ (float32, lazy batches, Cholesky) against the plain float64 algorithm.
 
-    Tolerance: >= 99.9% of elements bit-identical and the rest at most one code step apart.
-    Why not all: float32 vs float64 and another summation order move a weight by ~1e-6
+    Tolerance: >= 99.9% of elements bit-identical (the float32 cast of the reference's
+    code * scale, which is exact in float64) and the rest at most about one code step apart.
+    Why not 100%: float32 vs float64 and another summation order move a weight by ~1e-6
     relative before rounding; one landing within that of a decision threshold takes the
-    other code, and its (different) error then feeds the later columns of its row.
+    other code, and its different error then feeds the later columns of its row. Measured
+    on this machine: 100% identical in all three cases (max |diff| = 0 in float32).
     """
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(256, 512, generator=gen) * 0.02
     h = correlated_hessian(512)
-    q = gptq_quantize_weight(w, h, dtype=dtype, bits=bits, block_size=128)
-    ref, _ = reference_gptq(w, h, dtype, bits, 128)
+    q = gptq_quantize_weight(
+        w, h, dtype=dtype, bits=bits, block_size=block_size, lazy_cols=lazy_cols
+    )
+    ref, _ = reference_gptq(w, h, dtype, bits, block_size)
     same = (q == ref.float()).float().mean().item()  # code * scale: exact in float64
     scale = w.abs().amax(dim=1, keepdim=True).to(torch.float64)
     worst = ((q.to(torch.float64) - ref).abs() / scale).max().item()
     log.warning(
-        "reference %s%d: identical %.5f, max diff / row absmax %.3g", dtype, bits, same, worst
-    )
+        "reference %s%d B=%d lazy=%d: identical %.5f, max diff / row absmax %.3g",
+        dtype, bits, block_size, lazy_cols, same, worst,
+    )  # fmt: skip
     assert same >= 0.999
-    code = codebook(dtype, bits, normalised_values(w, 128) if dtype == "quantile" else None)
+    fitted = normalised_values(w, block_size) if dtype == "quantile" else None
+    code = codebook(dtype, bits, fitted)
     assert worst <= float((code[1:] - code[:-1]).max()) * 1.5 + 1e-6
     assert relative_error(w, q, h) == pytest.approx(relative_error(w, ref.float(), h), rel=1e-3)
 
@@ -199,7 +212,10 @@ def test_tiny_architectures_run(family: str) -> None:
     assert list(errors) == list(modules)
     for name, module in modules.items():
         assert 0 < errors[name] < 0.5, (name, errors[name])
-        assert not torch.equal(linear_weight(module), before[name]), name
+        after = linear_weight(module)
+        assert not torch.equal(after, before[name]), name
+        # written in the right layout (a transposed square Conv1D write would be ~1.4 off)
+        assert torch.linalg.norm(after - before[name]) < 0.3 * torch.linalg.norm(before[name])
     with torch.no_grad():
         assert torch.isfinite(model(calib).logits).all()
 

@@ -34,9 +34,16 @@ MX = {
     "mxfp4": (("e2m1", 4), torch.float4_e2m1fn_x2),
     "mxfp6_e3m2": (("fp6_e3m2", 6), "fp6_e3m2"),
     "mxfp6_e2m3": (("fp6_e2m3", 6), "fp6_e2m3"),
-    "mxfp8_e4m3": (torch.float8_e4m3fn, torch.float8_e4m3fn),
-    "mxfp8_e5m2": (torch.float8_e5m2, torch.float8_e5m2),
+    "mxfp8_e4m3": (("fp8_e4m3_ocp", 8), torch.float8_e4m3fn),
+    "mxfp8_e5m2": (("fp8_e5m2_ocp", 8), torch.float8_e5m2),
 }
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3_ocp", "fp8_e5m2_ocp"])
+def test_ocp_fp8_entries_are_torchs_finite_values(name):
+    """The OCP FP8 entries hold exactly the finite values of torch's float8 dtypes."""
+    dtype = {"fp8_e4m3_ocp": torch.float8_e4m3fn, "fp8_e5m2_ocp": torch.float8_e5m2}[name]
+    assert torch.equal(codebook(name, 8), ocp_fp8_code(dtype))
 
 
 def weights(kind: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -217,3 +224,47 @@ def test_refusals():
         fake_quantize(torch.tensor([1.0, float("nan")] * 16), "e2m1", 4, 32, scale_format="mx")
     with pytest.raises(ValueError, match="NaN or inf"):
         fake_quantize(torch.tensor([1.0, float("inf")] * 8), "e2m1", 4, 16, scale_format="nvfp4")
+
+
+# the one-word formats (conf/format/<name>.yaml) and the tuples the tests above check
+FORMATS = {
+    "mxfp4": ("e2m1", 4, 32, "mx"),
+    "mxfp6_e3m2": ("fp6_e3m2", 6, 32, "mx"),
+    "mxfp6_e2m3": ("fp6_e2m3", 6, 32, "mx"),
+    "mxfp8_e4m3": ("fp8_e4m3_ocp", 8, 32, "mx"),
+    "mxfp8_e5m2": ("fp8_e5m2_ocp", 8, 32, "mx"),
+    "mxint8": ("int", 8, 32, "mx"),
+    "nvfp4": ("e2m1", 4, 16, "nvfp4"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_one_word_format_composes_to_its_tuple(name):
+    """``kbit-run format=NAME`` selects the data type, k, block size and scale format at once."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from harness.config import register_schema
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    assert sorted(p.stem for p in (conf / "format").glob("*.yaml")) == sorted(FORMATS)
+    register_schema()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["model=x", f"format={name}"])
+    GlobalHydra.instance().clear()
+    assert (cfg.dtype.name, cfg.bits, cfg.block_size, str(cfg.scale_format)) == FORMATS[name]
+
+
+def test_format_bits_are_exact():
+    """4.25 bits per weight for MX (8-bit scale per 32), 4.5 + 32 per tensor for NVFP4."""
+    from harness.bits import QuantizedTensorInfo, total_model_bits
+
+    n = 4096 * 4096
+    for name, per_weight, per_tensor in [("mxfp4", 4.25, 0), ("mxint8", 8.25, 0),
+                                         ("nvfp4", 4.5, 32)]:  # fmt: skip
+        _, bits, block, scale = FORMATS[name]
+        count = total_model_bits([QuantizedTensorInfo(n, bits, block, 0)], 0, scale_format=scale)
+        assert count.total_bits == n * per_weight + per_tensor, name

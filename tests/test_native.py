@@ -220,3 +220,27 @@ def test_kernels_run_in_a_forked_child():
 def _fake_int4_as_numpy(x):
     """numpy, not a tensor: torch pickles tensors across processes through shared fds."""
     return fake_quantize(x, "int", 4, 64).numpy()
+
+
+@pytest.mark.parametrize(
+    ("name", "k", "block", "fmt"),
+    [
+        ("e2m1", 4, 32, "mx"),
+        ("fp6_e3m2", 6, 32, "mx"),
+        ("int", 8, 32, "mx"),
+        ("e2m1", 4, 16, "nvfp4"),
+    ],
+)
+def test_mx_and_nvfp4_default_path_equals_eager(name, k, block, fmt):
+    """mx / nvfp4 quantize on the torch path even on the CPU (the C kernels do not implement
+    them); their QuantizedTensors dequantize through the native kernels, bit-identically."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(40, 96, generator=g).to(torch.bfloat16).to(torch.float32)  # + a tail block
+    x = torch.cat([x.view(-1), torch.randn(7, generator=g)])
+    code = codebook(name, k)
+    ref = quantize_blockwise(x, code, block, scale_format=fmt, compile=False)
+    nat = quantize_blockwise(x, code, block, scale_format=fmt)
+    assert torch.equal(nat.codes, ref.codes) and torch.equal(nat.scales, ref.scales)
+    deq = dequantize_blockwise(nat)
+    assert torch.equal(deq, dequantize_blockwise(ref, compile=False))
+    assert torch.equal(deq, fake_quantize(x, name, k, block, scale_format=fmt))

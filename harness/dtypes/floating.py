@@ -1,4 +1,10 @@
-"""``float``: sign + E exponent bits + M mantissa bits, with subnormals and no inf/NaN."""
+"""``float``: sign + E exponent bits + M mantissa bits, with subnormals.
+
+By default every bit pattern is a finite value (no inf/NaN: all 2^k codes are usable, the
+paper's choice). ``special`` reserves codes the way the OCP formats do: ``fn`` (E4M3: only the
+all-ones pattern is NaN) or ``ieee`` (E5M2: the top exponent is inf/NaN), so the MX formats'
+FP8 elements can be represented exactly.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ def exponent_split(spec: DtypeSpec, bits: int) -> tuple[int, int]:
 
 def validate_float(spec: DtypeSpec, bits: int) -> None:
     e, m = exponent_split(spec, bits)
+    special = getattr(spec.special, "value", spec.special)
+    if special == "ieee" and e < 2:
+        raise ValueError(f"special='ieee' needs exponent_bits >= 2 (dtype {spec.name!r}, E={e})")
     if e < 1 or m < 0 or e + m + 1 != bits:
         raise ValueError(
             f"exponent_bits={e}, mantissa_bits={m} do not fit bits={bits} (dtype {spec.name!r}): "
@@ -46,5 +55,10 @@ def float_codebook(spec: DtypeSpec, bits: int, tensor: torch.Tensor | None = Non
     values = [2.0 ** (1 - bias) * mant]  # subnormals (and zero)
     for e in range(1, 2**e_bits):
         values.append(2.0 ** (e - bias) * (1 + mant))
+    special = getattr(spec.special, "value", spec.special)
+    if special == "ieee":  # the top exponent encodes inf/NaN
+        values = values[:-1]
     pos = torch.cat(values)
+    if special == "fn":  # S.1111...1 is NaN: the largest magnitude is not a value
+        pos = pos[:-1]
     return torch.cat([-pos, pos])

@@ -14,6 +14,14 @@ from enum import Enum
 from omegaconf import MISSING
 
 
+class Special(str, Enum):
+    """Which codes of a ``float`` format are reserved for NaN/inf (so are not values)."""
+
+    none = "none"  # every bit pattern is a finite value (kbit's default; fp8_e4m3 max 480)
+    fn = "fn"  # OCP E4M3 ("finite, NaN"): only S.1111.111 is NaN (max 448)
+    ieee = "ieee"  # OCP E5M2 / IEEE: the top exponent is inf/NaN (max 57344)
+
+
 class Estimator(str, Enum):
     """How the ``quantile`` family estimates the quantiles of a tensor."""
 
@@ -38,6 +46,7 @@ class DtypeSpec:
     exponent_bits: int | None = None  # E; null = the paper's rule E = ceil(k / 2) (App. C.4)
     mantissa_bits: int | None = None  # M; null = k - 1 - E. If set, E + M + 1 must equal k
     bias: int | None = None  # exponent bias; null = 2^(E-1) - 1 (cancels under absmax scaling)
+    special: Special = Special.none  # none | fn | ieee: codes reserved for NaN/inf (OCP FP8)
     # --- dynamic -----------------------------------------------------------------------
     signed: bool = True  # dynamic: a sign bit (unsigned maps cover [0, 1] only)
     # --- normal ------------------------------------------------------------------------
