@@ -28,8 +28,8 @@ from collections.abc import Callable
 import torch
 
 from harness.dtypes import codebook, is_data_dependent
+from harness.dtypes.population import fit_population
 from harness.quantize import dequantize_blockwise, fake_quantize, quantize_blockwise
-from harness.quantize.blockwise import fit_population
 
 CASES = [
     (name, k)

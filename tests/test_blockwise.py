@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.dtypes import codebook
-from harness.quantize import _kernel, dequantize_blockwise, fake_quantize, quantize_blockwise
+from harness.kernels import torch_ops
+from harness.quantize import dequantize_blockwise, fake_quantize, quantize_blockwise
 from harness.quantize.blockwise import round_to_format
 
 FIXED = [
@@ -129,17 +130,19 @@ def threshold_probes(thr: torch.Tensor, code: torch.Tensor, n_random: int) -> to
 @pytest.mark.parametrize(("name", "k"), [*FIXED, ("float", 8), ("fp8_e5m2", 8), ("quantile", 8)])
 def test_lookup_table_equals_searchsorted_at_every_threshold(name, k):
     code = codebook(name, k, torch.randn(5000, generator=torch.Generator().manual_seed(k)))
-    lut = _kernel.build_lut(code)
+    lut = torch_ops.build_lut(code)
     assert lut is not None
     thr = lut.thresholds[:-1]
     y = threshold_probes(thr, code, 100_000)
     ref = torch.searchsorted(thr, y, side="left")
-    assert torch.equal(_kernel.code_index(y, lut.table, lut.thresholds, lut.shift, lut.nbins), ref)
+    assert torch.equal(
+        torch_ops.code_index(y, lut.table, lut.thresholds, lut.shift, lut.nbins), ref
+    )
 
 
 def test_too_fine_codebook_falls_back_to_searchsorted():
     code = torch.tensor([-1.0, 0.0, 0.5, 0.5 + 2e-6, 0.5 + 4e-6, 1.0])  # thresholds 2e-6 apart
-    assert _kernel.build_lut(code) is None
+    assert torch_ops.build_lut(code) is None
     x = torch.tensor([0.5 + 1e-6, 0.5 + 1.1e-6, 0.5 + 3e-6, 0.5 + 2.9e-6, 1.0, -0.4, 0.25])
     q = quantize_blockwise(x, code, None, scale_format="fp32")
     assert torch.equal(dequantize_blockwise(q), brute_force(x, code, None, "fp32", False))
@@ -150,7 +153,7 @@ def test_ties_go_to_the_lower_code():
     x = torch.tensor([1.0, 0.5 / 3, -0.5 / 3, 1.5 / 3, -1.5 / 3])
     q = quantize_blockwise(x, code, None, scale_format="fp32")
     y = x / x.abs().max()
-    expected = torch.searchsorted(_kernel.thresholds(code)[:-1], y, side="left")
+    expected = torch.searchsorted(torch_ops.thresholds(code)[:-1], y, side="left")
     assert torch.equal(q.codes.long(), expected)
 
 
@@ -187,8 +190,8 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
 
         return run
 
-    monkeypatch.setattr(_kernel, "_COMPILED", {})
-    monkeypatch.setattr(_kernel, "_BROKEN", set())
+    monkeypatch.setattr(torch_ops, "_COMPILED", {})
+    monkeypatch.setattr(torch_ops, "_BROKEN", set())
     monkeypatch.setattr(torch, "compile", broken)
     x = torch.randn(64, 64)
     with caplog.at_level("WARNING"):

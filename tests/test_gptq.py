@@ -173,6 +173,9 @@ def test_bad_inputs_are_refused() -> None:
     w = torch.randn(8, 16)
     with pytest.raises(ValueError, match="hessian"):
         gptq_quantize_weight(w, torch.eye(8), dtype="int", bits=4, block_size=16)
+    with pytest.raises(ValueError, match="element-grid"):
+        gptq_quantize_weight(w, torch.eye(16), dtype="e2m1", bits=4, block_size=16,
+                             scale_format="nvfp4")  # fmt: skip
     with pytest.raises(ValueError, match="lazy_cols"):
         gptq_quantize_weight(w, torch.eye(16), dtype="int", bits=4, block_size=16, lazy_cols=0)
 

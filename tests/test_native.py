@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (harness/quantize/_native.c) against the torch reference path.
+"""The compiled CPU kernels (harness/kernels/native.c) against the torch reference path.
 
 Every result must be bit-identical to the eager torch code (``compile=False``), which the
 tests in test_blockwise.py check against brute force; here hypothesis drives the same cases
@@ -15,10 +15,11 @@ from test_blockwise import brute_force, cases, threshold_probes
 
 from harness.dtypes import codebook
 from harness.dtypes import quantile as quantile_mod
-from harness.quantize import _native, dequantize_blockwise, fake_quantize, quantize_blockwise
+from harness.kernels import native
+from harness.quantize import dequantize_blockwise, fake_quantize, quantize_blockwise
 
 pytestmark = pytest.mark.skipif(
-    _native.library() is None, reason="no C compiler: the torch path is tested elsewhere"
+    native.library() is None, reason="no C compiler: the torch path is tested elsewhere"
 )
 
 
@@ -126,14 +127,14 @@ def test_bad_out_buffer_names_the_field(out):
 def test_quantile_histogram_select_equals_the_torch_path(monkeypatch):
     y = torch.randn(300_000, generator=torch.Generator().manual_seed(7)).clamp(-4, 4) / 4
     ranks = torch.randint(y.numel(), (600,), generator=torch.Generator().manual_seed(8))
-    native = quantile_mod.order_statistics(y, ranks)
-    assert torch.equal(native, torch.sort(y).values[ranks])  # brute force
-    monkeypatch.setenv(_native.NATIVE_ENV, "0")
-    assert torch.equal(quantile_mod.order_statistics(y, ranks), native)
+    fast = quantile_mod.order_statistics(y, ranks)
+    assert torch.equal(fast, torch.sort(y).values[ranks])  # brute force
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    assert torch.equal(quantile_mod.order_statistics(y, ranks), fast)
     for name in ("quantile", "quantile_approx"):
-        monkeypatch.setenv(_native.NATIVE_ENV, "0")
+        monkeypatch.setenv(native.NATIVE_ENV, "0")
         ref = codebook(name, 5, y, sample_size=50_000)
-        monkeypatch.delenv(_native.NATIVE_ENV)
+        monkeypatch.delenv(native.NATIVE_ENV)
         assert torch.equal(codebook(name, 5, y, sample_size=50_000), ref)
 
 
@@ -143,10 +144,10 @@ def test_block_normalised_population_equals_the_materialised_values(shape, block
     """Histogram, select and sample reads (the native fitting kernels) against the values the
     torch path writes out, with tail blocks, one block per tensor, and more indices than
     one thread takes."""
-    from harness.quantize.blockwise import BlockNormalised, normalised_values
+    from harness.dtypes.population import BlockNormalised, normalised_values
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3)) ** 3
-    pop = BlockNormalised(_native.library(), x, block, "fp16", centering)
+    pop = BlockNormalised(native.library(), x, block, "fp16", centering)
     ref = normalised_values(x, block, centering=centering, compile=False).reshape(-1)
     idx = torch.randint(x.numel(), (200_000,), generator=torch.Generator().manual_seed(4))
     assert torch.equal(pop.take(idx), ref[idx])
@@ -161,9 +162,9 @@ def test_block_normalised_population_equals_the_materialised_values(shape, block
 
 
 def test_build_failure_falls_back_to_torch(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(_native.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     x = torch.randn(64, 64)
     with caplog.at_level("WARNING"):
         got = fake_quantize(x, "nf4", 4, 64)
@@ -172,15 +173,15 @@ def test_build_failure_falls_back_to_torch(monkeypatch, tmp_path, caplog):
 
 
 def test_build_goes_through_an_atomic_rename_into_the_cache(monkeypatch, tmp_path):
-    monkeypatch.setattr(_native, "_state", {})
-    monkeypatch.setenv(_native.CACHE_ENV, str(tmp_path))
-    lib = _native.library()
-    assert lib is not None and lib.kbit_abi() == _native.ABI
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    lib = native.library()
+    assert lib is not None and lib.kbit_abi() == native.ABI
     built = list((tmp_path / "native").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"  # no temporary file left behind
-    monkeypatch.setattr(_native, "_state", {})
-    monkeypatch.setattr(_native, "_compile", lambda *a: pytest.fail("rebuilt a cached library"))
-    assert _native.library() is not None
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_compile", lambda *a: pytest.fail("rebuilt a cached library"))
+    assert native.library() is not None
 
 
 @pytest.mark.parametrize(
@@ -191,10 +192,10 @@ def test_build_goes_through_an_atomic_rename_into_the_cache(monkeypatch, tmp_pat
 def test_native_codes_at_every_threshold_equal_searchsorted(name, k):
     """y exactly on, just above and just below every decision threshold, every code, +-0 and
     +-1: with an fp32 scale of exactly 1 the kernel sees these y unchanged."""
-    from harness.quantize import _kernel
+    from harness.kernels import torch_ops
 
     code = codebook(name, k, torch.randn(5000, generator=torch.Generator().manual_seed(k)))
-    thr = _kernel.thresholds(code)[:-1]
+    thr = torch_ops.thresholds(code)[:-1]
     y = threshold_probes(thr, code, 200_000)
     q = quantize_blockwise(y, code, None, scale_format="fp32")
     assert float(q.scales[0]) == 1.0

@@ -32,6 +32,7 @@ def full_record(**changes) -> Record:
         model_family="pythia", architecture="gpt_neox", n_params=123_456_789_012,
         n_nonembedding_params=98_765, n_quantized_params=4321,
         quantized_modules=["a.b", "c.d"], method="proxy", dtype="quantile",
+        method_settings='{"outlier_fraction": 0.02}',
         dtype_family="quantile", bits=3, block_size=2**40, scale_format="bf16", centering=True,
         outlier_fraction=0.02, total_model_bits=1.5e12, bits_per_param=3.25, task="piqa",
         metric="acc_norm", value=0.123456789012345, stderr=0.01, n_samples=1838,

@@ -26,6 +26,7 @@ import torch
 
 from harness.dtypes.registry import register_family
 from harness.dtypes.spec import DtypeSpec, Estimator
+from harness.kernels import native
 
 _CHUNK = 1 << 22  # elements per pass-1/pass-2 chunk: a few MB, cache friendly
 _BUCKETS = 1 << 16  # uniform buckets over [-1, 1] for the histogram select
@@ -48,9 +49,9 @@ def _chunks(flat: torch.Tensor, scale: float):
 class Population(Protocol):
     """Values to fit a codebook to, possibly never materialised (max |value| must be 1).
 
-    ``harness.quantize.blockwise`` passes one for the block-normalised values of a weight:
-    the fused kernels recompute them from the weight in each pass instead of writing a
-    full-size normalised copy.
+    :class:`harness.dtypes.population.BlockNormalised` is one for the block-normalised
+    values of a weight: the fused kernels recompute them from the weight in each pass
+    instead of writing a full-size normalised copy.
     """
 
     def numel(self) -> int: ...
@@ -77,9 +78,7 @@ class TensorPopulation:
 
     def histogram(self, buckets: int) -> torch.Tensor:
         if self._lib is not None:
-            from harness.quantize import _native
-
-            return _native.histogram(self._lib, self.flat, self.scale, buckets)
+            return native.histogram(self._lib, self.flat, self.scale, buckets)
         hist = torch.zeros(buckets, dtype=torch.int64, device=self.flat.device)
         for chunk in _chunks(self.flat, self.scale):
             hist += torch.bincount(_bucket(chunk), minlength=buckets)
@@ -87,9 +86,7 @@ class TensorPopulation:
 
     def select(self, wanted: torch.Tensor, total: int) -> torch.Tensor:
         if self._lib is not None:
-            from harness.quantize import _native
-
-            return _native.select(self._lib, self.flat, self.scale, wanted, total)
+            return native.select(self._lib, self.flat, self.scale, wanted, total)
         return torch.cat([c[wanted[_bucket(c).long()]] for c in _chunks(self.flat, self.scale)])
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
@@ -103,11 +100,9 @@ def _native_lib(flat: torch.Tensor, scale: float):
     Only for ``scale == 1`` (what fake_quantize fits on): dividing by another Python scalar
     is left to torch, so the two paths cannot round differently.
     """
-    from harness.quantize import _native  # the kernels live with the quantizer
-
-    if scale != 1.0 or flat.dtype != torch.float32 or not _native.usable(flat):
+    if scale != 1.0 or flat.dtype != torch.float32 or not native.usable(flat):
         return None
-    return _native.library()
+    return native.library()
 
 
 def _sorted(values: torch.Tensor) -> torch.Tensor:

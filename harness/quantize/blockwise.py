@@ -39,17 +39,43 @@ three paths. Centering and data-dependent codebooks are refused with them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from harness.dtypes import codebook, is_data_dependent
-from harness.quantize import _kernel, _native
+from harness.dtypes.population import (
+    ELEMENT_FORMATS,  # quantized in the element grid, ties to even
+    SCALE_FORMATS,
+    BlockNormalised,
+    block_parts,
+    blocks,
+    check_inputs,
+    check_stats,
+    finite_extremes,
+    fit_population,
+    flat32,
+    join,
+    layout,
+    normalised_values,
+    refuse_element_format,
+)
+from harness.kernels import torch_ops
 
-SCALE_FORMATS = ("fp16", "bf16", "fp32", "e8m0", "mx", "nvfp4")
-ELEMENT_FORMATS = _kernel.ELEMENT_FORMATS  # quantized in the element grid, ties to even
+__all__ = [
+    "ELEMENT_FORMATS",
+    "SCALE_FORMATS",
+    "BlockNormalised",
+    "QuantizedTensor",
+    "dequantize_blockwise",
+    "fake_quantize",
+    "fit_population",
+    "normalised_values",
+    "quantize_blockwise",
+    "round_to_format",
+]
+
 MAX_CODES = 256  # codes are stored as uint8
 
 
@@ -68,43 +94,7 @@ class QuantizedTensor:
     tensor_scale: float | None = None  # nvfp4: the FP32 per-tensor scale pts (in the scales)
 
 
-round_to_format = _kernel.round_to_format
-
-
-def _check_inputs(
-    x: torch.Tensor, block_size: int | None, scale_format: str, centering: bool
-) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"x: expected a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-    if x.numel() == 0:
-        raise ValueError(
-            f"x: the tensor is empty (shape {tuple(x.shape)}); need at least one element"
-        )
-    if block_size is not None and (
-        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0
-    ):
-        raise ValueError(
-            f"block_size={block_size!r}: must be a positive int (e.g. 64..4096) or None (one scale per tensor)"
-        )
-    if scale_format not in SCALE_FORMATS:
-        raise ValueError(
-            f"scale_format={scale_format!r} is unknown; allowed: {list(SCALE_FORMATS)}"
-        )
-    if centering and scale_format == "e8m0":
-        raise ValueError(
-            "centering=True with scale_format='e8m0': an unsigned power of two cannot store a block mean; use fp16, bf16 or fp32"
-        )
-    if centering and scale_format in ELEMENT_FORMATS:
-        raise ValueError(
-            f"centering=True with scale_format={scale_format!r}: the format stores no block mean; use fp16, bf16 or fp32"
-        )
-
-
-def _refuse_element_format(scale_format: str, what: str) -> None:
-    if scale_format in ELEMENT_FORMATS:
-        raise ValueError(
-            f"scale_format={scale_format!r} with {what}: the format quantizes in a fixed element grid; allowed: a fixed codebook (float, int entries)"
-        )
+round_to_format = torch_ops.round_to_format
 
 
 def _check_code(code: torch.Tensor) -> torch.Tensor:
@@ -118,93 +108,23 @@ def _check_code(code: torch.Tensor) -> torch.Tensor:
     return code
 
 
-def _layout(numel: int, block_size: int | None) -> tuple[int, int, bool]:
-    """(block size, number of full blocks, whether a shorter tail block follows)."""
-    size = numel if block_size is None else block_size
-    return size, numel // size, numel % size != 0
-
-
-def _blocks(flat: torch.Tensor, block_size: int | None) -> list[torch.Tensor]:
-    """[full blocks as (n, B)], then the tail as (1, r) if the size does not divide."""
-    size, n_full, tail = _layout(flat.numel(), block_size)
-    parts = []
-    if n_full:
-        parts.append(flat[: n_full * size].view(n_full, size))
-    if tail:
-        parts.append(flat[n_full * size :].view(1, -1))
-    return parts
-
-
-def _block_mean(xb: torch.Tensor, scale_format: str, centering: bool) -> torch.Tensor | None:
-    """Block means [n, 1] rounded to the scale format, or None without centering.
-
-    Summed in float64 outside any compiled kernel, so the mean (and with it every code) is
-    the same whichever path quantizes.
-    """
-    if not centering:
-        return None
-    mean = xb.sum(dim=1, keepdim=True, dtype=torch.float64).div_(xb.shape[1]).to(torch.float32)
-    return round_to_format(mean, scale_format)
-
-
-def _finite_extremes(t: torch.Tensor) -> bool:
-    lo, hi = torch.aminmax(t)
-    return math.isfinite(float(lo)) and math.isfinite(float(hi))
-
-
-def _check_stats(
-    xb: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor | None, scale_format: str
-) -> None:
-    """NaN/inf in the tensor, or a scale/mean the format cannot hold -> a clear ValueError.
-
-    The fast test: max and min propagate NaN, so both finite means every entry is.
-    """
-    if _finite_extremes(scale) and (mean is None or _finite_extremes(mean)):
-        return
-    bad = int((~torch.isfinite(xb)).sum())
-    if bad:
-        raise ValueError(f"x: contains {bad} NaN or inf values; allowed: finite values only")
-    absmax = float(xb.abs().max())
-    raise ValueError(
-        f"scale_format={scale_format!r} cannot hold block absmax {absmax:.6g}; allowed: a wider format (bf16, fp32)"
-    )
-
-
 def _part_compile(compile: bool | None, compile_ok: bool, part: torch.Tensor) -> bool | None:
     """The tail block never goes through torch.compile (a kernel per tail length) but may
     take the native kernels, which handle any row length."""
     if compile_ok:
         return compile
-    return None if compile is None and _kernel.native(None, part) is not None else False
-
-
-def _flat32(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().reshape(-1).to(torch.float32)
-
-
-def _parts(x: torch.Tensor, block_size: int | None, scale_format: str, centering: bool):
-    """Yield (blocks, means, compile_ok, dynamic_cols) for the full blocks, then the tail.
-
-    The tail (one short block) always runs eagerly: compiling it would specialise a kernel
-    for every tail length.
-    """
-    parts = _blocks(_flat32(x), block_size)
-    for i, xb in enumerate(parts):
-        is_tail = block_size is not None and i == len(parts) - 1 and xb.shape[1] != block_size
-        yield xb, _block_mean(xb, scale_format, centering), not is_tail, block_size is None
+    return None if compile is None and torch_ops.native(None, part) is not None else False
 
 
 def _out_parts(
     out: torch.Tensor | None, x: torch.Tensor, dtype: torch.dtype, block_size: int | None, name: str
 ) -> list[torch.Tensor | None]:
-    """Views of a caller's output buffer matching ``_blocks``, or Nones without one.
+    """Views of a caller's output buffer matching ``blocks``, or Nones without one.
 
     The buffer must have x's number of elements and ``dtype``, be contiguous and on x's
     device; writing into it spares allocating (and page-faulting) a fresh result.
     """
-    _, n_full, tail = _layout(
-        x.numel(), block_size
-    )  # counted: flattening a strided x would copy it
+    _, n_full, tail = layout(x.numel(), block_size)  # counted: flattening a strided x would copy it
     n_parts = int(n_full > 0) + int(tail)
     if out is None:
         return [None] * n_parts
@@ -224,12 +144,7 @@ def _out_parts(
         raise ValueError(
             f"{name}: got {got}; allowed: a contiguous {dtype} tensor of {x.numel()} elements on {x.device}"
         )
-    return _blocks(out.view(-1), block_size)
-
-
-def _join(pieces: list[torch.Tensor]) -> torch.Tensor:
-    flat = [p.reshape(-1) for p in pieces]
-    return flat[0] if len(flat) == 1 else torch.cat(flat)
+    return blocks(out.view(-1), block_size)
 
 
 def quantize_blockwise(
@@ -245,22 +160,22 @@ def quantize_blockwise(
     """Quantize ``x`` to indices into the sorted codebook ``code`` (see the module docstring).
 
     ``compile``: which implementation runs. None (default): the native CPU kernels for CPU
-    tensors (see ``_native.py``), else ``torch.compile`` for tensors of at least 2^20
+    tensors (see ``harness/kernels/native.py``), else ``torch.compile`` for tensors of at least 2^20
     elements (or as ``$KBIT_COMPILE`` says); True: ``torch.compile``; False: eager torch.
     Results are bit-identical whichever runs. ``out``: a uint8 buffer of ``x.numel()``
     elements to hold the codes (saves an allocation when quantizing many tensors).
     """
-    _check_inputs(x, block_size, scale_format, centering)
+    check_inputs(x, block_size, scale_format, centering)
     code = _check_code(code).to(x.device)
     if scale_format in ELEMENT_FORMATS:
         return _quantize_elements(x, code, block_size, scale_format, compile, out)
-    lut = _kernel.build_lut(code)
+    lut = torch_ops.build_lut(code)
     outs = _out_parts(out, x, torch.uint8, block_size, "out")
     codes, scales, means = [], [], []
     for (xb, mean, compile_ok, dyn), o in zip(
-        _parts(x, block_size, scale_format, centering), outs, strict=True
+        block_parts(x, block_size, scale_format, centering), outs, strict=True
     ):
-        c, scale = _kernel.quantize_blocks(
+        c, scale = torch_ops.quantize_blocks(
             xb,
             mean,
             code,
@@ -270,14 +185,14 @@ def quantize_blockwise(
             dynamic_cols=dyn,
             out=o,
         )
-        _check_stats(xb, scale, mean, scale_format)
+        check_stats(xb, scale, mean, scale_format)
         codes.append(c)
         scales.append(scale)
         means.append(mean)
     return QuantizedTensor(
-        codes=_join(codes) if out is None else out.view(-1),
-        scales=_join(scales),
-        means=_join(means) if centering else None,
+        codes=join(codes) if out is None else out.view(-1),
+        scales=join(scales),
+        means=join(means) if centering else None,
         code=code,
         shape=x.shape,
         dtype=x.dtype,
@@ -296,19 +211,19 @@ def dequantize_blockwise(
     """
     code, all_scales = q.code.to(q.codes.device), q.scales
     if q.scale_format in ELEMENT_FORMATS:  # grid value * grid scale, as quantized
-        g = _kernel.element_grid(code)
+        g = torch_ops.element_grid(code)
         code = g.grid if q.scale_format == "mx" else g.grid * 0.5
         all_scales = q.scales / g.n_max if q.scale_format == "mx" else q.scales
     direct = out is not None and q.dtype == torch.float32
     outs = _out_parts(out, q.codes, q.dtype, q.block_size, "out")
     pieces, block = [], 0
-    for i, cb in enumerate(parts := _blocks(q.codes, q.block_size)):
+    for i, cb in enumerate(parts := blocks(q.codes, q.block_size)):
         rows = slice(block, block + cb.shape[0])
         scale = all_scales[rows].view(-1, 1)
         mean = None if q.means is None else q.means[rows].view(-1, 1)
         is_tail = q.block_size is not None and i == len(parts) - 1 and cb.shape[1] != q.block_size
         pieces.append(
-            _kernel.dequantize_blocks(
+            torch_ops.dequantize_blocks(
                 cb,
                 scale,
                 mean,
@@ -321,97 +236,8 @@ def dequantize_blockwise(
         block += cb.shape[0]
     if direct:
         return out.view(q.shape)
-    result = _join(pieces).view(q.shape).to(q.dtype)
+    result = join(pieces).view(q.shape).to(q.dtype)
     return result if out is None else out.view(q.shape).copy_(result)
-
-
-def normalised_values(
-    x: torch.Tensor,
-    block_size: int | None,
-    *,
-    scale_format: str = "fp16",
-    centering: bool = False,
-    compile: bool | None = None,
-) -> torch.Tensor:
-    """What the codebook sees: per block (x - mean) / scale, clamped to [-1, 1], flattened."""
-    _check_inputs(x, block_size, scale_format, centering)
-    _refuse_element_format(scale_format, "normalised values")
-    pieces = []
-    for xb, mean, compile_ok, dyn in _parts(x, block_size, scale_format, centering):
-        y, scale = _kernel.run(
-            _kernel.normalise_core,
-            xb,
-            mean,
-            scale_format,
-            numel=xb.numel(),
-            compile=compile if compile_ok else False,
-            dynamic_cols=dyn,
-        )
-        _check_stats(xb, scale, mean, scale_format)
-        pieces.append(y)
-    return _join(pieces)
-
-
-class BlockNormalised:
-    """The block-normalised values of a tensor as a quantile ``Population``, never written out.
-
-    What :func:`normalised_values` would return, element for element (same scales, same
-    division, same clamp), but the native kernels recompute each value from the tensor
-    in every pass of the histogram select, and a sample reads just its own elements.
-    """
-
-    def __init__(self, lib, x: torch.Tensor, block_size: int | None, scale_format: str,
-                 centering: bool) -> None:  # fmt: skip
-        self.lib, self.flat = lib, _flat32(x)
-        self.block = self.flat.numel() if block_size is None else block_size
-        self.parts = []
-        ymax = []
-        for xb in _blocks(self.flat, block_size):
-            mean = _block_mean(xb, scale_format, centering)
-            scale, row_max = _native.block_scales(lib, xb, mean, scale_format)
-            _check_stats(xb, scale, mean, scale_format)
-            self.parts.append((xb, mean, scale))
-            ymax.append(row_max)
-        self.absmax = float(torch.cat(ymax).max())
-        self.scales = torch.cat([p[2].view(-1) for p in self.parts])
-        self.means = torch.cat([p[1].view(-1) for p in self.parts]) if centering else None
-
-    def numel(self) -> int:
-        return self.flat.numel()
-
-    def histogram(self, buckets: int) -> torch.Tensor:
-        return _native.fit_histogram(self.lib, self.parts, buckets)
-
-    def select(self, wanted: torch.Tensor, total: int) -> torch.Tensor:
-        return _native.fit_select(self.lib, self.parts, wanted, total)
-
-    def take(self, idx: torch.Tensor) -> torch.Tensor:
-        return _native.fit_take(self.lib, self.flat, self.means, self.scales, self.block, idx)
-
-
-def fit_population(
-    x: torch.Tensor,
-    block_size: int | None,
-    *,
-    scale_format: str = "fp16",
-    centering: bool = False,
-    compile: bool | None = None,
-):
-    """What a data-dependent codebook is fitted to: x's block-normalised values.
-
-    A :class:`BlockNormalised` when the native kernels run and the values reach max |v| = 1
-    (a block whose scale rounds up to above its absmax stays below 1; if every block does,
-    the codebook divides by their maximum, and the materialised tensor keeps that exact).
-    """
-    _refuse_element_format(scale_format, "a data-dependent codebook")
-    lib = _kernel.native(compile, x)
-    if lib is not None:
-        pop = BlockNormalised(lib, x, block_size, scale_format, centering)
-        if pop.absmax == 1.0:
-            return pop
-    return normalised_values(
-        x, block_size, scale_format=scale_format, centering=centering, compile=compile
-    )
 
 
 def fake_quantize(
@@ -435,28 +261,28 @@ def fake_quantize(
     ``compile`` as in :func:`quantize_blockwise`; ``out``: a contiguous tensor of x's dtype
     and number of elements to write the result into (returned, viewed as x's shape).
     """
-    _check_inputs(x, block_size, scale_format, centering)
+    check_inputs(x, block_size, scale_format, centering)
     direct = out is not None and x.dtype == torch.float32
     outs = _out_parts(out, x, x.dtype, block_size, "out")
     fitted = None
     if is_data_dependent(dtype, dtype_dir):
-        _refuse_element_format(scale_format, "a data-dependent codebook")
+        refuse_element_format(scale_format, "a data-dependent codebook")
         fitted = fit_population(
             x, block_size, scale_format=scale_format, centering=centering, compile=compile
         )
     code = codebook(dtype, bits, fitted, dtype_dir=dtype_dir, **overrides).to(x.device)
     del fitted
     if scale_format in ELEMENT_FORMATS:
-        result = _join(_element_pieces(x, code, block_size, scale_format, compile, fake=True)[0])
+        result = join(_element_pieces(x, code, block_size, scale_format, compile, fake=True)[0])
         result = result.view(x.shape).to(x.dtype)
         _out_parts(out, x, x.dtype, block_size, "out")  # checks the buffer
         return result if out is None else out.view(x.shape).copy_(result)
-    lut = _kernel.build_lut(code)
+    lut = torch_ops.build_lut(code)
     pieces = []
     for (xb, mean, compile_ok, dyn), o in zip(
-        _parts(x, block_size, scale_format, centering), outs, strict=True
+        block_parts(x, block_size, scale_format, centering), outs, strict=True
     ):
-        result, scale = _kernel.fake_blocks(
+        result, scale = torch_ops.fake_blocks(
             xb,
             mean,
             code,
@@ -466,11 +292,11 @@ def fake_quantize(
             dynamic_cols=dyn,
             out=o if direct else None,
         )
-        _check_stats(xb, scale, mean, scale_format)
+        check_stats(xb, scale, mean, scale_format)
         pieces.append(result)
     if direct:
         return out.view(x.shape)
-    result = _join(pieces).view(x.shape).to(x.dtype)
+    result = join(pieces).view(x.shape).to(x.dtype)
     return result if out is None else out.view(x.shape).copy_(result)
 
 
@@ -485,21 +311,21 @@ def _element_pieces(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], float | None]:
     """(codes or dequantized values per part, stored scales per part, nvfp4 tensor scale)."""
     if scale_format == "nvfp4":
-        g = _kernel.nvfp4_grid(code)
-        pts = _kernel.nvfp4_tensor_scale(_flat32(x)).view(1, 1)
-        if not _finite_extremes(pts):
-            _check_stats(_flat32(x).view(1, -1), pts, None, scale_format)
+        g = torch_ops.nvfp4_grid(code)
+        pts = torch_ops.nvfp4_tensor_scale(flat32(x)).view(1, 1)
+        if not finite_extremes(pts):
+            check_stats(flat32(x).view(1, -1), pts, None, scale_format)
         # An all-zero tensor: torchao divides 0 by 0 (NaN); kbit keeps it zero.
         pts = torch.where(pts > 0, pts, torch.ones_like(pts))
     else:
-        g, pts = _kernel.element_grid(code), None
+        g, pts = torch_ops.element_grid(code), None
     values, scales = [], []
-    for xb, _, compile_ok, dyn in _parts(x, block_size, scale_format, False):
-        result, gs = _kernel.element_blocks(
+    for xb, _, compile_ok, dyn in block_parts(x, block_size, scale_format, False):
+        result, gs = torch_ops.element_blocks(
             xb, g, scale_format, pts, fake=fake, compile=compile if compile_ok else False,
             dynamic_cols=dyn,
         )  # fmt: skip
-        _check_stats(xb, gs, None, scale_format)
+        check_stats(xb, gs, None, scale_format)
         values.append(result)
         scales.append(gs * g.n_max if scale_format == "mx" else gs)
     return values, scales, None if pts is None else float(pts)
@@ -516,10 +342,10 @@ def _quantize_elements(
     """quantize_blockwise for the element-grid formats (mx, nvfp4)."""
     _out_parts(out, x, torch.uint8, block_size, "out")  # checks the buffer
     codes, scales, pts = _element_pieces(x, code, block_size, scale_format, compile, fake=False)
-    flat = _join(codes)
+    flat = join(codes)
     return QuantizedTensor(
         codes=flat if out is None else out.view(-1).copy_(flat),
-        scales=_join(scales),
+        scales=join(scales),
         means=None,
         code=code,
         shape=x.shape,

@@ -7,7 +7,7 @@ small. Here "rounding" is exactly kbit's: the same block layout (blocks of ``blo
 consecutive elements of the flattened (out, in) weight, ``None`` = one block per tensor),
 the same stored scale (absmax rounded to ``scale_format``) and mean (``centering``), the same
 clamp to [-1, 1] and the same nearest-code rule (decision thresholds from
-:func:`harness.quantize._kernel.thresholds`, ties to the lower code). With an identity Hessian
+:func:`harness.kernels.torch_ops.thresholds`, ties to the lower code). With an identity Hessian
 no error is propagated and :func:`gptq_quantize_weight` equals :func:`fake_quantize` bit for
 bit (``tests/test_gptq.py`` checks this for every family).
 
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from harness.dtypes import codebook, is_data_dependent
+from harness.kernels.torch_ops import ELEMENT_FORMATS, thresholds
 from harness.models import decoder_layers, linear_weight
-from harness.quantize._kernel import thresholds
 from harness.quantize.blockwise import fake_quantize, fit_population, quantize_blockwise
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,17 @@ def _check_weight(weight: torch.Tensor, hessian: torch.Tensor, lazy_cols: int, d
         raise ValueError(f"damp={damp!r}: must be >= 0")
 
 
+def _check_scale_format(scale_format: str) -> None:
+    """Element-grid formats (mx, nvfp4) round in their own grid (ties to even, two-level
+    scales), not by the normalised nearest-code step this GPTQ reproduces: refused rather
+    than silently quantized by another rule."""
+    if scale_format in ELEMENT_FORMATS:
+        raise ValueError(
+            f"scale_format={scale_format!r} with GPTQ: element-grid formats "
+            f"({', '.join(ELEMENT_FORMATS)}) are not implemented; allowed: fp16, bf16, fp32, e8m0"
+        )
+
+
 def gptq_quantize_weight(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -296,6 +307,7 @@ def gptq_quantize_weight(
     summation order).
     """
     _check_weight(weight, hessian, lazy_cols, damp)
+    _check_scale_format(scale_format)
     w, h = prepare_hessian(weight, hessian, damp)
     rounder = make_rounder(
         w, dtype, bits, block_size, scale_format=scale_format, centering=centering,
@@ -477,6 +489,7 @@ def gptq_quantize_model(
         dtype=dtype, bits=bits, block_size=block_size, scale_format=scale_format,
         centering=centering, dtype_overrides=dtype_overrides,
     )  # fmt: skip
+    _check_scale_format(scale_format)
     prefix, layers = decoder_layers(model)
     errors: dict[str, float] = {}
     per_layer: list[dict[str, nn.Module]] = [{} for _ in layers]

@@ -1,4 +1,4 @@
-"""The CPU kernels of ``_native.c``: compiled on first use, cached, called through ctypes.
+"""The CPU kernels of ``native.c``: compiled on first use, cached, called through ctypes.
 
 Why compile at run time rather than ship a binary: the loops are vectorised for the CPU they
 run on (``-march=native``), and torch's own CPU ``torch.compile`` already needs the same C
@@ -29,14 +29,12 @@ from pathlib import Path
 
 import torch
 
-from harness.files import atomic_write
-
 log = logging.getLogger(__name__)
 
 NATIVE_ENV = "KBIT_NATIVE"  # "0": never use the compiled kernels
 CACHE_ENV = "KBIT_CACHE_DIR"
-ABI = 6  # must equal kbit_abi() in _native.c
-SOURCE = Path(__file__).with_name("_native.c")
+ABI = 6  # must equal kbit_abi() in native.c
+SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fno-strict-aliasing")
 SCALE_FORMAT_IDS = {"fp32": 0, "fp16": 1, "bf16": 2, "e8m0": 3}
 _PARALLEL_MIN_NUMEL = 1 << 16  # smaller tensors run on the calling thread
@@ -66,15 +64,30 @@ def _cache_dir() -> Path:
 def _compile(cc: str, target: Path, march: bool) -> None:
     """Compile into a private folder beside ``target``, then install it atomically.
 
-    Through :func:`harness.files.atomic_write` so the library gets the umask's permissions
-    (group-readable in a shared cache) and a concurrent job never loads a half-written file.
+    As :func:`harness.files.atomic_write` does (kept here so this package needs nothing
+    outside torch and the standard library): fsynced, given rwx & ~umask (group-readable in
+    a shared cache), renamed over ``target`` on the same file system, so a concurrent job
+    never loads a half-written file.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as work:
         out = Path(work) / target.name
         cmd = [cc, *FLAGS, *(["-march=native"] if march else []), str(SOURCE), "-o", str(out)]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
-        atomic_write(target, out.read_bytes(), mode=0o777)  # a shared library: rwx & ~umask
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(out, 0o777 & ~_umask())  # a shared library: rwx & ~umask
+        os.replace(out, target)
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _build() -> ctypes.CDLL:
@@ -182,7 +195,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def search_args(lut) -> tuple:
-    """(packed bucket table, shift, nbins, 15 keys or None) of a :class:`_kernel.Lut`."""
+    """(packed bucket table, shift, nbins, 15 keys or None) of a :class:`torch_ops.Lut`."""
     return lut.packed, lut.shift, lut.nbins, lut.keys16
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.quantize import _native
+from harness.kernels import native as native_kernels
 
 log = logging.getLogger(__name__)
 
@@ -281,9 +281,9 @@ def native(compile: bool | None, *tensors: torch.Tensor | None):
     ``compile=None`` (auto) prefers them on the CPU; ``compile=False`` asks for the eager torch
     reference and ``compile=True`` for ``torch.compile``, so tests can compare all three.
     """
-    if compile is not None or not _native.usable(*tensors):
+    if compile is not None or not native_kernels.usable(*tensors):
         return None
-    return _native.library()
+    return native_kernels.library()
 
 
 def quantize_blocks(
@@ -301,7 +301,7 @@ def quantize_blocks(
     lib = None if lut is None else native(compile, xb, mean, out)
     if lib is not None:
         codes = out if out is not None else torch.empty(xb.shape, dtype=torch.uint8)
-        return codes, _native.quantize_rows(lib, xb, mean, lut, scale_format, codes)
+        return codes, native_kernels.quantize_rows(lib, xb, mean, lut, scale_format, codes)
     if lut is None:
         centred = xb if mean is None else xb - mean
         scale = block_scale(centred, scale_format)
@@ -329,7 +329,7 @@ def fake_blocks(
     lib = None if lut is None else native(compile, xb, mean, out, code)
     if lib is not None:
         result = out if out is not None else torch.empty_like(xb)
-        return result, _native.fake_rows(lib, xb, mean, lut, scale_format, code, result)
+        return result, native_kernels.fake_rows(lib, xb, mean, lut, scale_format, code, result)
     if lut is None:
         codes, scale = quantize_blocks(xb, mean, code, None, scale_format, compile=False)
         result = dequantize_core(codes, scale, mean, code)
@@ -355,7 +355,7 @@ def dequantize_blocks(
     lib = native(compile, codes, scale, mean, code, out)
     if lib is not None:
         result = out if out is not None else torch.empty(codes.shape, dtype=torch.float32)
-        _native.dequantize_rows(lib, codes, scale, mean, code, result)
+        native_kernels.dequantize_rows(lib, codes, scale, mean, code, result)
         return result
     args = (codes, scale, mean, code)
     result = run(

@@ -1,4 +1,4 @@
-/* Block-wise quantization kernels for the CPU, compiled on first use by _native.py.
+/* Block-wise quantization kernels for the CPU, compiled on first use by native.py.
  *
  * Why C: torch.compile'd Python emulates every table lookup through a scratch buffer and
  * needs two memory passes (scales, then codes); these loops compute a block's scale while
@@ -6,7 +6,7 @@
  * element) or, for codebooks of at most 16 codes, replaces it by 15 compares.
  *
  * Every step is the same IEEE float32 operation, in the same order, as the reference torch
- * code in _kernel.py (absmax, rounding of the scale to its storage format, one division,
+ * code in torch_ops.py (absmax, rounding of the scale to its storage format, one division,
  * clamp, nearest-code search with ties down, code * scale [+ mean]); it is compiled with
  * -ffp-contract=off so no multiply-add is fused. Results are bit-identical to the torch path
  * (tested). Rows [r0, r1) of a row-major [rows, B] block matrix are processed, so callers
@@ -60,10 +60,10 @@ static inline uint32_t clamped_mag(uint32_t u) {
 }
 
 /* Nearest-code index of normalised y: a lookup table over the bit pattern of |y| plus one
- * compare (see _kernel.py), or for <= 16 codes (`small`) the count of threshold keys below y.
+ * compare (see torch_ops.py), or for <= 16 codes (`small`) the count of threshold keys below y.
  * packed[idx] = (c << 17) | (cut + 1) holds the bucket's candidate code c and where, in the
  * low `shift` bits u of |y| (of ~|y| on the negative side), the one threshold that can fall
- * in the bucket cuts it (_kernel._packed): the code is c + (u > cut), a single gather. */
+ * in the bucket cuts it (torch_ops._packed): the code is c + (u > cut), a single gather. */
 static inline __attribute__((always_inline)) int32_t
 nearest(float y, int small, const int32_t *restrict k16, const int32_t *restrict packed,
         int shift, int32_t nbins) {
@@ -249,7 +249,7 @@ void kbit_select(const float *restrict y, int64_t i0, int64_t i1, float scale, f
 }
 
 /* ---- Fitting quantile codebooks to block-normalised values without materialising them ----
- * y = clamp((x - mu) / safe_scale, -1, 1), exactly as _kernel.normalise computes it. */
+ * y = clamp((x - mu) / safe_scale, -1, 1), exactly as torch_ops.normalise computes it. */
 static inline float normalised(float v, float s) { return clamp1(v / s); }
 
 /* Stored scale of rows [r0, r1) and the largest |y| of each row: by monotonicity of the
@@ -331,5 +331,5 @@ void kbit_fit_take(const float *restrict x, const float *restrict mean,
   }
 }
 
-/* Version of this file's calling conventions; _native.py refuses a library that differs. */
+/* Version of this file's calling conventions; native.py refuses a library that differs. */
 int kbit_abi(void) { return 6; }
