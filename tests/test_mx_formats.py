@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from zoo_fixtures import nano_zoo  # noqa: F401  (session fixture, requested by name below)
 
 from harness.dtypes import codebook
 from harness.quantize import dequantize_blockwise, fake_quantize, quantize_blockwise
@@ -268,3 +269,23 @@ def test_format_bits_are_exact():
         _, bits, block, scale = FORMATS[name]
         count = total_model_bits([QuantizedTensorInfo(n, bits, block, 0)], 0, scale_format=scale)
         assert count.total_bits == n * per_weight + per_tensor, name
+
+
+@pytest.mark.slow  # the nano zoo family is trained once per session (~20 s)
+def test_formats_equal_torchao_on_trained_weights(nano_zoo):  # noqa: F811
+    """Real weights: every linear layer of a trained zoo model, MX formats and NVFP4."""
+    from transformers import AutoModelForCausalLM
+
+    from harness.models import linear_weight, quantizable_modules
+
+    folder = sorted(nano_zoo.values())[-1]
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    layers = [linear_weight(m).detach().float().contiguous()
+              for m in quantizable_modules(model).values()]  # fmt: skip
+    usable = [w for w in layers if w.shape[-1] % 32 == 0]
+    assert usable
+    for w in usable:
+        for fmt, (spec, elem) in MX.items():
+            ref = mx_tensor.MXTensor.to_mx(w, elem, block_size=32).dequantize(torch.float32)
+            assert torch.equal(kbit_mx(w, spec), ref), fmt
+        assert torch.equal(fake_quantize(w, "e2m1", 4, 16, scale_format="nvfp4"), nvfp4_ref(w))
