@@ -201,3 +201,18 @@ def test_gptq_without_calibration_offline_is_refused(tmp_path, monkeypatch):
         with pytest.raises(run.ConfigError) as err:
             run.validate_cell(cfg)
         assert all(w in str(err.value) for w in words), err.value
+
+
+def test_hqq_groups_are_kbit_blocks_when_a_block_spans_rows():
+    """in_features 32 with blocks of 64: each HQQ group is one flattened kbit block."""
+    from harness.quantize.hqq import hqq_fake_quantize
+    from harness.quantize.methods.hqq import kbit_blocks
+
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    rows = kbit_blocks(w, 64)
+    assert rows.shape == (4, 64) and torch.equal(rows.reshape(8, 32), w)
+    q = hqq_fake_quantize(rows, 4, 64).reshape(8, 32)
+    flat = w.reshape(-1)
+    for b in range(4):  # each block's values depend only on that block
+        alone = hqq_fake_quantize(flat[b * 64 : (b + 1) * 64].reshape(1, 64).repeat(2, 1), 4, 64)
+        assert torch.allclose(q.reshape(-1)[b * 64 : (b + 1) * 64], alone[0], atol=1e-6)

@@ -73,11 +73,25 @@ def hqq(model: nn.Module, request: QuantRequest) -> QuantizeReport:
     with torch.no_grad():
         for name, module in modules.items():
             original = linear_layout(store[name], module).to(module.weight.device)
-            problem = supported(request.bits, request.block_size, original.shape[1],
-                                original.shape[0])  # fmt: skip
+            rows = kbit_blocks(original, request.block_size)
+            problem = supported(request.bits, request.block_size, rows.shape[1], rows.shape[0])
             if problem:
                 raise ValueError(f"{name}: {problem}")
-            quantized = hqq_fake_quantize(original, request.bits, request.block_size)
-            linear_layout(module.weight, module).copy_(quantized)
+            quantized = hqq_fake_quantize(rows, request.bits, request.block_size)
+            linear_layout(module.weight, module).copy_(quantized.reshape(original.shape))
             report.tensors.append(tensor_entry(name, original))
     return report
+
+
+def kbit_blocks(weight: torch.Tensor, block_size: int | None) -> torch.Tensor:
+    """The weight as rows that HQQ's groups (along rows) turn into kbit's blocks.
+
+    kbit's blocks are consecutive ``block_size`` elements of the flattened (out, in) weight, so
+    a block may span two rows when ``in`` is not a multiple of it; reshaped to rows of
+    ``block_size`` (when it divides the element count), HQQ's groups are exactly those blocks.
+    """
+    if block_size is None or weight.shape[-1] % block_size == 0:
+        return weight
+    if weight.numel() % block_size:
+        return weight  # ``supported`` names the problem
+    return weight.reshape(-1, block_size)
