@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from harness.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 NATIVE_ENV = "KBIT_NATIVE"  # "0": never use the compiled kernels
@@ -62,32 +64,16 @@ def _cache_dir() -> Path:
 
 
 def _compile(cc: str, target: Path, march: bool) -> None:
-    """Compile into a private folder beside ``target``, then install it atomically.
-
-    As :func:`harness.files.atomic_write` does (kept here so this package needs nothing
-    outside torch and the standard library): fsynced, given rwx & ~umask (group-readable in
-    a shared cache), renamed over ``target`` on the same file system, so a concurrent job
-    never loads a half-written file.
-    """
+    """Compile into a private folder beside ``target``, then install it atomically
+    (:func:`harness.files.atomic_write`: fsynced, rwx & ~umask so a shared cache stays
+    group-readable, renamed over ``target``), so a concurrent job never loads a half-written
+    file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as work:
         out = Path(work) / target.name
         cmd = [cc, *FLAGS, *(["-march=native"] if march else []), str(SOURCE), "-o", str(out)]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
-        fd = os.open(out, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(out, 0o777 & ~_umask())  # a shared library: rwx & ~umask
-        os.replace(out, target)
-
-
-def _umask() -> int:
-    """The process umask (reading it means setting it; it is put straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        atomic_write(target, out.read_bytes(), mode=0o777)  # a shared library: rwx & ~umask
 
 
 def _build() -> ctypes.CDLL:
