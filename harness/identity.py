@@ -65,6 +65,9 @@ class Resolved:
     compute_dtype: str
     model_dir: Path | None
     sources: dict[str, tuple[str, str]]  # eval set name -> (source, version)
+    # (source, version) of a method's calibration data; part of the id, not of the data digest
+    # (the digest names the *evaluation* data, which the 16-bit baseline shares with the cell)
+    calibration: tuple[str, str] | None = None
 
     def data_identity(self) -> dict[str, list[str]]:
         """Per eval set: [content identity, version]. A local file counts by its sha256, not
@@ -139,10 +142,9 @@ def resolve(cfg: DictConfig, target: Target = LOCAL) -> Resolved:
     tasks = list(cfg.eval.tasks)
     for name, src in task_sources(tasks, cfg.data_root, model_dir).items() if tasks else ():
         sources[name] = (src.source, src.version)
-    calibration = calibration_of(cfg)
-    if calibration is not None:
-        sources["calibration"] = (calibration.source, calibration.version)
-    return Resolved(device_class, dtype, model_dir, sources)
+    calib = calibration_of(cfg)
+    calibration = None if calib is None else (calib.source, calib.version)
+    return Resolved(device_class, dtype, model_dir, sources, calibration)
 
 
 def calibration_of(cfg: DictConfig) -> Any:
@@ -171,6 +173,9 @@ def cell_config(cfg: DictConfig, resolved: Resolved | None = None) -> dict[str, 
     data["numerics"] = {"device_class": resolved.device_class,
                         "compute_dtype": resolved.compute_dtype}  # fmt: skip
     data["data"] = resolved.data_identity()
+    if resolved.calibration is not None:
+        source, version = resolved.calibration
+        data["calibration"] = [content_identity(source), version]
     return data
 
 

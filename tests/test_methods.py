@@ -181,7 +181,11 @@ def test_gptq_cell_runs_on_the_packaged_corpus(tmp_path, data_root):
     rows = read_cell(tmp_path / "results" / "adhoc" / f"{cell_id(cfg)}.parquet").to_pylist()
     settings = json.loads(rows[0]["method_settings"])
     assert rows[0]["method"] == "gptq" and settings["n_samples"] == 8
-    assert "calibration" in resolve(cfg).sources
+    resolved = resolve(cfg)
+    assert resolved.calibration is not None and "calibration" not in resolved.sources
+    # the evaluation data digest is the baseline's: GPTQ curves join the 16-bit baseline
+    baseline = _compose(*[o for o in base if not o.startswith(("dtype=", "bits="))], "bits=16")
+    assert resolve(baseline).data_digest == resolved.data_digest
     other = _compose(*base, "method=gptq", "method.n_samples=8", "method.seqlen=64",
                      "method.seed=1")  # fmt: skip
     assert cell_id(other) != cell_id(cfg)  # another calibration draw is another cell
