@@ -59,7 +59,7 @@ class Record:
     # bumped on any incompatible change of this schema
     schema_version: int = field(default=SCHEMA_VERSION, metadata=_arrow(pa.int32()))
     sweep: str = "adhoc"  # sweep name; the store's subfolder
-    cell_id: str = ""  # stable hash of the resolved cell config (see harness.run.cell_id)
+    cell_id: str = ""  # stable hash of the resolved cell config (see harness.identity.cell_id)
     # --- model ------------------------------------------------------------------------
     model: str = ""  # what the user passed: local path, hub id or zoo:<family>/<size>
     model_family: str = ""  # family for plot panels (zoo family, or e.g. "opt", "pythia")
@@ -79,7 +79,7 @@ class Record:
     dtype_overrides: str = "{}"
     bits: int = field(default=BASELINE_BITS, metadata=_arrow(pa.int32()))  # k; 16 = baseline
     block_size: int | None = None  # elements per block; None = one scale per tensor
-    scale_format: str = "fp16"  # fp16 | bf16 | fp32 | e8m0
+    scale_format: str = "fp16"  # fp16 | bf16 | fp32 | e8m0 | mx | nvfp4
     centering: bool = False  # block mean subtracted and stored
     outlier_fraction: float = 0.0  # proxy's setting: share of input dims kept in 16 bit
     total_model_bits: float = 0.0  # harness.bits.total_model_bits: every parameter counted

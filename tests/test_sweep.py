@@ -41,7 +41,7 @@ def test_expand_is_the_cartesian_product_with_model_slowest():
 
 
 def _stub_id(cfg) -> str:
-    """Independent stand-in for harness.run.cell_id: the 16-bit baseline ignores the dtype."""
+    """Independent stand-in for harness.identity.cell_id: the 16-bit baseline ignores the dtype."""
     d = OmegaConf.to_container(cfg, resolve=True)
     if d["bits"] == 16:
         d["dtype"] = "none"
