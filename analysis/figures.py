@@ -312,8 +312,9 @@ def proxy_centering_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> 
 
 
 def method_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figure | None:
-    """Methods compared at fixed k: one line per method (with its settings), on the data type
-    and block size that the most methods share (e.g. int at block 64 for blockwise, gptq, hqq).
+    """Methods compared at fixed k: one line per method (with its settings where they vary),
+    on the data type and block size that the most methods share (e.g. int for blockwise,
+    gptq and hqq).
 
     Only drawn when the cells hold more than one method besides proxy (proxy has its own
     figure). The configuration is a fixed rule (no accuracy is used to choose it).
@@ -327,7 +328,10 @@ def method_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figure | 
     dtype, bs = sorted(widest, key=lambda t: (t[0] != "int", pd.isna(t[1]), str(t)))[0]
     sub = sub[(sub["_dtype"] == dtype) & _match(sub, "block_size", bs)]
     settings = sub["method_settings"] if "method_settings" in sub.columns else ""
-    names = sub["method"].astype(str) + pd.Series(settings, index=sub.index).map(overrides_text)
+    settings = pd.Series(settings, index=sub.index).astype(str)
+    # a method's settings are named only where its cells differ in them (labels stay short)
+    varied = settings.groupby(sub["method"]).transform("nunique") > 1
+    names = sub["method"].astype(str) + settings.map(overrides_text).where(varied, "")
     sub = sub.assign(_line=_with_variant(names, sub))
     sub = sub.sort_values("total_model_bits").drop_duplicates(["model_family", "_line", "model"])
     bs_txt = "per tensor" if pd.isna(bs) else f"block {int(bs)}"

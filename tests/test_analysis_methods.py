@@ -37,7 +37,7 @@ def test_method_figure_draws_one_line_per_method(tmp_path):
     cells = load_results(_store(tmp_path)).cells
     fig = method_figure(cells, 3)
     labels = sorted(line.get_label() for line in fig.axes[0].get_lines())
-    assert labels == ["blockwise", "gptq{damp=0.01,n_samples=128}", "hqq"]
+    assert labels == ["blockwise", "gptq", "hqq"]  # one gptq setting: not spelled out
     for line in fig.axes[0].get_lines():
         assert len(line.get_xdata()) == 3  # one point per model
     ppl = method_figure(cells, 3, "heldout:ppl")
@@ -63,3 +63,21 @@ def test_each_method_gets_its_bit_optimal_table(tmp_path):
         assert (tmp_path / "fig" / f"{name}.md").is_file(), name
     gptq = (tmp_path / "fig" / "bit_optimal_k_gptq.csv").read_text()
     assert "best_k" in gptq
+
+
+def test_method_settings_are_named_where_a_method_has_two(tmp_path):
+    from analysis.figures import method_figure
+    from analysis.load import load_results
+
+    store = _store(tmp_path)
+    extra = dict(sweep="methods", cell_id="x", model="m/a", model_family="fam", method="gptq",
+                 method_settings='{"damp": 0.1, "n_samples": 128}', dtype="int",
+                 dtype_family="int", bits=3, block_size=64, n_params=int(1e6),
+                 total_model_bits=3.25e6, device_class="cpu", compute_dtype="float32",
+                 data_digest="abc")  # fmt: skip
+    write_cell([Record(**extra, task=MEAN_ZEROSHOT_TASK, metric="acc", value=0.3)],
+               cell_path(store, "methods", "x"))  # fmt: skip
+    fig = method_figure(load_results(store).cells, 3)
+    labels = sorted(line.get_label() for line in fig.axes[0].get_lines())
+    assert labels == ["blockwise", "gptq{damp=0.01,n_samples=128}",
+                      "gptq{damp=0.1,n_samples=128}", "hqq"]  # fmt: skip
