@@ -20,7 +20,6 @@ planner and the job compute the same id.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
@@ -103,7 +102,6 @@ def dtype_overrides(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-@functools.lru_cache(maxsize=256)
 def _numerics(model: str, zoo_dir: str, trust: bool, device: str, compute_dtype: str,
               target: Target) -> tuple[str, str, Path | None]:  # fmt: skip
     from harness.models import inspect_model, resolve_numerics
@@ -120,7 +118,9 @@ def model_numerics(cfg: DictConfig, target: Target = LOCAL) -> tuple[str, str, P
     """(device class, compute dtype, local model folder or None) of a cell, loading no weights.
 
     Raises a one-line ValueError for a model folder that cannot load (see
-    ``harness.models.inspect_model``). Cached per (model, settings, target).
+    ``harness.models.inspect_model``, which keeps what it read per folder until a file in it
+    changes: never stale). A sweep plan asks once per (model, settings) in
+    ``harness.run.CellValidator``.
     """
     return _numerics(
         str(cfg.model), str(cfg.zoo_dir), bool(cfg.trust_remote_code), str(cfg.device),
@@ -164,7 +164,16 @@ def calibration_of(cfg: DictConfig) -> Any:
 def cell_config(cfg: DictConfig, resolved: Resolved | None = None) -> dict[str, Any]:
     """The result-determining part of a cell config, as plain data (see module docstring)."""
     resolved = resolved or resolve(cfg)
-    data = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return identity_data(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), resolved)
+
+
+def identity_data(
+    data: dict[str, Any], resolved: Resolved, data_identity: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
+    """:func:`cell_config` of a cell given as plain data (``OmegaConf.to_container(cfg,
+    resolve=True, enum_to_str=True)``); ``data`` itself is not changed (only its top level is
+    copied). ``data_identity``: ``resolved.data_identity()`` when the caller has it already."""
+    data = dict(data)
     for key in NON_RESULT_FIELDS:
         data.pop(key, None)
     if data.get("bits") == BASELINE_BITS:
@@ -172,14 +181,19 @@ def cell_config(cfg: DictConfig, resolved: Resolved | None = None) -> dict[str, 
             data.pop(key, None)
     data["numerics"] = {"device_class": resolved.device_class,
                         "compute_dtype": resolved.compute_dtype}  # fmt: skip
-    data["data"] = resolved.data_identity()
+    data["data"] = resolved.data_identity() if data_identity is None else data_identity
     if resolved.calibration is not None:
         source, version = resolved.calibration
         data["calibration"] = [content_identity(source), version]
     return data
 
 
+def identity_hash(identity: dict[str, Any]) -> str:
+    """The 16-hex-digit cell id of a :func:`cell_config` (sha256 of it as sorted JSON)."""
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def cell_id(cfg: DictConfig, resolved: Resolved | None = None) -> str:
     """Stable 16-hex-digit id of a cell: sha256 of :func:`cell_config` as sorted JSON."""
-    text = json.dumps(cell_config(cfg, resolved), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return identity_hash(cell_config(cfg, resolved))

@@ -379,3 +379,18 @@ def inspect_model(
     if error:
         raise ValueError(f"model={spec!r}: {error}")
     return info
+
+
+def read_model_config(spec: str, zoo_dir: str | Path | None = None) -> dict:
+    """config.json of a model spec (folder, hub id or ``zoo:``) as a dict; no code, no weights.
+
+    Why: sizing a job (harness.cluster.resources) needs the architecture's dimensions before
+    anything is loaded. A hub id is read from the HF cache (online: fetched alone, a few KB);
+    offline and not cached, the same clear error as :func:`check_hub_reachable`.
+    """
+    path = resolve_model_path(spec, zoo_dir)
+    file = path / "config.json" if path is not None else _hub_config_file(spec)
+    try:
+        return _read_config(file)
+    except _Refused as exc:
+        raise ValueError(f"model={spec!r}: {exc}") from None

@@ -44,6 +44,14 @@ from harness.numerics import (
     resolve_device,
     resolve_numerics,
 )
+from harness.placement import (
+    DEFAULT_HEADROOM,
+    Placement,
+    gpu_free_memory,
+    input_device,
+    map_device_class,
+    plan_placement,
+)
 
 __all__ = [
     "PROXY_PAIRS",
@@ -122,6 +130,10 @@ class LoadedModel:
     extra: dict = field(default_factory=dict)
     device_class: str = ""  # cpu | cuda | mps; defaults to device.type
     info: ModelInfo | None = None  # the pre-load inspection the load was checked against
+    # module name -> device when loaded with a device map (sharded over GPUs, or an explicit
+    # map); None for a plain single-device load. ``device`` is then the input embedding's.
+    device_map: dict | None = None
+    placement: Placement | None = None  # the plan a sharded load followed
 
     def __post_init__(self) -> None:
         if not self.device_class:
@@ -147,12 +159,14 @@ def _from_pretrained(
     use_safetensors: bool | None,
     dtype: torch.dtype,
     trust_remote_code: bool,
+    device_map: dict | None = None,
 ) -> tuple[nn.Module, object]:
     """(model, tokenizer) through transformers with every safety choice spelled out.
 
     ``trust_remote_code`` is always a bool, never None: None makes transformers prompt
     "[y/N]" on the terminal, and a "y" runs the folder's Python. ``weights_only=True`` keeps
     pickle checkpoints on torch's restricted unpickler (transformers 5's default, pinned here).
+    ``device_map`` (module name -> device) places the weights while loading (accelerate).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -160,10 +174,13 @@ def _from_pretrained(
     if local:
         common["local_files_only"] = True
     config = AutoConfig.from_pretrained(source, **common)
+    if device_map is not None:
+        common["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(
         source, config=config, dtype=dtype, use_safetensors=use_safetensors, weights_only=True,
         **common,
     )  # fmt: skip
+    common.pop("device_map", None)
     tokenizer = AutoTokenizer.from_pretrained(source, **common)
     return model, tokenizer
 
@@ -175,6 +192,9 @@ def load_model(
     compute_dtype: str = "auto",
     zoo_dir: str | Path | None = None,
     trust_remote_code: bool = False,
+    device_map: dict | None = None,
+    gpu_memory: list[int] | None = None,
+    headroom: float = DEFAULT_HEADROOM,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer; local folders never touch the network.
 
@@ -182,19 +202,42 @@ def load_model(
     ``trust_remote_code``), and the device and dtype come from :func:`resolve_numerics`, so
     what is recorded is what was loaded. Safetensors when present, else torch's weights_only
     loader (docs/loading.md).
+
+    Placement (docs/loading.md, "Models larger than one GPU"): with ``device`` ``auto`` or
+    ``cuda`` and more than one GPU visible, :func:`harness.placement.plan_placement` decides
+    from config.json and each GPU's free memory (``gpu_memory`` overrides it: bytes per GPU,
+    e.g. to force sharding in a check); a model whose weights x ``headroom`` do not fit GPU 0
+    is loaded sharded with the plan's device map. Otherwise the whole model goes to one
+    device, as always. ``device_map``: an explicit placement (module name -> device, all GPUs
+    or all ``cpu``; no offload), bypassing the plan.
     """
     start = time.perf_counter()
     info = inspect_model(spec, zoo_dir, trust_remote_code)
+    if device_map is not None:
+        map_class = map_device_class(device_map)
+        if device != "auto" and resolve_device(device).type != map_class:
+            raise ValueError(
+                f"device={device!r} with a device_map on {map_class!r}; allowed: device=auto "
+                f"or a {map_class} device"
+            )
+        device = map_class if device == "auto" else device
     dev_class, dtype_name = resolve_numerics(device, compute_dtype, info.checkpoint_dtype)
     dev = torch.device(dev_class if device == "auto" else device)
     dtype = TORCH_DTYPES[dtype_name]
     source = str(info.path) if info.path is not None else spec
+    placement = None
+    if device_map is None and dev_class == "cuda" and device in ("auto", "cuda"):
+        placement = _plan(info, source, dtype, gpu_memory, headroom, trust_remote_code)
+        device_map = placement.device_map if placement is not None else None
     use_safetensors = {"safetensors": True, "pytorch": False}.get(info.weights)
-    log.info("loading %s on %s in %s (weights: %s)", source, dev, dtype_name, info.weights or "hub")
+    where = f"sharded over GPUs {placement.devices}" if placement is not None else dev
+    log.info(
+        "loading %s on %s in %s (weights: %s)", source, where, dtype_name, info.weights or "hub"
+    )
     try:
         model, tokenizer = _from_pretrained(
             source, local=info.path is not None, use_safetensors=use_safetensors, dtype=dtype,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, device_map=device_map,
         )  # fmt: skip
     except pickle.UnpicklingError as exc:
         raise ValueError(
@@ -202,7 +245,13 @@ def load_model(
             "weights_only loader refuses (unpickling them could run code); allowed: a "
             f"{SAFE_WEIGHTS} copy of the weights, or plain tensors in {PT_WEIGHTS}"
         ) from exc
-    model.to(dev).eval()
+    if device_map is None:
+        model.to(dev).eval()
+    else:
+        model.eval()
+        _check_no_offload(model, spec)
+        dev = input_device(model)
+        device_map = dict(getattr(model, "hf_device_map", None) or device_map)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -214,7 +263,46 @@ def load_model(
         load_s=time.perf_counter() - start,
         device_class=dev_class,
         info=info,
+        device_map=device_map,
+        placement=placement,
     )
+
+
+def _plan(
+    info: ModelInfo,
+    source: str,
+    dtype: torch.dtype,
+    gpu_memory: list[int] | None,
+    headroom: float,
+    trust_remote_code: bool,
+) -> Placement | None:
+    """The sharded plan when more than one GPU is visible (or given) and the model does not
+    fit GPU 0; None for a single-device load."""
+    gpus = list(gpu_memory) if gpu_memory is not None else gpu_free_memory()
+    if len(gpus) < 2:
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        source, trust_remote_code=bool(trust_remote_code), local_files_only=info.path is not None
+    )
+    plan = plan_placement(
+        config, dtype, gpus, headroom=headroom, n_params=info.n_params,
+        trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    log.info("placement: %s", plan.reason)
+    return plan if plan.sharded else None
+
+
+def _check_no_offload(model: nn.Module, spec: str) -> None:
+    """A device-mapped model must hold every weight on a device: kbit never offloads (an
+    offloaded weight is a meta tensor, and quantizing it in place would do nothing)."""
+    meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"model={spec!r}: weights {meta[:3]} were offloaded (meta device); kbit quantizes "
+            "weights in place and never offloads; allowed: a device map of GPUs only, or cpu"
+        )
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

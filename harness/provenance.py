@@ -7,6 +7,7 @@ a process except the time; the versions and the commit are computed once per pro
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import subprocess
 from datetime import datetime, timezone
@@ -42,8 +43,12 @@ def _static_provenance() -> dict[str, str]:
 
 
 def provenance_fields() -> dict[str, str]:
-    """Versions, git commit, host and creation time (UTC) for a record."""
-    return {**_static_provenance(), "created_at": datetime.now(timezone.utc).isoformat()}
+    """Versions, git commit, host, scheduler job and creation time (UTC) for a record."""
+    return {
+        **_static_provenance(),
+        "job_id": job_identity(),
+        "created_at": datetime.now(timezone.utc).isoformat(),
+    }
 
 
 def device_name(device: Any) -> str:
@@ -54,3 +59,20 @@ def device_name(device: Any) -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     return str(device)
+
+
+def job_identity() -> str | None:
+    """The scheduler job this process runs in, or None in-process.
+
+    Slurm array tasks are ``<array job id>_<task id>`` (what ``squeue -r`` and ``sacct`` show),
+    plain Slurm jobs their job id, submitit's local processes ``local:<pid>``. Records carry
+    it so a sweep's cost (jobs, model loads) can be counted from the store alone.
+    """
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if env.get("SLURM_JOB_ID"):
+        return env["SLURM_JOB_ID"]
+    if env.get("SUBMITIT_LOCAL_JOB_ID"):
+        return f"local:{env['SUBMITIT_LOCAL_JOB_ID']}"
+    return None

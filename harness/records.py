@@ -108,6 +108,12 @@ class Record:
     eval_s: float = 0.0  # seconds evaluating (all tasks of the cell)
     forward_s: float = 0.0  # seconds inside model forward passes (overhead accounting)
     wall_s: float = 0.0  # seconds for the whole cell
+    # the scheduler job that ran the cell ("<array job>_<task>" on Slurm, "local:<pid>" for
+    # submitit's local processes); None when run in the launching process
+    job_id: str | None = None
+    # True when the model was already in memory, loaded by an earlier cell of the same job or
+    # process (a shared load); model loads of a sweep = its cells with model_reused False
+    model_reused: bool = False
     # --- provenance --------------------------------------------------------------------
     version_harness: str = ""
     version_torch: str = ""

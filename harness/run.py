@@ -35,6 +35,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
@@ -49,6 +50,8 @@ from harness.identity import (
     Target,
     cell_id,
     dtype_overrides,
+    identity_data,
+    identity_hash,
     model_numerics,
     resolve,
 )
@@ -58,6 +61,7 @@ from harness.quantize.methods import settings_dict
 from harness.records import (
     BASELINE_BITS,
     MEAN_ZEROSHOT_TASK,
+    SCHEMA,
     STATUS_FAILED,
     STATUS_OK,
     Record,
@@ -122,6 +126,27 @@ def _check_eval(cfg: DictConfig, model_dir: Path | None) -> None:
     check_files(local, cfg.data_root, model_dir)
 
 
+def _check_data_root(cfg: DictConfig) -> None:
+    if cfg.data_root is not None and not Path(str(cfg.data_root)).expanduser().is_dir():
+        raise ConfigError(f"data_root={cfg.data_root!r} is not a folder; allowed: a folder "
+                          "laid out like shared/data (eval/, corpus/), or null for the hub")  # fmt: skip
+
+
+def _check_results_dir(cfg: DictConfig) -> None:
+    problem = writable_dir_problem(Path(str(cfg.results_dir)) / str(cfg.sweep))
+    if problem:
+        raise ConfigError(problem)
+
+
+def _refusal(exc: Exception) -> Exception:
+    """What :func:`validate_cell` raises for ``exc`` raised by one of its checks."""
+    if isinstance(exc, ConfigError) or not isinstance(exc, ValueError | TypeError | OSError):
+        return exc
+    err = ConfigError(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+    err.__cause__ = exc  # as `raise ... from exc`
+    return err
+
+
 def validate_cell(cfg: DictConfig, target: Target = LOCAL) -> Resolved:
     """Refuse a cell that cannot run (:class:`ConfigError`, one line); cheap, loads no weights.
 
@@ -131,12 +156,8 @@ def validate_cell(cfg: DictConfig, target: Target = LOCAL) -> Resolved:
     """
     try:
         check_cell(cfg)
-        if cfg.data_root is not None and not Path(str(cfg.data_root)).expanduser().is_dir():
-            raise ConfigError(f"data_root={cfg.data_root!r} is not a folder; allowed: a folder "
-                              "laid out like shared/data (eval/, corpus/), or null for the hub")  # fmt: skip
-        problem = writable_dir_problem(Path(str(cfg.results_dir)) / str(cfg.sweep))
-        if problem:
-            raise ConfigError(problem)
+        _check_data_root(cfg)
+        _check_results_dir(cfg)
         if cfg.bits != BASELINE_BITS:
             _check_quantization(cfg)
         model_dir = model_numerics(cfg, target)[2]
@@ -150,6 +171,152 @@ def validate_cell(cfg: DictConfig, target: Target = LOCAL) -> Resolved:
             str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         ) from exc
     return resolved
+
+
+# Top-level fields check_cell does not read (any other, and every unknown key, is its input);
+# block_size and method are not read at 16 bits either, and bits only as "16 or not".
+_NOT_READ_BY_CHECK_CELL = frozenset({"bits", "dtype", "scale_format", "centering",
+                                     "quantize_embeddings", "quantize_head", "data_root",
+                                     "zoo_dir", "compute_dtype", "trust_remote_code"})  # fmt: skip
+_QUANT_INPUTS = ("dtype", "bits", "block_size", "scale_format", "centering", "method",
+                 "quantize_embeddings", "quantize_head")  # fmt: skip
+_NUMERICS_INPUTS = ("model", "zoo_dir", "trust_remote_code", "device", "compute_dtype")
+_SCALARS = (str, int, float, bool, type(None))
+
+
+class CellValidator:
+    """:func:`validate_cell` for the many cells of one sweep plan, with identical outcomes.
+
+    Why: a grid of 20,000 cells is a few hundred distinct (model, data type, bits, method,
+    evaluation) combinations in every check, and each check is a few milliseconds. Each check
+    of :func:`validate_cell` runs in the same order on the real config, but its outcome
+    (result, or the very refusal it raised) is kept under a key made of exactly the config
+    values it reads, so it runs once per distinct key:
+
+    ===================  ========================================================================
+    check_cell           every top-level field but those in _NOT_READ_BY_CHECK_CELL (bits: 16 or
+                         not; block_size and method: not at 16 bits); keys in their order
+    data_root folder     data_root                  results folder    (results_dir, sweep)
+    quantization         _QUANT_INPUTS (not at 16 bits)
+    model numerics       _NUMERICS_INPUTS (and the target, fixed per validator)
+    evaluation data      (eval, data_root, the model folder the numerics step resolved)
+    resolve              numerics inputs, eval, data_root, (16 bits or the method)
+    trial record         built per cell (:func:`cell_fields`; its method/dtype part keyed by
+                         (16 bits or (method, dtype)), the provenance strings taken once per
+                         plan); Arrow converts each column on its own, so only values new to
+                         their column are converted, and ``to_table`` runs when one fails
+    cell id              per cell, from the plain data (``harness.identity.identity_data``)
+    ===================  ========================================================================
+
+    One validator per plan: files (model folders, data, the results folder) are read at most
+    once per plan, so use a fresh one for each plan; nothing is kept between plans.
+    ``cell`` is the cell as plain data, ``OmegaConf.to_container(cfg, resolve=True,
+    enum_to_str=True)``; ``make_cfg`` composes the real config, called only when a check runs.
+    """
+
+    def __init__(self, target: Target = LOCAL) -> None:
+        self.target = target
+        self._memo: dict[tuple, tuple[bool, Any]] = {}
+        self._frozen: dict[int, tuple[Any, Any]] = {}  # id -> (object kept alive, frozen form)
+        self._identity: dict[int, tuple[Resolved, dict, str]] = {}
+        self._stored: set[tuple] = set()  # (column, type, value) known to be storable
+        # the same strings for every trial row of the plan (a trial row is never written)
+        self._provenance = provenance_fields()
+
+    def freeze(self, value: Any) -> Any:
+        """A hashable form of plain config data that tells 1, 1.0 and True apart."""
+        if isinstance(value, _SCALARS):
+            return (type(value), value)
+        hit = self._frozen.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        if isinstance(value, dict):
+            frozen: Any = ("dict", tuple((k, self.freeze(v)) for k, v in value.items()))
+        elif isinstance(value, list | tuple):
+            frozen = ("list", tuple(self.freeze(v) for v in value))
+        else:
+            frozen = ("repr", type(value), repr(value))
+        self._frozen[id(value)] = (value, frozen)
+        return frozen
+
+    def _step(self, key: tuple, check: Any) -> Any:
+        hit = self._memo.get(key)
+        if hit is None:
+            try:
+                hit = (True, check())
+            except Exception as exc:  # kept: every cell with this key is refused the same way
+                hit = (False, _refusal(exc))
+            self._memo[key] = hit
+        if not hit[0]:
+            raise hit[1].with_traceback(None)
+        return hit[1]
+
+    def __call__(self, cell: dict[str, Any], make_cfg: Any) -> tuple[Resolved, str]:
+        """(resolved, cell id) of the cell, or what ``validate_cell(make_cfg(), target)``
+        raises; the id is ``harness.identity.cell_id(cfg, resolved)``."""
+        composed: list[DictConfig] = []
+
+        def cfg() -> DictConfig:
+            if not composed:
+                composed.append(make_cfg())
+            return composed[0]
+
+        f = {k: self.freeze(v) for k, v in cell.items()}
+        baseline = cell.get("bits") == BASELINE_BITS
+        skip = _NOT_READ_BY_CHECK_CELL | ({"block_size", "method"} if baseline else set())
+        read = tuple((k, v) for k, v in f.items() if k not in skip)
+        self._step(("check_cell", baseline, read), lambda: check_cell(cfg()))
+        self._step(("data_root", f.get("data_root")), lambda: _check_data_root(cfg()))
+        key = ("results_dir", f.get("results_dir"), f.get("sweep"))
+        self._step(key, lambda: _check_results_dir(cfg()))
+        if not baseline:
+            key = ("quantization", *(f.get(k) for k in _QUANT_INPUTS))
+            self._step(key, lambda: _check_quantization(cfg()))
+        numerics = tuple(f.get(k) for k in _NUMERICS_INPUTS)
+        found = self._step(("numerics", numerics), lambda: model_numerics(cfg(), self.target))
+        model_dir = found[2]
+        data = (f.get("eval"), f.get("data_root"))
+        self._step(("eval", *data, model_dir), lambda: _check_eval(cfg(), model_dir))
+        method = None if baseline else f.get("method")
+        resolved = self._step(
+            ("resolve", numerics, *data, baseline, method), lambda: resolve(cfg(), self.target)
+        )
+        dtype = None if baseline else f.get("dtype")
+        quant = self._step(("quantization_fields", baseline, method, dtype),
+                           lambda: quantization_fields(cfg()))  # fmt: skip
+        ident = self._identity.get(id(resolved))
+        if ident is None or ident[0] is not resolved:
+            ident = (resolved, resolved.data_identity(), resolved.data_digest)
+            self._identity[id(resolved)] = ident
+        cid = identity_hash(identity_data(cell, resolved, ident[1]))
+        try:
+            fields = cell_fields(cell, resolved, cid, quant, ident[2], self._provenance)
+            self._trial(Record(**fields))
+        except Exception as exc:
+            refusal = _refusal(exc)
+            if refusal is exc:
+                raise
+            raise refusal from exc
+        return resolved, cid
+
+    def _trial(self, record: Record) -> None:
+        """``to_table([record])``: Arrow converts each column on its own, so a row is
+        storable when each of its values is; a value new to its column is converted alone,
+        and the whole row is converted (raising as ``to_table`` does) when one fails."""
+        new = []
+        for k, v in vars(record).items():
+            item = (k, type(v), v if isinstance(v, _SCALARS) else repr(v))
+            if item not in self._stored:
+                new.append((item, v))
+        if not new:
+            return
+        try:
+            for item, value in new:
+                pa.array([value], type=SCHEMA.field(item[0]).type)
+        except Exception:
+            to_table([record])  # raises what a single cell's validation raises
+            return
+        self._stored.update(item for item, _ in new)
 
 
 class ValidateCell(Callback):
@@ -317,23 +484,49 @@ def base_fields(cfg: DictConfig, resolved: Resolved, with_config: bool = True) -
     ``with_config=False`` leaves out the config YAML (always a storable string, and the
     slowest field to build): validation builds a trial record of every cell of a sweep.
     """
-    baseline = cfg.bits == BASELINE_BITS
-    settings = None if baseline else settings_dict(method_settings(cfg))
-    method = "none" if baseline else str(cfg.method.name)
+    quant = quantization_fields(cfg)
+    fields = cell_fields(cfg, resolved, cell_id(cfg, resolved), quant)
+    if with_config:
+        fields["config"] = OmegaConf.to_yaml(cfg, resolve=True)
+    return fields
+
+
+def quantization_fields(cfg: DictConfig) -> dict[str, Any]:
+    """The record fields a cell's method and data type determine ("none" at 16 bits).
+
+    Reads only ``bits`` (is it the baseline?), ``method`` and ``dtype``.
+    """
+    if cfg.bits == BASELINE_BITS:
+        return dict(method="none", dtype="none", dtype_family="none", dtype_overrides="{}",
+                    method_settings="{}", outlier_fraction=0.0)  # fmt: skip
+    settings = settings_dict(method_settings(cfg))
     return dict(
-        sweep=str(cfg.sweep), cell_id=cell_id(cfg, resolved), model=str(cfg.model),
-        model_family=cfg.get("model_family") or guess_family(str(cfg.model)),
-        method=method, dtype="none" if baseline else str(cfg.dtype.name),
-        dtype_family="none" if baseline else str(cfg.dtype.family),
-        dtype_overrides="{}" if baseline else json.dumps(dtype_overrides(cfg), sort_keys=True),
-        bits=cfg.bits, block_size=None if baseline else cfg.block_size,
-        scale_format=str(cfg.scale_format), centering=bool(cfg.centering),
+        method=str(cfg.method.name), dtype=str(cfg.dtype.name),
+        dtype_family=str(cfg.dtype.family),
+        dtype_overrides=json.dumps(dtype_overrides(cfg), sort_keys=True),
         method_settings=json.dumps(settings or {}, sort_keys=True),
         outlier_fraction=float((settings or {}).get("outlier_fraction", 0.0)),
+    )  # fmt: skip
+
+
+def cell_fields(
+    cell: Any, resolved: Resolved, cid: str, quant: dict[str, Any], data_digest: str | None = None,
+    provenance: dict[str, str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """:func:`base_fields` without the config YAML, from the cell id and
+    :func:`quantization_fields`. ``cell``: the config, or the same as plain data
+    (``OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)``: item access only).
+    ``data_digest``, ``provenance``: already computed (else computed here)."""
+    baseline = cell["bits"] == BASELINE_BITS
+    return dict(
+        sweep=str(cell["sweep"]), cell_id=cid, model=str(cell["model"]),
+        model_family=cell.get("model_family") or guess_family(str(cell["model"])),
+        **quant, bits=cell["bits"], block_size=None if baseline else cell["block_size"],
+        scale_format=str(cell["scale_format"]), centering=bool(cell["centering"]),
         device_class=resolved.device_class, compute_dtype=resolved.compute_dtype,
-        data_digest=resolved.data_digest, trust_remote_code=bool(cfg.trust_remote_code),
-        seed=cfg.seed, config=OmegaConf.to_yaml(cfg, resolve=True) if with_config else "",
-        **provenance_fields(),
+        data_digest=resolved.data_digest if data_digest is None else data_digest,
+        trust_remote_code=bool(cell["trust_remote_code"]), seed=cell["seed"], config="",
+        **(provenance_fields() if provenance is None else provenance),
     )  # fmt: skip
 
 
@@ -358,7 +551,7 @@ def run_cell(
         restore_model(loaded.model)
         fields = base_fields(cfg, resolved)
         fields.update(architecture=loaded.architecture, device=device_name(loaded.device),
-                      load_s=0.0 if reused else loaded.load_s)  # fmt: skip
+                      load_s=0.0 if reused else loaded.load_s, model_reused=reused)  # fmt: skip
         fields["model_family"] = cfg.get("model_family") or guess_family(
             str(cfg.model), loaded.architecture
         )
@@ -418,7 +611,28 @@ def run_and_record(cfg: DictConfig, model_cache: ModelCache | None = None) -> st
 
 
 def _hydra_task(cfg: DictConfig) -> None:
-    _OUTCOMES.append(run_and_record(cfg, _MODEL_CACHE))
+    """One cell as Hydra runs it. In a multirun the cell's progress bars, prints and INFO lines
+    go to its job log file (``harness.progress.cell_output``; ``KBIT_VERBOSE=1`` or
+    ``hydra.verbose=true`` keeps them on the terminal) and the sweep's progress line counts it.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from harness import progress
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if not multirun:
+        _OUTCOMES.append(run_and_record(cfg, _MODEL_CACHE))
+        return
+    status = STATUS_FAILED
+    try:
+        with progress.cell_output(progress.job_log_file(), progress.verbose_requested()):
+            status = run_and_record(cfg, _MODEL_CACHE)
+        _OUTCOMES.append(status)
+    finally:
+        sweep_progress = progress.current()
+        if sweep_progress is not None:
+            sweep_progress.cell_finished(status)
 
 
 def main() -> None:

@@ -1,10 +1,13 @@
-"""``kbit-status RESULTS_DIR``: done / failed / pending cells per sweep.
+"""``kbit-status RESULTS_DIR``: done / failed / queued / running / pending cells per sweep.
 
 Why: on a cluster, jobs die without telling anyone (timeouts, preemption, OOM kills). The
-store itself is the truth: a cell is *done* when its record says ok, *failed* when its record
-holds an error, and *pending* when the sweep planned it (``sweep_manifest.json``, written by
-:mod:`harness.sweep` at launch) but no record exists yet. Re-launching the same command runs
-exactly the failed and pending cells.
+store itself is the truth for what finished: a cell is *done* when its record says ok, *failed*
+when its record holds an error. For what did not finish, the scheduler is asked: a cell held by
+a live job of a launch (its claim file, :mod:`harness.cluster.claims`) is *running* or *queued*
+as ``squeue`` says of that job; a cell the sweep planned (``sweep_manifest.json``, written by
+:mod:`harness.sweep` at launch) that has no record and no live job is *pending*. Re-launching
+the same command runs exactly the failed and pending cells (queued and running ones are left
+to their jobs).
 
 A cell file that cannot be read (truncated, corrupt, or a parquet of another schema) is
 counted as *failed* (the next launch runs that cell again and its new file replaces the bad
@@ -32,6 +35,9 @@ class SweepStatus:
     done: int = 0
     failed: int = 0
     pending: int = 0
+    queued: int = 0  # held by a pending job of the scheduler
+    running: int = 0  # held by a running job
+    scheduler_note: str = ""  # why queued/running could not be read, "" when they could
     errors: dict[str, str] = field(default_factory=dict)  # cell_id -> error (first line)
     pending_ids: list[str] = field(default_factory=list)
     # unreadable or foreign cell files (counted in ``failed``): file name -> reason
@@ -39,7 +45,7 @@ class SweepStatus:
 
     @property
     def cells(self) -> int:
-        return self.done + self.failed + self.pending
+        return self.done + self.failed + self.queued + self.running + self.pending
 
 
 def sweep_status(folder: Path) -> SweepStatus:
@@ -64,7 +70,34 @@ def sweep_status(folder: Path) -> SweepStatus:
             result.done += 1
     result.pending_ids = sorted(set(read_manifest(folder / MANIFEST)) - recorded)
     result.pending = len(result.pending_ids)
+    _count_live(result, folder)
     return result
+
+
+def _count_live(result: SweepStatus, folder: Path) -> None:
+    """Move cells held by live jobs from failed / pending to running / queued."""
+    from harness.cluster.claims import SchedulerUnavailable, held_cells
+
+    try:
+        held = held_cells(folder.parent, folder.name, forget=False)
+    except SchedulerUnavailable as err:
+        result.scheduler_note = f"{result.sweep}: queued/running unknown ({err})"
+        return
+    pending = set(result.pending_ids)
+    for cid, hold in held.items():
+        if cid in result.errors:
+            result.failed -= 1
+            del result.errors[cid]
+        elif cid in pending:
+            result.pending -= 1
+            pending.discard(cid)
+        else:
+            continue  # done (a job still finishing after its cell was written)
+        if hold.running:
+            result.running += 1
+        else:
+            result.queued += 1
+    result.pending_ids = sorted(pending)
 
 
 def _count_problem(result: SweepStatus, path: Path, reason: str) -> None:
@@ -84,22 +117,25 @@ def store_status(results_dir: str | Path, sweep: str | None = None) -> list[Swee
     ]
 
 
+COLUMNS = ("cells", "done", "failed", "queued", "running", "pending")
+
+
 def format_table(rows: list[SweepStatus]) -> str:
     """A fixed-width table, one line per sweep plus a total."""
     width = max([len(r.sweep) for r in rows] + [5])
-    lines = [f"{'sweep':<{width}}  {'cells':>7}  {'done':>7}  {'failed':>7}  {'pending':>7}"]
+    lines = [f"{'sweep':<{width}}  " + "  ".join(f"{c:>7}" for c in COLUMNS)]
     for r in rows:
-        lines.append(
-            f"{r.sweep:<{width}}  {r.cells:>7}  {r.done:>7}  {r.failed:>7}  {r.pending:>7}"
-        )
+        lines.append(f"{r.sweep:<{width}}  " + "  ".join(f"{getattr(r, c):>7}" for c in COLUMNS))
     if len(rows) > 1:
-        total = [sum(getattr(r, k) for r in rows) for k in ("cells", "done", "failed", "pending")]
+        total = [sum(getattr(r, k) for r in rows) for k in COLUMNS]
         lines.append(f"{'total':<{width}}  " + "  ".join(f"{n:>7}" for n in total))
-    return "\n".join(lines)
+    notes = [r.scheduler_note for r in rows if r.scheduler_note]
+    return "\n".join(lines + notes)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``kbit-status``; exit 0 when every cell is done, 1 otherwise, 2 on bad input."""
+    """Entry point of ``kbit-status``; exit 0 when every cell is done, 1 otherwise (failed,
+    queued, running or pending cells), 2 on bad input."""
     parser = argparse.ArgumentParser(prog="kbit-status", description=__doc__.splitlines()[0])
     parser.add_argument(
         "results_dir", metavar="RESULTS_DIR", help="the store (kbit-run's results_dir)"
@@ -129,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows if args.errors else []:
         for cid, err in sorted(row.errors.items()):
             print(f"{row.sweep}/{cid}: {err}")
-    return 0 if all(r.failed == 0 and r.pending == 0 for r in rows) else 1
+    return 0 if all(r.done == r.cells for r in rows) else 1
 
 
 def format_problems(rows: list[SweepStatus]) -> str:

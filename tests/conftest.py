@@ -26,3 +26,17 @@ def data_root() -> Path:
     if not root or not Path(root).is_dir():
         pytest.skip("KBIT_DATA_ROOT not set and ../shared/data not found")
     return Path(root)
+
+
+@pytest.fixture(scope="session")
+def plan_bench():
+    """``benchmarks/plan_bench.py`` as a module: its fake hub cache of the paper models'
+    config.json files (``build_fake_hub``) is shared by the planning tests."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "plan_bench", REPO_ROOT / "benchmarks" / "plan_bench.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -60,9 +60,16 @@ def test_cli_prints_table_and_errors(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert rc == 1  # not everything is done
     rows = {line.split()[0]: line.split()[1:] for line in out[1:] if not line.startswith("demo/")}
-    assert rows["demo"] == ["3", "1", "1", "1"]
-    assert rows["adhoc"] == ["1", "1", "0", "0"]
-    assert rows["total"] == ["4", "2", "1", "1"]
+    assert rows["demo"] == [
+        "3",
+        "1",
+        "1",
+        "0",
+        "0",
+        "1",
+    ]  # cells done failed queued running pending
+    assert rows["adhoc"] == ["1", "1", "0", "0", "0", "0"]
+    assert rows["total"] == ["4", "2", "1", "0", "0", "1"]
     assert "demo/b: ValueError: boom" in out
 
 
@@ -78,3 +85,26 @@ def test_bad_input_is_named(tmp_path, capsys):
     (tmp_path / "demo").mkdir()
     assert main([str(tmp_path), "--sweep", "dem"]) == 2
     assert "sweeps there: ['demo']" in capsys.readouterr().err
+
+
+def test_cells_held_by_live_jobs_are_queued_or_running(tmp_path, monkeypatch):
+    """A planned cell without a record, or a failed one retried, that a live job holds is
+    counted queued / running as the scheduler says; a dead job's cells stay pending/failed."""
+    from harness.cluster import claims
+    from harness.records import Record, cell_path, write_cell
+    from harness.sweep import Cell, SweepPlan, write_manifest
+
+    ids = ["a", "b", "c", "d", "e"]
+    plan = SweepPlan(cells=[Cell([f"x={i}"], i, "s", str(tmp_path)) for i in ids])
+    write_manifest(plan)
+    write_cell([Record(sweep="s", cell_id="a")], cell_path(tmp_path, "s", "a"))
+    failed = Record(sweep="s", cell_id="b", status="failed", error="E: x")
+    write_cell([failed], cell_path(tmp_path, "s", "b"))
+    claims.write_claims(tmp_path, "s", "7", [["b", "c"], ["d"]])
+    claims.write_claims(tmp_path, "s", "8", [["e"]])
+    states = {"7_0": "RUNNING", "7_1": "PENDING", "8_0": "COMPLETED"}
+    monkeypatch.setattr(claims, "scheduler_states", lambda: states)
+    (row,) = store_status(tmp_path)
+    assert (row.done, row.failed, row.queued, row.running, row.pending) == (1, 0, 1, 2, 1)
+    assert row.pending_ids == ["e"] and row.cells == 5
+    assert (tmp_path / "s" / ".jobs" / "8.json").exists()  # kbit-status only reads

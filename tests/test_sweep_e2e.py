@@ -174,9 +174,12 @@ def _assert_nothing_written(results: Path) -> None:
         ({"bits=3,4,16": "bits=3,4,42"}, "bits=42"),
         ("missing-model", "does-not-exist"),
         ("unwritable", "is not a folder"),
+        ("hydra.sweeper.jobs.cells_per_job=0", "cells_per_job=0"),
+        ("hydra.sweeper.resources={gpu_memory_gbb:80}", "did you mean 'gpu_memory_gb'"),
     ],
-    ids=["illegal-dtype-bits", "illegal-bits", "unreachable-model", "unwritable-results"],
-)
+    ids=["illegal-dtype-bits", "illegal-bits", "unreachable-model", "unwritable-results",
+         "bad-cells-per-job", "unknown-resource-setting"],
+)  # fmt: skip
 def test_bad_input_stops_before_launch(tiny_models, eval_text, tmp_path, change, expected):
     results = tmp_path / "results"
     args = grid_args(tiny_models, eval_text, results)
@@ -186,6 +189,8 @@ def test_bad_input_stops_before_launch(tiny_models, eval_text, tmp_path, change,
         (tmp_path / "file").write_text("x")
         results = tmp_path / "file" / "results"
         args = grid_args(tiny_models, eval_text, results)
+    elif isinstance(change, str):  # a packing setting, on the packing launcher
+        args = [*args, "hydra/launcher=local", change]
     else:
         args = [change.get(a, a) for a in args]
     rc, out = run_to_end(args)

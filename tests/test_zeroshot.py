@@ -189,3 +189,23 @@ def test_bfloat16_model_runs_log_softmax_in_float32(data_root, tmp_path, monkeyp
     res = evaluate_zeroshot(model, tok, ["piqa"], data_root=data_root, limit=2, batch_size=2)
     assert seen and set(seen) == {torch.float32}
     assert res.tasks["piqa"].nonfinite == 0
+
+
+def test_in_process_bootstrap_equals_lm_evals_pool(monkeypatch):
+    """kbit runs lm-eval's bootstrap in process (a forked pool hangs in submitit jobs); the
+    stderr must be the one lm-eval's multiprocessing path gives."""
+    import os
+    import random
+
+    from lm_eval.api.metrics import bootstrap_stderr, perplexity
+
+    from harness.evaluate.zeroshot import _bootstrap_in_process
+
+    rng = random.Random(3)
+    xs = [rng.uniform(-4.0, -0.1) for _ in range(300)]
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    pooled = bootstrap_stderr(perplexity, xs, 2000)
+    with _bootstrap_in_process():
+        in_process = bootstrap_stderr(perplexity, xs, 2000)
+    assert "DISABLE_MULTIPROC" not in os.environ
+    assert in_process == pooled

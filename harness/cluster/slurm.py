@@ -5,6 +5,7 @@ real ``slurmctld``; ``slurmdbd`` + MariaDB make ``sacct`` report real job states
 accounting, submitit sees every job as UNKNOWN). Run as root on a Debian-like machine::
 
     python -m harness.cluster.slurm up       # idempotent: already up -> no-op
+    python -m harness.cluster.slurm up --max-array-size 50   # also (re)sets MaxArraySize
     python -m harness.cluster.slurm status   # exit 0 when jobs can be submitted
     python -m harness.cluster.slurm down     # stop the daemons (by the pids in their pid files)
 
@@ -25,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from harness.cluster import limits
 from harness.cluster import slurm_conf as sc
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ APT_PACKAGES = ["slurm-wlm", "slurmdbd", "mariadb-server", "munge"]
 REQUIRED_BINARIES = ["slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd", "sinfo", "sacct"]
 STOP_ORDER = ["slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"]
 MYSQL_SOCKET = "/run/mysqld/mysqld.sock"
+SLURM_CONF = Path(sc.CONF_DIR) / "slurm.conf"
 
 
 class SlurmSetupError(RuntimeError):
@@ -99,11 +102,24 @@ def is_up() -> bool:
     return node_state() in {"idle", "mixed", "allocated", "completing"} and accounting_ok()
 
 
+def effective_max_array_size(timeout: float = 10) -> int | None:
+    """The MaxArraySize the running slurmctld uses (``scontrol show config``), None if unknown.
+
+    Why not the file: slurm.conf may have been edited without slurmctld reading it again.
+    """
+    config = limits.read_scontrol_config(timeout) or {}
+    try:
+        return int(config["MaxArraySize"])
+    except (KeyError, ValueError):
+        return None
+
+
 def status() -> dict[str, object]:
-    """Daemon pids, node state and accounting, for ``status`` and for error messages."""
+    """Daemon pids, node state, accounting and MaxArraySize, for ``status`` and error messages."""
     info: dict[str, object] = {name: _pid_alive(name) for name in STOP_ORDER}
     info["node"] = node_state()
     info["accounting"] = accounting_ok()
+    info["max_array_size"] = effective_max_array_size()
     return info
 
 
@@ -131,7 +147,7 @@ def _which(binary: str) -> str | None:
 
 
 def _check_not_foreign() -> None:
-    conf = Path(sc.CONF_DIR) / "slurm.conf"
+    conf = SLURM_CONF
     if conf.exists() and sc.MARKER not in conf.read_text():
         raise SlurmSetupError(
             f"{conf} exists and was not written by kbit: this machine has its own Slurm "
@@ -174,15 +190,22 @@ def _start_mariadb() -> None:
     _run([client, f"--socket={MYSQL_SOCKET}", "-e", sc.db_setup_sql()])
 
 
-def _write_configs() -> None:
+def _written_max_array_size() -> int | None:
+    """MaxArraySize of the slurm.conf kbit wrote before (None: none written, or no line)."""
+    if not SLURM_CONF.exists() or sc.MARKER not in SLURM_CONF.read_text():
+        return None
+    return sc.max_array_size_of(SLURM_CONF.read_text())
+
+
+def _write_configs(max_array_size: int | None) -> None:
     for folder in (sc.CONF_DIR, sc.STATE_DIR, sc.SPOOL_DIR, sc.LOG_DIR):
         Path(folder).mkdir(parents=True, exist_ok=True)
     hardware = _run([_which("slurmd") or "slurmd", "-C"]).stdout
     cpus = int(dict(kv.split("=", 1) for kv in hardware.split() if "=" in kv).get("CPUs", "1"))
     node = sc.node_line(hardware)
     memory = int(node.split("RealMemory=")[1].split()[0])
-    conf = Path(sc.CONF_DIR) / "slurm.conf"
-    conf.write_text(sc.slurm_conf(node, def_mem_per_cpu=max(memory // (2 * cpus), 500)))
+    def_mem = max(memory // (2 * cpus), 500)
+    SLURM_CONF.write_text(sc.slurm_conf(node, def_mem, max_array_size=max_array_size))
     dbd = Path(sc.CONF_DIR) / "slurmdbd.conf"
     dbd.write_text(sc.slurmdbd_conf())
     dbd.chmod(0o600)  # slurmdbd refuses a readable file: it holds the database password
@@ -205,24 +228,76 @@ def _start_slurm() -> None:
     _wait("the node to become idle and accounting to answer", is_up, timeout=60)
 
 
-def up() -> None:
-    """Install (if needed) and start a single-node Slurm with accounting. Idempotent."""
-    if is_up():
-        log.info("Slurm is already up (node %s, accounting ok): nothing to do", node_state())
+def set_max_array_size(max_array_size: int) -> None:
+    """Write ``MaxArraySize`` into kbit's slurm.conf and make the running slurmctld use it.
+
+    Only a slurm.conf carrying :data:`~harness.cluster.slurm_conf.MARKER` is rewritten. Slurm
+    22.05 applies a new MaxArraySize on ``scontrol reconfigure`` (checked on a live cluster);
+    the result is read back from ``scontrol show config``, so a Slurm that wanted a restart
+    would fail here loudly rather than keep the old limit silently.
+    """
+    _check_not_foreign()
+    if not SLURM_CONF.exists():
+        raise SlurmSetupError(
+            f"{SLURM_CONF} does not exist: this Slurm was not set up by kbit, which therefore "
+            "does not change its MaxArraySize"
+        )
+    text = SLURM_CONF.read_text()
+    if sc.max_array_size_of(text) != max_array_size:
+        log.info("writing MaxArraySize=%d into %s", max_array_size, SLURM_CONF)
+        SLURM_CONF.write_text(sc.with_max_array_size(text, max_array_size))
+    if effective_max_array_size() == max_array_size:
         return
+    _run(["scontrol", "reconfigure"])
+    _wait(
+        f"slurmctld to use MaxArraySize={max_array_size} after scontrol reconfigure",
+        lambda: effective_max_array_size() == max_array_size,
+        timeout=30,
+    )
+    log.info("slurmctld now uses MaxArraySize=%d", max_array_size)
+
+
+def _require_root(what: str) -> None:
     if os.geteuid() != 0:
         raise SlurmSetupError(
-            "Slurm is not up, and bringing it up needs root (apt-get, munge, slurmctld): "
+            f"{what} needs root (apt-get, munge, slurmctld, /etc/slurm): "
             "run `sudo python -m harness.cluster.slurm up`"
         )
+
+
+def up(max_array_size: int | None = None) -> None:
+    """Install (if needed) and start a single-node Slurm with accounting. Idempotent.
+
+    ``max_array_size``: the MaxArraySize the cluster must run with; an up cluster with another
+    value is reconfigured. None keeps whatever kbit's slurm.conf says (Slurm's default if
+    nothing), so a plain ``up`` never undoes a limit set earlier.
+    """
+    if is_up():
+        if max_array_size is None or (
+            effective_max_array_size() == max_array_size
+            and _written_max_array_size() == max_array_size
+        ):
+            log.info("Slurm is already up (node %s, accounting ok): nothing to do", node_state())
+            return
+        _require_root("changing MaxArraySize")
+        set_max_array_size(max_array_size)
+        return
+    _require_root("Slurm is not up, and bringing it up")
     _check_not_foreign()
     _ensure_packages()
     Path(sc.LOG_DIR).mkdir(parents=True, exist_ok=True)
     _start_munge()
     _start_mariadb()
-    _write_configs()
+    keep = _written_max_array_size()
+    _write_configs(max_array_size if max_array_size is not None else keep)
     _start_slurm()
-    log.info("Slurm is up: partition %r on localhost, accounting via slurmdbd", sc.PARTITION)
+    if max_array_size is not None and effective_max_array_size() != max_array_size:
+        set_max_array_size(max_array_size)  # slurmctld was already running with the old file
+    log.info(
+        "Slurm is up: partition %r on localhost, accounting via slurmdbd, MaxArraySize %s",
+        sc.PARTITION,
+        effective_max_array_size(),
+    )
 
 
 def down() -> None:
@@ -241,18 +316,41 @@ def down() -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _array_size(text: str) -> int:
+    """argparse type for --max-array-size: 1..4000001 (slurm.conf(5); 0 would disable arrays)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 1 <= value <= limits.MAX_ARRAY_SIZE_CEILING:
+        raise argparse.ArgumentTypeError(
+            f"must be between 1 and {limits.MAX_ARRAY_SIZE_CEILING} (Slurm's ceiling), got {value}"
+        )
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m harness.cluster.slurm up|down|status``."""
+    """``python -m harness.cluster.slurm up [--max-array-size N]|down|status``."""
     parser = argparse.ArgumentParser(
         prog="python -m harness.cluster.slurm", description=__doc__.split("\n")[0]
     )
     parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument(
+        "--max-array-size",
+        type=_array_size,
+        default=None,
+        metavar="N",
+        help="up only: MaxArraySize in slurm.conf (array indices 0..N-1); an up cluster with "
+        "another value is reconfigured. Default: keep what is configured (Slurm's 1001 if unset)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if args.max_array_size is not None and args.action != "up":
+        parser.error("--max-array-size only goes with `up`")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         if args.action == "up":
-            up()
+            up(max_array_size=args.max_array_size)
         elif args.action == "down":
             down()
         else:

@@ -47,8 +47,16 @@ def node_line(hardware: str, memory_margin: float = 0.9) -> str:
     return " ".join(parts)
 
 
-def slurm_conf(node: str, def_mem_per_cpu: int) -> str:
-    """slurm.conf: one node, one default partition, accounting through slurmdbd."""
+def slurm_conf(node: str, def_mem_per_cpu: int, max_array_size: int | None = None) -> str:
+    """slurm.conf: one node, one default partition, accounting through slurmdbd.
+
+    ``max_array_size`` writes ``MaxArraySize`` (None: no line, Slurm's default 1001), so tests
+    and CI can meet the limit a paper-scale sweep meets on a real cluster with a few hundred cells.
+    """
+    return with_max_array_size(_base_conf(node, def_mem_per_cpu), max_array_size)
+
+
+def _base_conf(node: str, def_mem_per_cpu: int) -> str:
     return f"""{MARKER}
 ClusterName={CLUSTER_NAME}
 SlurmctldHost=localhost
@@ -79,6 +87,35 @@ JobCompType=jobcomp/none
 {node}
 PartitionName={PARTITION} Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
+
+
+def max_array_size_of(conf: str) -> int | None:
+    """The ``MaxArraySize`` a slurm.conf text sets (keys are case-insensitive), or None."""
+    for line in conf.splitlines():
+        key, _, value = line.split("#", 1)[0].partition("=")
+        if key.strip().lower() == "maxarraysize":
+            try:
+                return int(value.strip())
+            except ValueError:
+                return None
+    return None
+
+
+def with_max_array_size(conf: str, max_array_size: int | None) -> str:
+    """slurm.conf text with its ``MaxArraySize`` line replaced (None: removed, Slurm's default).
+
+    Why a text edit, not a rewrite from scratch: changing the limit of a running cluster must
+    keep everything else the file says (node hardware was detected when it was written).
+    """
+    lines = [
+        line
+        for line in conf.splitlines()
+        if line.split("=", 1)[0].strip().lower() != "maxarraysize"
+    ]
+    if max_array_size is not None:
+        at = next((i for i, line in enumerate(lines) if line.startswith("NodeName=")), len(lines))
+        lines.insert(at, f"MaxArraySize={max_array_size}")
+    return "\n".join(lines) + "\n"
 
 
 def slurmdbd_conf() -> str:

@@ -135,6 +135,28 @@ def _without_environment_report():
             setattr(evaluator, name, original)
 
 
+@contextlib.contextmanager
+def _bootstrap_in_process():
+    """Make lm-eval bootstrap its stderrs in this process (``DISABLE_MULTIPROC``, its switch).
+
+    Why: by default it forks a ``multiprocessing.Pool`` of one worker per CPU for each
+    bootstrapped metric. Forking a process that runs torch and kbit's kernel threads is
+    unsafe, and in a submitit job the forked workers inherit submitit's handler that ignores
+    SIGTERM, so the pool's ``terminate()`` never ends them: a packed job hung after its first
+    cell. With 1,000 draws lm-eval makes a single chunk anyway, so the pool bought nothing;
+    the draws are seeded the same way on both paths, so the values are identical.
+    """
+    before = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = before
+
+
 def _loglikelihood(response: object) -> float | None:
     """The log-likelihood of one logged response: ``(ll, is_greedy)``, ``[(ll, greedy)]`` or ll."""
     while isinstance(response, list | tuple) and response:
@@ -179,10 +201,16 @@ def _task_result(name: str, results: dict) -> TaskResult:
 
 
 def make_lm(model: nn.Module, tokenizer: object, batch_size: int = 8):
-    """lm-eval's HFLM around the in-memory model, log-softmax in float32."""
+    """lm-eval's HFLM around the in-memory model, log-softmax in float32.
+
+    A model sharded with a device map (accelerate hooks) works as is: HFLM sends token ids to
+    the input embedding's device and accelerate's top-level hook returns the logits there.
+    """
     from lm_eval.models.huggingface import HFLM
 
-    device = next(model.parameters()).device
+    from harness.placement import input_device
+
+    device = input_device(model)  # token ids go to the input embedding (sharded: first GPU)
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
                 softmax_dtype=torch.float32)  # fmt: skip
 
@@ -210,7 +238,12 @@ def evaluate_zeroshot(
 
     manager, objects = task_objects(tasks, data_root, model_dir, num_fewshot)
     lm = make_lm(model, tokenizer, batch_size)
-    with ForwardTimer(model) as timer, torch.no_grad(), _without_environment_report():
+    with (
+        ForwardTimer(model) as timer,
+        torch.no_grad(),
+        _without_environment_report(),
+        _bootstrap_in_process(),
+    ):
         results = simple_evaluate(
             model=lm,
             tasks=objects,

@@ -36,6 +36,7 @@ from torch import nn
 from harness.dtypes import codebook, is_data_dependent
 from harness.kernels.torch_ops import ELEMENT_FORMATS, thresholds
 from harness.models import decoder_layers, linear_weight
+from harness.placement import input_device, module_device, move_to, on_device
 from harness.quantize.blockwise import fake_quantize, fit_population, quantize_blockwise
 
 log = logging.getLogger(__name__)
@@ -381,7 +382,7 @@ class HessianAccumulator:
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.h.device, dtype=torch.float32)
         m = x.shape[0]
         self.h *= self.n / (self.n + m)
         self.n += m
@@ -401,7 +402,7 @@ def _capture_layer_inputs(
         raise _Stop
 
     handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         for row in calibration:
             with contextlib.suppress(_Stop):
@@ -479,6 +480,9 @@ def gptq_quantize_model(
     layer is run twice per sample: once to accumulate H of its linears (all from the
     unquantized layer, GPTQ's default), once after quantization to make the next layer's
     inputs. ``calibration``: (n_samples, seqlen) token ids (see :func:`calibration_ids`).
+    Device-agnostic: token ids go to the input embedding's device, and each layer's inputs
+    (hidden states, masks, position embeddings) are moved to the device that layer lives on,
+    so a model sharded over several GPUs is quantized layer by layer on each GPU.
 
     Modules outside the decoder layers (embeddings, LM head) have no layer inputs here and
     fall back to round-to-nearest (:func:`fake_quantize`), before the layers, so layer 0's
@@ -496,19 +500,23 @@ def gptq_quantize_model(
     for name, module in modules.items():
         index = _layer_index(name, prefix)
         if index is None:
-            errors[name] = _rtn_module(module, kw)
+            with on_device(module.weight.device):
+                errors[name] = _rtn_module(module, kw)
         else:
             per_layer[index][name] = module
     inputs = _capture_layer_inputs(model, layers[0], calibration)
     for index, layer in enumerate(layers):
         start = time.perf_counter()
-        if per_layer[index]:
-            hessians = _layer_hessians(layer, per_layer[index], inputs)
-            for name, module in per_layer[index].items():
-                errors[name] = _gptq_module(module, hessians.pop(name), kw, damp, act_order)
-        if index + 1 < len(layers):
-            outs = _run_layer(layer, inputs)
-            inputs = [_with_hidden(a, k, o) for (a, k), o in zip(inputs, outs, strict=True)]
+        device = module_device(layer)  # sharded models: each layer's inputs go to its GPU
+        inputs = [move_to(item, device) for item in inputs]
+        with on_device(device):
+            if per_layer[index]:
+                hessians = _layer_hessians(layer, per_layer[index], inputs)
+                for name, module in per_layer[index].items():
+                    errors[name] = _gptq_module(module, hessians.pop(name), kw, damp, act_order)
+            if index + 1 < len(layers):
+                outs = _run_layer(layer, inputs)
+                inputs = [_with_hidden(a, k, o) for (a, k), o in zip(inputs, outs, strict=True)]
         if progress:
             log.info(
                 "gptq layer %d/%d in %.2fs", index + 1, len(layers), time.perf_counter() - start

@@ -5,6 +5,13 @@ not doubled); every later call quantizes *from that copy*, never from already-qu
 weights, and :func:`restore_model` copies it back bit for bit. One loaded model therefore
 serves every quantization config of a sweep.
 
+Device-agnostic: each weight is quantized on its own module's device and restored there, so
+a model sharded over several GPUs (``harness.placement``) is handled module by module, each
+on the GPU that holds it. The host memory this costs is the selected weights in the compute
+dtype (about the whole model; docs/loading.md, "Models larger than one GPU"). The copies are
+ordinary (pageable) CPU tensors: pinning hundreds of GB of host memory can fail or starve the
+node, and restoring is a small share of a cell's time.
+
 *How* the weights become k-bit values is a method (``harness.quantize.methods``: blockwise,
 proxy, gptq, hqq, or one you register); this module is what every method shares: the pristine
 copies, the per-module round-to-nearest loop (:func:`quantize_each`), the report a record is
@@ -28,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from harness.models import is_conv1d, linear_weight, quantizable_modules
+from harness.placement import on_device
 from harness.quantize.blockwise import fake_quantize
 
 log = logging.getLogger(__name__)
@@ -76,17 +84,28 @@ class QuantizeReport:
 def pristine_weights(
     model: nn.Module, names: list[str], modules: dict[str, nn.Module] | None = None
 ) -> dict[str, torch.Tensor]:
-    """The kept original weights (as stored by the module), created on first use."""
+    """The kept original weights (as stored by the module), created on first use.
+
+    Copied to host memory from whatever device holds each weight; a weight on the meta device
+    (offloaded by accelerate) is refused: quantizing it in place would change nothing.
+    """
     modules = modules if modules is not None else dict(model.named_modules())
     store = model.__dict__.setdefault(_PRISTINE, {})
     for name in names:
         if name not in store:
-            store[name] = modules[name].weight.detach().to("cpu", copy=True)
+            weight = modules[name].weight
+            if weight.device.type == "meta":
+                raise ValueError(
+                    f"{name}.weight is on the meta device (offloaded); allowed: a model whose "
+                    "weights are all on GPUs or the CPU (kbit never offloads)"
+                )
+            store[name] = weight.detach().to("cpu", copy=True)
     return store
 
 
 def restore_model(model: nn.Module) -> int:
-    """Copy every kept pristine weight back; returns how many tensors were restored."""
+    """Copy every kept pristine weight back, onto the device each weight lives on (a sharded
+    model's weight on ``cuda:1`` is restored on ``cuda:1``); returns how many were restored."""
     store = model.__dict__.get(_PRISTINE, {})
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -152,14 +171,15 @@ def quantize_each(
             original = linear_layout(store[name], module).to(module.weight.device)
             cols = (keep or {}).get(name)
             target = linear_weight(module)
-            if cols is None and target.is_contiguous() and target.dtype == original.dtype:
-                fake_quantize(original, out=target, **kw)  # no intermediate full-size copy
-            else:
-                target.copy_(
-                    _quantize_one(
-                        original, cols.to(original.device) if cols is not None else None, kw
+            with on_device(original.device):  # a sharded model: this weight's own GPU
+                if cols is None and target.is_contiguous() and target.dtype == original.dtype:
+                    fake_quantize(original, out=target, **kw)  # no intermediate full-size copy
+                else:
+                    target.copy_(
+                        _quantize_one(
+                            original, cols.to(original.device) if cols is not None else None, kw
+                        )
                     )
-                )
             report.tensors.append(tensor_entry(name, original, cols))
     return report
 

@@ -1,0 +1,305 @@
+"""From a sweep's planned cells to submitted jobs: holds, packing, resources, the printed plan.
+
+Called by the sweeper (:class:`harness.sweep.KbitSweeper`) after every cell is validated:
+
+1. cells held by live jobs of an earlier launch are left out (:mod:`harness.cluster.claims`);
+2. the remaining cells are packed into jobs of one model each (:mod:`harness.cluster.packing`),
+   with each cell's expected cost from the store or an estimate;
+3. each job gets its resources from the per-model rule (:mod:`harness.cluster.resources`) when
+   ``hydra.sweeper.resources`` is set, else the launcher's settings;
+4. the plan is logged (cells, jobs, arrays, resources per class) and the launcher submits it;
+   on Slurm the command then returns, unless ``hydra.launcher.wait=true``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.cluster.claims import Hold, SchedulerUnavailable, held_cells, read_claims
+from harness.cluster.packing import (
+    JobsConf,
+    cell_tokens,
+    check_jobs_conf,
+    estimate_cell_seconds,
+    measured_cell_seconds,
+    pack,
+)
+
+log = logging.getLogger(__name__)
+
+
+class JobsError(ValueError):
+    """A sweep that cannot be submitted as configured (``refused``: nothing was queued)."""
+
+    def __init__(self, message: str, refused: bool = True) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+@dataclass
+class Settings:
+    """The sweeper's packing and resource settings, checked."""
+
+    jobs: JobsConf
+    resources: Any = None  # harness.cluster.resources.ResourceConf, or None (launcher settings)
+
+
+def check_settings(jobs: Any, resources: Any) -> Settings:
+    """``hydra.sweeper.jobs`` and ``hydra.sweeper.resources`` checked before any work."""
+    conf = check_jobs_conf(jobs)
+    if resources is None:
+        return Settings(conf)
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from harness.cluster.resources import ResourceConf, check_resource_conf
+
+    check_resource_conf(resources)  # unknown keys with the closest name, bad values
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ResourceConf), resources)
+        rule = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "") or ""
+        first = (str(err).splitlines() or [""])[0]
+        raise JobsError(f"hydra.sweeper.resources.{key}: {first}") from None
+    check_resource_conf(rule)
+    return Settings(conf, rule)
+
+
+def cell_meta(cfg: Any, resolved: Any) -> dict[str, Any]:
+    """What packing needs of a cell, taken while the planner has its composed config."""
+    return {
+        "model": str(cfg.model),
+        "zoo_dir": str(cfg.get("zoo_dir") or ""),
+        "trust_remote_code": bool(cfg.get("trust_remote_code", False)),
+        "device_class": str(getattr(resolved, "device_class", None) or "cpu"),
+        "compute_dtype": str(getattr(resolved, "compute_dtype", None) or "float32"),
+        "tokens": cell_tokens(cfg),
+    }
+
+
+def held_by_live_jobs(cells: Sequence[Any]) -> dict[tuple[str, str, str], Hold]:
+    """(results_dir, sweep, cell_id) -> the live array task holding it, for ``cells``' folders.
+
+    A cell held by a pending or running job of an earlier launch is not launched again.
+    """
+    held: dict[tuple[str, str, str], Hold] = {}
+    folders = OrderedDict(((c.results_dir, c.sweep), None) for c in cells)
+    states: dict[str, str] | None = None
+    for results_dir, sweep in folders:
+        if not read_claims(results_dir, sweep):
+            continue
+        if states is None:
+            from harness.cluster.claims import scheduler_states
+
+            try:
+                states = scheduler_states()
+            except SchedulerUnavailable as err:
+                where = Path(results_dir) / sweep / ".jobs"
+                raise JobsError(
+                    f"{where} names jobs of an earlier launch, and the scheduler cannot be asked "
+                    f"whether they still run ({err}); nothing was launched. Run this where squeue "
+                    f"works, or remove {where} if those jobs are gone"
+                ) from None
+        for cid, hold in held_cells(results_dir, sweep, states).items():
+            held[results_dir, sweep, cid] = hold
+    wanted = {(c.results_dir, c.sweep, c.cell_id) for c in cells}
+    held = {k: v for k, v in held.items() if k in wanted}
+    if held:
+        running = sum(h.running for h in held.values())
+        log.info(
+            "%d cell(s) held by live jobs of an earlier launch (%d running, %d queued): not "
+            "launched again",
+            len(held),
+            running,
+            len(held) - running,
+        )
+    return held
+
+
+def is_packed(launcher: Any) -> bool:
+    """Whether ``launcher`` takes packed jobs (kbit's slurm and local launchers)."""
+    from harness.cluster.launcher import is_packed as packed
+
+    return packed(launcher)
+
+
+class _ParamCounts:
+    """Parameter counts per model, read from config.json once per plan (no weights)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, bool], int] = {}
+
+    def __call__(self, meta: dict[str, Any]) -> int:
+        key = (meta["model"], meta["zoo_dir"], meta["trust_remote_code"])
+        if key not in self.counts:
+            from harness.cluster.resources import model_param_count
+
+            self.counts[key] = int(model_param_count(key[0], key[1] or None, key[2]))
+        return self.counts[key]
+
+
+def plan_jobs(cells: Sequence[Any], settings: Settings, launcher: Any) -> list[Any]:
+    """Pack ``cells`` into :class:`harness.cluster.launcher.JobSpec`, with their resources."""
+    from harness.cluster.launcher import JobSpec
+
+    measured: dict[tuple[str, str], dict[str, float]] = {}
+    params_of = _ParamCounts()
+
+    def seconds_of(cell: Any) -> float:
+        folder = (cell.results_dir, cell.sweep)
+        if folder not in measured:
+            measured[folder] = measured_cell_seconds(*folder)
+        known = measured[folder].get(cell.meta["model"])
+        if known is not None:
+            return known
+        meta = cell.meta
+        return estimate_cell_seconds(params_of(meta), meta["tokens"], meta["device_class"])
+
+    packed = pack(cells, lambda c: c.meta["model"], seconds_of, settings.jobs)
+    longest: dict[str, float] = {}
+    for job in packed:
+        longest[job.model] = max(longest.get(job.model, 0.0), job.minutes)
+    per_model: dict[str, tuple[dict[str, Any], str]] = {}
+    specs = []
+    for job in packed:
+        if job.model not in per_model:  # one class per model: its longest job sets the time
+            per_model[job.model] = _resources(
+                job, longest[job.model], settings, launcher, params_of
+            )
+        params, label = per_model[job.model]
+        specs.append(
+            JobSpec(
+                cells=[c.overrides for c in job.cells],
+                claims=[(c.results_dir, c.sweep, c.cell_id) for c in job.cells],
+                resources=params,
+                label=label,
+                minutes=job.minutes,
+                model=job.model,
+            )
+        )
+    return specs
+
+
+TIME_STEP_MIN = 30  # time limits are rounded up to this: models alike share a class (an array)
+
+
+def _resources(
+    job: Any, minutes: float, settings: Settings, launcher: Any, params_of: _ParamCounts
+) -> tuple[dict[str, Any], str]:
+    """The launcher parameters of ``job``'s model (jobs up to ``minutes`` long), and their label.
+
+    Why one class per model, with time limits rounded up to :data:`TIME_STEP_MIN`: every class
+    is its own array; a per-job time limit would make an array of every odd-sized last chunk.
+    """
+    if settings.resources is None:
+        return {}, _launcher_label(launcher)
+    from harness.cluster.resources import resources_for
+
+    meta = job.cells[0].meta
+    rule = settings.resources
+    if meta["device_class"] == "cpu" and rule.device != "cpu":
+        rule = dataclasses.replace(rule, device="cpu")
+    try:
+        res = resources_for(
+            job.model, params_of(meta), meta["compute_dtype"], rule, job_minutes=minutes
+        )
+    except ValueError as err:
+        raise JobsError(str(err)) from None
+    rounded = math.ceil(res.timeout_min / TIME_STEP_MIN) * TIME_STEP_MIN
+    res = dataclasses.replace(
+        res, timeout_min=max(res.timeout_min, min(rounded, rule.max_timeout_min))
+    )
+    return res.launcher_params(), res.label()
+
+
+def _launcher_label(launcher: Any) -> str:
+    p = getattr(launcher, "params", {}) or {}
+    gpus = p.get("gpus_per_node") or 0
+    return (
+        f"{gpus} GPU, {p.get('mem_gb') or '?'} GB, {p.get('cpus_per_task') or 1} CPU, "
+        f"{p.get('timeout_min') or '?'} min (the launcher's settings)"
+    )
+
+
+def _array_limit(launcher: Any) -> int | None:
+    limit = getattr(launcher, "_array_limit", None)
+    return limit() if callable(limit) else None
+
+
+def describe_jobs(specs: Sequence[Any], launcher: Any) -> str:
+    """The plan printed before submitting: cells, jobs, arrays, and each resource class."""
+    classes: OrderedDict[tuple, list[Any]] = OrderedDict()
+    for spec in specs:
+        classes.setdefault(tuple(sorted(spec.resources.items())), []).append(spec)
+    limit = _array_limit(launcher)
+    arrays = sum(max(1, math.ceil(len(g) / limit)) if limit else 1 for g in classes.values())
+    cells = sum(len(s.cells) for s in specs)
+    sizes = [len(s.cells) for s in specs]
+    lines = [
+        f"plan: {cells} cells in {len(specs)} jobs ({min(sizes)}-{max(sizes)} cells per job, "
+        f"one model each), {arrays} array(s)"
+        + (f" of at most {limit} tasks (MaxArraySize)" if limit else "")
+        + f", {len(classes)} resource class(es):"
+    ]
+    for group in classes.values():
+        models = Counter(s.model for s in group)
+        hours = sum(s.minutes for s in group) / 60.0
+        lines.append(
+            f"  - {group[0].label}: {len(group)} jobs, {sum(len(s.cells) for s in group)} cells, "
+            f"~{hours:.1f} job-hours expected; models: {_short_list(models)}"
+        )
+    return "\n".join(lines)
+
+
+def _short_list(counts: Counter, shown: int = 4) -> str:
+    names = list(counts)
+    text = ", ".join(names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def launch(launcher: Any, specs: Sequence[Any], todo: Sequence[Any]) -> None:
+    """Submit ``specs``; wait with a progress line when the launcher waits, else return."""
+    from harness.cluster.launcher import SubmissionError
+    from harness.sweep import SweepError, report_outcome
+
+    try:
+        submission = launcher.launch_packed(specs)
+    except SubmissionError as err:
+        raise SweepError(f"submission failed: {err}", refused=not err.queued) from None
+    arrays = ", ".join(f"{a} ({n} tasks)" for a, n, _ in submission.arrays)
+    per_job = [len(s.cells) for s in specs]
+    log.info(
+        "submitted %d jobs (%d cells, %d-%d per job) in %d array(s): %s",
+        len(specs),
+        sum(per_job),
+        min(per_job),
+        max(per_job),
+        len(submission.arrays),
+        arrays,
+    )
+    folders = sorted({(c.results_dir, c.sweep) for c in todo})
+    status = "; ".join(f"kbit-status {rd} --sweep {sw}" for rd, sw in folders)
+    if not launcher.waits:
+        log.info(
+            "the jobs run on their own: this command is done. Watch them with `%s`; running the "
+            "same command again submits only cells that have no ok record and no live job holds",
+            status,
+        )
+        return
+    from harness import progress
+
+    keys = [(c.results_dir, c.sweep, c.cell_id) for c in todo]
+    line = progress.start(total=len(todo), name=", ".join(sorted({c.sweep for c in todo})))
+    try:
+        progress.watch_store(keys, line, launcher.poll_s, until=launcher.finished(submission))
+    finally:
+        progress.finish()
+    report_outcome(todo)
