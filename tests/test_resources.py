@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -119,17 +118,12 @@ def test_published_configs_give_the_published_sizes(config, published):
     assert config_param_count(config) == published
 
 
-def test_bloom_176b_is_counted_fast_and_then_cached(monkeypatch):
+def test_bloom_176b_is_counted_without_weights_and_then_cached(monkeypatch):
+    """Counted on the meta device (no 352 GB allocated: the count itself is the check; its
+    speed, ~0.05 s after transformers' import, is measured by benchmarks/plan_bench.py)."""
     config = dict(BLOOM_176B, n_layer=69)  # not cached by another test
-    started = time.perf_counter()
     n = config_param_count(config)
-    elapsed = time.perf_counter() - started
-    logging.getLogger(__name__).info("bloom-176B-like count: %.3f s", elapsed)
-    assert elapsed < 10, elapsed  # cold: importing transformers' modeling code, ~2-4 s
     assert n == 176_247_271_424 - 14336 * (12 * 14336 + 13)  # one block fewer
-    started = time.perf_counter()
-    config_param_count(dict(BLOOM_176B, n_layer=68))  # transformers' modeling code now imported
-    assert time.perf_counter() - started < 5  # ~0.05 s on an idle core
     monkeypatch.setattr(res, "_count_config", lambda *a: pytest.fail("not cached"))
     assert config_param_count(dict(reversed(list(config.items())))) == n  # same content
 

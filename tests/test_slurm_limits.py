@@ -192,6 +192,7 @@ def test_up_changes_max_array_size_only_when_asked(monkeypatch):
     monkeypatch.setattr(slurm, "effective_max_array_size", lambda timeout=10: 50)
     monkeypatch.setattr(slurm, "_written_max_array_size", lambda: 50)
     monkeypatch.setattr(slurm, "set_max_array_size", changed.append)
+    monkeypatch.setattr(slurm, "enforces_max_array_size", lambda n: n == 50)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     slurm.up()  # no flag: keep what is configured
     slurm.up(max_array_size=50)  # already so: no-op
@@ -209,22 +210,27 @@ def test_set_max_array_size_never_touches_a_foreign_slurm_conf(tmp_path, monkeyp
     assert conf.read_text() == "ClusterName=site\nMaxArraySize=5000\n"
 
 
-def test_set_max_array_size_rewrites_and_reconfigures(tmp_path, monkeypatch):
+def test_set_max_array_size_rewrites_and_restarts_slurmctld(tmp_path, monkeypatch):
+    """scontrol shows a reconfigured MaxArraySize but slurmctld 22.05 enforces the old one
+    until restarted: the limit is probed, and slurmctld restarted when it is not enforced."""
     conf = tmp_path / "slurm.conf"
     conf.write_text(sc.slurm_conf("NodeName=localhost CPUs=2", def_mem_per_cpu=500))
     monkeypatch.setattr(slurm, "SLURM_CONF", conf)
-    running = {"size": 1001}
-    ran = []
+    enforced = {"size": 1001}
+    restarts = []
 
-    def fake_run(cmd, **kw):
-        ran.append(cmd)
-        running["size"] = sc.max_array_size_of(conf.read_text())  # reconfigure rereads the file
+    def restart():
+        restarts.append(1)
+        enforced["size"] = sc.max_array_size_of(conf.read_text())  # a restart reads the file
 
-    monkeypatch.setattr(slurm, "_run", fake_run)
-    monkeypatch.setattr(slurm, "effective_max_array_size", lambda timeout=10: running["size"])
+    monkeypatch.setattr(slurm, "_restart_slurmctld", restart)
+    monkeypatch.setattr(slurm, "_array_accepted", lambda last: last < enforced["size"])
+    monkeypatch.setattr(slurm, "effective_max_array_size", lambda timeout=10: 50)
     slurm.set_max_array_size(50)
-    assert ran == [["scontrol", "reconfigure"]] and running["size"] == 50
+    assert restarts == [1] and enforced["size"] == 50
     assert sc.max_array_size_of(conf.read_text()) == 50 and sc.MARKER in conf.read_text()
+    slurm.set_max_array_size(50)  # enforced already: no restart
+    assert restarts == [1]
 
 
 # --- the real cluster -------------------------------------------------------------------------

@@ -157,7 +157,15 @@ def test_status_counts_problems_as_failed_and_names_them(tmp_path, capsys):
     assert sorted(row.problems) == ["c.parquet", "d.parquet"]
     assert main([str(tmp_path)]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert out[1].split() == ["demo", "5", "1", "3", "1"]
+    assert out[1].split() == [
+        "demo",
+        "5",
+        "1",
+        "3",
+        "0",
+        "0",
+        "1",
+    ]  # cells done failed queued running pending
     assert out[2].startswith("problems: 2 unreadable cell file(s)")
     assert out[3].startswith("demo/c.parquet: unreadable parquet")
     assert out[4].startswith("demo/d.parquet: not a kbit cell file")

@@ -229,12 +229,14 @@ def _start_slurm() -> None:
 
 
 def set_max_array_size(max_array_size: int) -> None:
-    """Write ``MaxArraySize`` into kbit's slurm.conf and make the running slurmctld use it.
+    """Write ``MaxArraySize`` into kbit's slurm.conf and make the running slurmctld enforce it.
 
-    Only a slurm.conf carrying :data:`~harness.cluster.slurm_conf.MARKER` is rewritten. Slurm
-    22.05 applies a new MaxArraySize on ``scontrol reconfigure`` (checked on a live cluster);
-    the result is read back from ``scontrol show config``, so a Slurm that wanted a restart
-    would fail here loudly rather than keep the old limit silently.
+    Only a slurm.conf carrying :data:`~harness.cluster.slurm_conf.MARKER` is rewritten. Why a
+    probe and a restart: on Slurm 22.05 ``scontrol reconfigure`` makes ``scontrol show config``
+    print the new value, but slurmctld went on refusing arrays by the limit it started with
+    (seen here: 20 shown, ``--array=0-25`` accepted, ``0-50`` refused). So the limit is
+    checked by submitting held probe arrays (cancelled at once), and slurmctld is restarted
+    when it does not enforce it (running jobs survive a slurmctld restart).
     """
     _check_not_foreign()
     if not SLURM_CONF.exists():
@@ -246,15 +248,47 @@ def set_max_array_size(max_array_size: int) -> None:
     if sc.max_array_size_of(text) != max_array_size:
         log.info("writing MaxArraySize=%d into %s", max_array_size, SLURM_CONF)
         SLURM_CONF.write_text(sc.with_max_array_size(text, max_array_size))
-    if effective_max_array_size() == max_array_size:
+    if effective_max_array_size() == max_array_size and enforces_max_array_size(max_array_size):
         return
-    _run(["scontrol", "reconfigure"])
-    _wait(
-        f"slurmctld to use MaxArraySize={max_array_size} after scontrol reconfigure",
-        lambda: effective_max_array_size() == max_array_size,
-        timeout=30,
-    )
-    log.info("slurmctld now uses MaxArraySize=%d", max_array_size)
+    log.info("restarting slurmctld to enforce MaxArraySize=%d", max_array_size)
+    _restart_slurmctld()
+    if not enforces_max_array_size(max_array_size):
+        raise SlurmSetupError(
+            f"slurmctld does not enforce MaxArraySize={max_array_size} after a restart; see "
+            f"{sc.LOG_DIR}/slurmctld.log"
+        )
+    log.info("slurmctld now enforces MaxArraySize=%d", max_array_size)
+
+
+def _array_accepted(last_index: int) -> bool | None:
+    """Whether slurmctld accepts a held array ``0-last_index`` (cancelled at once); None when
+    sbatch failed for another reason."""
+    cmd = ["sbatch", "--parsable", "--hold", f"--array=0-{last_index}", "--output=/dev/null",
+           "--job-name=kbit-array-probe", "--wrap", "true"]  # fmt: skip
+    try:
+        res = _run(cmd, check=False, timeout=30, cwd="/tmp")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if res.returncode == 0:
+        _run(["scancel", res.stdout.strip().split(";")[0]], check=False, timeout=30)
+        return True
+    return False if "Invalid job array specification" in res.stderr else None
+
+
+def enforces_max_array_size(max_array_size: int) -> bool:
+    """Whether slurmctld accepts an array of ``max_array_size`` tasks and refuses one more."""
+    return _array_accepted(max_array_size - 1) is True and _array_accepted(max_array_size) is False
+
+
+def _restart_slurmctld() -> None:
+    """Stop slurmctld (by its pid file) and start it again on the current slurm.conf."""
+    pid = _pid_alive("slurmctld")
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        _wait("slurmctld to stop", lambda: _pid_alive("slurmctld") != pid, timeout=60)
+    _run([_which("slurmctld") or "slurmctld"])
+    _wait("slurmctld", lambda: _ok(["scontrol", "ping"]), timeout=60)
+    _wait("the node to become idle and accounting to answer", is_up, timeout=90)
 
 
 def _require_root(what: str) -> None:
@@ -276,6 +310,7 @@ def up(max_array_size: int | None = None) -> None:
         if max_array_size is None or (
             effective_max_array_size() == max_array_size
             and _written_max_array_size() == max_array_size
+            and enforces_max_array_size(max_array_size)
         ):
             log.info("Slurm is already up (node %s, accounting ok): nothing to do", node_state())
             return
@@ -291,7 +326,7 @@ def up(max_array_size: int | None = None) -> None:
     keep = _written_max_array_size()
     _write_configs(max_array_size if max_array_size is not None else keep)
     _start_slurm()
-    if max_array_size is not None and effective_max_array_size() != max_array_size:
+    if max_array_size is not None and not enforces_max_array_size(max_array_size):
         set_max_array_size(max_array_size)  # slurmctld was already running with the old file
     log.info(
         "Slurm is up: partition %r on localhost, accounting via slurmdbd, MaxArraySize %s",
