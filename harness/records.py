@@ -281,8 +281,11 @@ def log_problems(problems: list[tuple[Path, str]], what: str = "skipped") -> Non
         log.warning("cell file %s %s: %s", path, what, reason)
 
 
-def read_store(results_dir: str | os.PathLike, sweep: str | None = None) -> pa.Table:
-    """All rows of the store (or of one sweep) as one Arrow table with :data:`SCHEMA`.
+def read_store(
+    results_dir: str | os.PathLike, sweep: str | None = None, columns: list[str] | None = None
+) -> pa.Table:
+    """All rows of the store (or of one sweep) as one Arrow table with :data:`SCHEMA`
+    (or only ``columns`` of it: a planner reading cell costs skips the heavy ones).
 
     Problem files (see :func:`scan_store`, or a file whose data pages fail to read) are
     logged and skipped: the rest of the store stays usable.
@@ -290,11 +293,14 @@ def read_store(results_dir: str | os.PathLike, sweep: str | None = None) -> pa.T
     scan = scan_store(results_dir, sweep)
     log_problems(scan.problems)
     if not scan.files:
-        return SCHEMA.empty_table()
+        empty = SCHEMA.empty_table()
+        return empty if columns is None else empty.select(columns)
     try:  # one multi-threaded scan; per file only when some file's data is damaged
-        return ds.dataset([str(p) for p in scan.files], schema=SCHEMA, format="parquet").to_table()
+        dataset = ds.dataset([str(p) for p in scan.files], schema=SCHEMA, format="parquet")
+        return dataset.to_table(columns=columns)
     except Exception:
-        return _read_each(scan.files)
+        table = _read_each(scan.files)
+        return table if columns is None else table.select(columns)
 
 
 def _read_each(files: list[Path]) -> pa.Table:

@@ -575,7 +575,7 @@ class KbitSweeper(BasicSweeper):
         self.grids = [dict(g) for g in grids] if grids else None
         self.jobs = _plain(jobs)
         self.resources = _plain(resources)
-        self.dry_run = bool(dry_run)
+        self.dry_run = dry_run
 
     def sweep(self, arguments: list[str]) -> Any:
         assert (
@@ -585,6 +585,10 @@ class KbitSweeper(BasicSweeper):
 
         with _refused_as_sweep_error():
             settings = packed.check_settings(self.jobs, self.resources)
+            if not isinstance(self.dry_run, bool):
+                raise ValueError(f"hydra.sweeper.dry_run={self.dry_run!r}: allowed: true or false")
+            if packed.is_packed(self.launcher):
+                packed.check_launcher(self.launcher)
         loader = self.hydra_context.config_loader
         parser = OverridesParser.create(config_loader=loader)
         params = {str(k): str(v) for k, v in self.params.items()}

@@ -199,3 +199,20 @@ def test_local_launcher_packs_cells_and_loads_once_per_job(tmp_path):
     for job in jobs:  # the job's first cell loaded the model, the next one reused it
         mine = [r for r in cells.values() if r["job_id"] == job]
         assert sum(not r["model_reused"] for r in mine) == 1
+
+
+def test_measured_cell_seconds_is_the_mean_of_ok_cells_without_load(tmp_path):
+    from harness.cluster.packing import measured_cell_seconds
+    from harness.records import Record, cell_path, write_cell
+
+    def cell(cid, model, wall, load, status="ok", rows=1):
+        recs = [Record(sweep="s", cell_id=cid, model=model, wall_s=wall, load_s=load,
+                       status=status, task=f"t{i}") for i in range(rows)]  # fmt: skip
+        write_cell(recs, cell_path(tmp_path, "s", cid))
+
+    cell("a", "m1", 10.0, 4.0, rows=2)  # 6 s of work (one row per task: same wall time)
+    cell("b", "m1", 8.0, 0.0)  # a reused model: 8 s
+    cell("c", "m1", 100.0, 0.0, status="failed")  # not a cost to plan with
+    cell("d", "m2", 3.0, 1.0)
+    assert measured_cell_seconds(tmp_path, "s") == pytest.approx({"m1": (6 + 8) / 2, "m2": 2.0})
+    assert measured_cell_seconds(tmp_path, "nothing") == {}

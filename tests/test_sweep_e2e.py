@@ -176,9 +176,11 @@ def _assert_nothing_written(results: Path) -> None:
         ("unwritable", "is not a folder"),
         ("hydra.sweeper.jobs.cells_per_job=0", "cells_per_job=0"),
         ("hydra.sweeper.resources={gpu_memory_gbb:80}", "did you mean 'gpu_memory_gb'"),
+        ("hydra.launcher.poll_s=-1", "hydra.launcher.poll_s=-1.0: allowed"),
+        ("hydra.sweeper.dry_run=maybe", "hydra.sweeper.dry_run='maybe': allowed: true or false"),
     ],
     ids=["illegal-dtype-bits", "illegal-bits", "unreachable-model", "unwritable-results",
-         "bad-cells-per-job", "unknown-resource-setting"],
+         "bad-cells-per-job", "unknown-resource-setting", "bad-poll", "bad-dry-run"],
 )  # fmt: skip
 def test_bad_input_stops_before_launch(tiny_models, eval_text, tmp_path, change, expected):
     results = tmp_path / "results"

@@ -73,6 +73,13 @@ def check_settings(jobs: Any, resources: Any) -> Settings:
     return Settings(conf, rule)
 
 
+def check_launcher(launcher: Any) -> None:
+    """kbit's own launcher settings (Hydra checks their types; kbit their range)."""
+    poll = launcher.params.get("poll_s")
+    if poll is not None and not poll > 0:
+        raise JobsError(f"hydra.launcher.poll_s={poll!r}: allowed: a number of seconds > 0")
+
+
 def cell_meta(cfg: Any, resolved: Any) -> dict[str, Any]:
     """What packing needs of a cell, taken while the planner has its composed config."""
     return {

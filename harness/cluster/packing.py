@@ -139,27 +139,21 @@ def measured_cell_seconds(results_dir: str | Path, sweep: str) -> dict[str, floa
     Why the store: the second launch of a sweep (or a sweep beside an earlier one) knows what
     a cell of each model really costs on this cluster; the estimate is only a first guess.
     """
-    import pyarrow.dataset as ds
+    from harness.records import STATUS_OK, read_store
 
-    from harness.records import SCHEMA, STATUS_OK, scan_store
-
-    files = scan_store(results_dir, sweep).files if (Path(results_dir) / sweep).is_dir() else []
-    if not files:
+    if not (Path(results_dir) / sweep).is_dir():
         return {}
-    columns = ["model", "status", "wall_s", "load_s"]
-    try:
-        table = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet").to_table(
-            columns=columns
-        )
-    except Exception as err:  # a damaged store only costs the measurement: estimate instead
-        log.warning("cell costs not read from %s/%s (%s); estimating them", results_dir, sweep, err)
-        return {}
-    sums: dict[str, list[float]] = {}
+    columns = ["model", "cell_id", "status", "wall_s", "load_s"]
+    table = read_store(results_dir, sweep, columns=columns)
+    # a cell has one row per (task, metric), all with the cell's wall time: one value per cell
+    per_cell: dict[tuple[str, str], float] = {}
     rows = (table.column(c).to_pylist() for c in columns)
-    for model, status, wall, load in zip(*rows, strict=True):
+    for model, cid, status, wall, load in zip(*rows, strict=True):
         if status == STATUS_OK and wall:
-            sums.setdefault(model, []).append(max(float(wall) - float(load or 0.0), 0.0))
-    # a cell has one row per (task, metric), all with the cell's wall time: the mean is per cell
+            per_cell[model, cid] = max(float(wall) - float(load or 0.0), 0.0)
+    sums: dict[str, list[float]] = {}
+    for (model, _), seconds in per_cell.items():
+        sums.setdefault(model, []).append(seconds)
     return {model: sum(v) / len(v) for model, v in sums.items()}
 
 
