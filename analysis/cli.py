@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.advise import NothingFits, advise, format_advice, parse_budget
+from analysis.claims import claims_report, write_findings
 from analysis.figures import (
     DEFAULT_PPL_CAP,
     FORMATS,
@@ -28,6 +29,7 @@ from analysis.figures import (
     save_figure,
     scaling_figure,
 )
+from analysis.heldout import heldout_figures
 from analysis.load import ACC_COLUMN, LEGACY_HINT, Results, load_results
 from analysis.stats import ppl_acc_correlation
 from analysis.tables import (
@@ -297,6 +299,12 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="processes rendering figures (default: the usable CPUs, at most 4; 1 = in-process)",
     )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="also test the paper's four claims: findings.md and findings.json (verdicts with "
+        "paired bootstrap intervals; docs/analysis.md, Claims report)",
+    )
     args = p.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         raise SystemExit(f"--jobs {args.jobs}: must be >= 1")
@@ -318,6 +326,9 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
         results.cells, out, args.k, ppl_column, cap, args.jobs, per_sample, args.selection
     )
     paths += make_tables(results, out, ppl_column, cap, per_sample, args.selection)
+    paths += heldout_figures(results, out, task=args.ppl_task)  # [] without per-window NLL
+    if args.report:
+        paths += write_findings(claims_report(results, nll_task=args.ppl_task), out)
     log.info("wrote %d file(s) to %s", len(paths), out)
     return 0
 

@@ -10,6 +10,8 @@ pyplot: no display, no global backend switch, nothing kept alive between calls.
 3. ``block_size``: block-size effect at fixed k. 4. ``dtype``: data types at fixed k.
 5. ``proxy_centering``: block-wise vs proxy (outlier) quantization vs centering at fixed k.
 6. ``method``: methods (blockwise, gptq, hqq, ...) at fixed k, accuracy and perplexity.
+7. ``heldout_bits``: held-out loss vs total model bits with paired per-window intervals (the
+   README's demo figure), in :mod:`analysis.heldout` with its findings and tables.
 
 Cells that differ in any result-determining field never share a line: data-type overrides are
 part of every data-type name (``float{exponent_bits=3}``), and numerics / data digest
@@ -46,7 +48,7 @@ FORMATS = ("png", "pdf")
 LINESTYLES = ["-", "-.", ":"]
 
 
-def _style(i: int) -> dict:
+def line_style(i: int) -> dict:
     """Colour, marker and (past the palette's length) line style: distinct without colour."""
     n = len(OKABE_ITO)
     return {
@@ -77,7 +79,7 @@ def _panels(families: Sequence[str], title: str) -> tuple[Figure, list]:
     return fig, axes[:n]
 
 
-def _pow2_label(x: float, _pos: int) -> str:
+def pow2_label(x: float, _pos: int) -> str:
     """'2^30' as plain text: mathtext tick labels cost a third of the plotting time."""
     e = math.log2(x) if x > 0 else float("nan")
     return f"2^{round(e)}" if abs(e - round(e)) < 1e-9 else ""
@@ -92,7 +94,7 @@ def _log_y(ax) -> None:
 
 def _finish_axis(ax, family: str, ylabel: str) -> None:
     ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(FuncFormatter(_pow2_label))
+    ax.xaxis.set_major_formatter(FuncFormatter(pow2_label))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.tick_params(axis="x", labelsize=8)
     ax.set_xlabel("total model bits (log2)")
@@ -125,7 +127,9 @@ def _hue_lines(
             line = sub[sub[hue] == h].sort_values("total_model_bits")
             if line.empty:
                 continue
-            ax.plot(line["total_model_bits"], line[y], label=hue_fmt(h), lw=1.4, ms=4, **_style(i))
+            ax.plot(
+                line["total_model_bits"], line[y], label=hue_fmt(h), lw=1.4, ms=4, **line_style(i)
+            )
         if log_y:
             _log_y(ax)
         _finish_axis(ax, fam, ylabel)
@@ -168,7 +172,7 @@ def _draw_scaling(curves: pd.DataFrame, y: str, ylabel: str) -> Figure:
                 line = sub[sub["bits"] == k].sort_values("total_model_bits")
                 if not line.empty:
                     label = _line_label(f"{k}-bit", variant)
-                    style = _style(i + vi * len(ks))
+                    style = line_style(i + vi * len(ks))
                     ax.plot(line["total_model_bits"], line[y], label=label, lw=1.4, ms=4, **style)
             base = sub[sub["bits"] == BASELINE_BITS].sort_values("total_model_bits")
             if not base.empty:

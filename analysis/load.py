@@ -45,6 +45,7 @@ CONFIG_COLUMNS = [
     "model_family",
     "n_params",
     "n_nonembedding_params",
+    "train_tokens",
     "method",
     "dtype",
     "dtype_family",
@@ -239,6 +240,29 @@ def to_cells(long: pd.DataFrame) -> pd.DataFrame:
     cells = pd.concat(parts, axis=1).reset_index(drop=True)
     cells.columns.name = None
     return cells.sort_values(["model_family", "bits", "total_model_bits"], ignore_index=True)
+
+
+def training_tokens(cells: pd.DataFrame) -> pd.Series:
+    """Tokens each cell's model was trained on (NaN when unknown), one rule for all analyses.
+
+    ``train_tokens`` where recorded. Cells written before the column existed have none; the
+    same model name (a zoo checkpoint or a hub id: one set of weights) recorded it in newer
+    cells, so they take that count instead of standing apart as "unknown".
+    """
+    if "train_tokens" not in cells.columns:
+        return pd.Series(float("nan"), index=cells.index)
+    tok = pd.to_numeric(cells["train_tokens"], errors="coerce")
+    return tok.fillna(tok.groupby(cells["model"].astype(str)).transform("max"))
+
+
+def tokens_text(tokens: float) -> str:
+    """8000000 -> '8M', 501760 -> '502k' (as zoo checkpoint names write them); '' if NaN."""
+    if pd.isna(tokens):
+        return ""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if tokens >= div:
+            return f"{tokens / div:.3g}{unit}"
+    return f"{tokens:g}"
 
 
 def _log_failed(failed: pd.DataFrame, n_cells: int) -> None:

@@ -148,7 +148,9 @@ def config_keys(cells: pd.DataFrame) -> pd.Series:
     group even if their labels looked alike.
     """
     cells = fill_config_defaults(cells)
-    parts = [cells[c].astype(str) for c in [*QUANT_CONFIG, *VARIANT_COLUMNS]]
+    # map(str), not astype(str): pandas 3 keeps a missing value missing under astype(str),
+    # and one missing part (a per-tensor block size) would blank the whole key
+    parts = [cells[c].map(str) for c in [*QUANT_CONFIG, *VARIANT_COLUMNS]]
     key = parts[0]
     for part in parts[1:]:
         key = key + "\x1f" + part

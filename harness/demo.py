@@ -7,7 +7,9 @@ Three stages, each visible as it runs and each resumable (re-running skips finis
 2. run ``sweeps/demo.yaml`` through ``kbit-run --multirun`` with Hydra's basic launcher (local
    and in-process, so consecutive cells of one model reuse the loaded model), writing one
    parquet file per cell into the result store;
-3. ``kbit-plot`` the store: the scaling figures and the bit-optimal table.
+3. ``kbit-plot`` the store: the scaling figures, the bit-optimal table and the headline
+   figure, held-out loss against total model bits with paired per-window intervals
+   (:func:`analysis.heldout.heldout_figures`), whose findings it prints.
 
 The sweep runs in a child process, exactly the command a user would type, so the demo
 exercises the same path as a real sweep (grid validation, resume, records).
@@ -29,17 +31,33 @@ log = logging.getLogger("harness.demo")
 
 SWEEP = "demo"
 FAMILY = "demo"
-HEADLINE = "scaling_acc.png"  # the figure shown in the README
+HEADLINE = "heldout_bits.png"  # the figure the README opens with
+FINDINGS = "heldout_findings.md"  # its numbers, which the README's caption quotes
+# figure in --out -> its copy in the checkout's docs/img (the README shows both)
+README_FIGURES = {HEADLINE: "demo_heldout.png", "scaling_acc.png": "demo_scaling.png"}
 
 
-def checkout_figure() -> Path | None:
-    """docs/img/demo_scaling.png of the source checkout kbit runs from, if it runs from one.
+def checkout_figures() -> dict[str, Path]:
+    """{figure in --out: its copy in docs/img/} of the source checkout kbit runs from.
 
-    The README shows the figure the demo makes; an editable install in a checkout refreshes it.
-    An installed wheel has no docs/ folder, and then nothing outside --out is written.
+    The README shows the figures the demo makes; an editable install in a checkout refreshes
+    them. An installed wheel has no docs/ folder: then ``{}``, and nothing outside --out is
+    written.
     """
     docs = Path(__file__).resolve().parents[1] / "docs"
-    return docs / "img" / "demo_scaling.png" if docs.is_dir() else None
+    if not docs.is_dir():
+        return {}
+    return {name: docs / "img" / copy for name, copy in README_FIGURES.items()}
+
+
+def findings_text(path: Path) -> str:
+    """The '## Findings' bullets of the findings file (what the README caption quotes)."""
+    text = path.read_text()
+    start = text.find("## Findings")
+    if start < 0:
+        return ""
+    body = text[start:].split("\n## ", 2)[0]
+    return "\n".join(line for line in body.splitlines()[1:] if line.strip()) + "\n"
 
 
 def sweep_command(
@@ -121,16 +139,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = plot_main([str(results), "--out", str(out), "--sweep", SWEEP])
     if status != 0:
         return status
-    # Only the stock demo (its family, its grid) may stand in for the README's figure.
-    figure = checkout_figure() if args.family == FAMILY and not args.overrides else None
-    if figure is not None and (out / HEADLINE).is_file():
-        figure.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / HEADLINE, figure)
-        log.info("README figure refreshed: %s", figure)
+    if not (out / HEADLINE).is_file():  # kbit-plot draws it from per-window held-out losses
+        log.warning(
+            "no per-window held-out losses in %s (cells from before they were recorded?): "
+            "held-out loss figure skipped; re-run those cells to get it",
+            results,
+        )
+    # Only the stock demo (its family, its grid) may stand in for the README's figures.
+    stock = args.family == FAMILY and not args.overrides
+    for name, copy in (checkout_figures() if stock else {}).items():
+        if (out / name).is_file():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / name, copy)
+            log.info("README figure refreshed: %s", copy)
     table = out / "bit_optimal_k.md"
     if table.is_file():
-        sys.stdout.write(f"\nBit-optimal k per total-bit budget ({table}):\n\n")
+        sys.stdout.write(f"\nBit-optimal k per total-bit budget, accuracy ({table}):\n\n")
         sys.stdout.write(table.read_text() + "\n")
+    if (out / FINDINGS).is_file():
+        sys.stdout.write(f"\nHeld-out loss against total bits ({out / FINDINGS}):\n\n")
+        sys.stdout.write(findings_text(out / FINDINGS) + "\n")
     log.info(
         "done in %.0f s (family %.0f s, sweep %.0f s, plots %.0f s); figures in %s",
         time.time() - start, built - start, swept - built, time.time() - swept, out,

@@ -66,6 +66,9 @@ class Record:
     architecture: str = ""  # HF config.model_type, e.g. gpt_neox, gpt2, opt, bloom, llama
     n_params: int = 0  # all parameters of the model
     n_nonembedding_params: int = 0  # parameters outside token/position embeddings and head
+    # tokens the model was trained on (zoo builds and checkpoints, Pythia steps); None when
+    # unknown (harness.training_tokens)
+    train_tokens: int | None = None
     n_quantized_params: int = 0  # parameters actually stored in k bits
     quantized_modules: list[str] = field(default_factory=list)  # module names quantized
     # --- quantization config -----------------------------------------------------------
@@ -93,7 +96,8 @@ class Record:
     value: float | None = None
     stderr: float | None = None  # standard error as reported by lm-eval; None for ppl
     n_samples: int | None = None  # examples (zero-shot) or predicted tokens (perplexity)
-    # per-example correctness (0/1) for paired CIs
+    # per-example values for paired CIs: 0/1 correctness (zero-shot acc rows), or the mean
+    # NLL of each window (perplexity nll rows; windows are identical across cells on one text)
     per_sample: list[float] | None = field(default=None, metadata=_arrow(pa.list_(pa.float32())))
     # where this row's data came from: "local:<path>;sha256=<hex>" or
     # "hub:<dataset>[/<config>]@<revision>"; for zeroshot_mean the sources of its tasks

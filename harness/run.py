@@ -77,6 +77,7 @@ from harness.refusals import (
     one_line_errors,
     target_overrides,
 )
+from harness.training_tokens import train_tokens
 
 log = logging.getLogger(__name__)
 
@@ -429,6 +430,8 @@ def _perplexity_rows(
         for metric, value in (("ppl", res.ppl), ("nll", res.nll)):
             row = dict(task=entry.name, metric=metric, value=value, n_samples=res.n_tokens,
                        data_source=source, task_version=version)  # fmt: skip
+            if metric == "nll":  # per-window NLL: paired intervals between cells (records.py)
+                row["per_sample"] = res.window_nll
             what = (f"perplexity {entry.name}: {res.nonfinite} of {res.n_windows} windows have "
                     "a NaN/inf loss")  # fmt: skip
             rows.append(_nonfinite_row(row, what) if bad else row)
@@ -555,6 +558,7 @@ def run_cell(
         fields["model_family"] = cfg.get("model_family") or guess_family(
             str(cfg.model), loaded.architecture
         )
+        fields["train_tokens"] = train_tokens(str(cfg.model), loaded.path)
         fields.update(_quantize(cfg, loaded, _calibration(cfg, loaded)))
         eval_start = time.perf_counter()
         rows, forward_s = _evaluate(cfg, loaded, resolved)

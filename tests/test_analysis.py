@@ -417,3 +417,17 @@ def test_analysis_imports_nothing_from_quantize():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_config_keys_tell_per_tensor_configurations_apart():
+    """A missing block size (one scale per tensor) must not blank the key (pandas 3)."""
+    import pandas as pd
+
+    from analysis.tables import QUANT_CONFIG, VARIANT_COLUMNS, config_keys
+
+    row = {c: "x" for c in [*QUANT_CONFIG, *VARIANT_COLUMNS]}
+    cells = pd.DataFrame([{**row, "dtype": "int"}, {**row, "dtype": "float"}, {**row}])
+    cells["block_size"] = [None, None, 64]
+    keys = config_keys(cells)
+    assert keys.notna().all()
+    assert keys.nunique() == 3

@@ -1,4 +1,5 @@
-"""``kbit-demo`` end to end through its console script: family, sweep, store, figures, table.
+"""``kbit-demo`` end to end through its console script: family, sweep, store, figures, tables,
+and the headline held-out loss figure with its findings.
 
 The stock demo (the `demo` family, 84 cells) takes minutes of CPU; CI runs the same three
 stages on the `nano` family (built once per session) with a trimmed grid and task limit.
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from zoo_fixtures import corpus_for_tests, nano_zoo  # noqa: F401 (fixture)
 
-from harness.demo import checkout_figure
+from harness.demo import FINDINGS, HEADLINE, checkout_figures, findings_text
 from harness.records import read_store
 
 pytestmark = pytest.mark.slow
@@ -30,8 +31,8 @@ def test_kbit_demo_runs_every_stage_and_resumes(nano_zoo, tmp_path):  # noqa: F8
     if corpus_for_tests():
         cmd[3:3] = ["--corpus", corpus_for_tests()]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    readme_figure = checkout_figure()
-    before = readme_figure.read_bytes() if readme_figure and readme_figure.exists() else None
+    readme_figures = checkout_figures()
+    before = {p: p.read_bytes() if p.exists() else None for p in readme_figures.values()}
 
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,11 +43,15 @@ def test_kbit_demo_runs_every_stage_and_resumes(nano_zoo, tmp_path):  # noqa: F8
     assert {r["task"] for r in rows} >= {"heldout", "zoo_mc", "zoo_lastword", "zeroshot_mean"}
     assert (tmp_path / "figures" / "scaling_acc.png").stat().st_size > 10_000
     assert "Bit-optimal k per total-bit budget" in proc.stdout
+    # The headline: held-out loss with per-window intervals, its findings printed.
+    assert (tmp_path / "figures" / HEADLINE).stat().st_size > 10_000
+    findings = findings_text(tmp_path / "figures" / FINDINGS)
+    assert "largest model" in findings and findings in proc.stdout
+    nll = [r for r in rows if r["task"] == "heldout" and r["metric"] == "nll"]
+    assert nll and all(r["per_sample"] for r in nll)
     assert "1/3" in proc.stderr and "2/3" in proc.stderr and "3/3" in proc.stderr
-    # A non-stock run leaves the README's figure alone.
-    if readme_figure is not None:
-        after = readme_figure.read_bytes() if readme_figure.exists() else None
-        assert after == before
+    # A non-stock run leaves the README's figures alone.
+    assert {p: p.read_bytes() if p.exists() else None for p in readme_figures.values()} == before
 
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -110,10 +110,20 @@ def test_readme_plot_command(results_cwd):
 
 
 def test_readme_table_commands(results_cwd):
-    for row in re.findall(r"^\| `(kbit-(?:status|advise)[^`]*)` \|", README, flags=re.M):
+    rows = re.findall(r"^\| `(kbit-(?:status|advise)[^`]*)` \|", README, flags=re.M)
+    assert len(rows) == 2, rows
+    for row in rows:
         proc = run(row, results_cwd, timeout=300)
         assert proc.returncode == 0, (row, proc.stderr[-2000:])
         assert proc.stdout.strip(), row
+
+
+def test_readme_report_command(results_cwd):
+    (row,) = re.findall(r"^\| `(kbit-plot [^`]*--report)` \|", README, flags=re.M)
+    proc = run(row + " --jobs 1", results_cwd, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    findings = (results_cwd / "figures" / "findings.md").read_text()
+    assert findings.count("verdict") >= 4 or findings.count("Verdict") >= 4, findings[:2000]
 
 
 def test_readme_data_type_yaml_works_as_shown(tmp_path):

@@ -10,7 +10,7 @@ predictions per window). Because all windows have the same length this equals GP
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ class PerplexityResult:
     seqlen: int
     forward_s: float  # seconds inside model forward
     nonfinite: int = 0  # windows whose NLL sum is NaN or inf: the result is not valid
+    # mean NLL of each window (nats/token; every window predicts seqlen - 1 tokens, so their
+    # mean is ``nll``): the samples of a paired bootstrap between cells on the same text
+    window_nll: list[float] = field(default_factory=list)
 
 
 def default_seqlen(model: nn.Module) -> int:
@@ -139,6 +142,7 @@ def perplexity_details(
         seqlen=seqlen,
         forward_s=timer.seconds,
         nonfinite=int((~torch.isfinite(per_window)).sum()),
+        window_nll=(per_window / (seqlen - 1)).tolist(),
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from harness.zoo.config import (
     load_family_config,
     size_hash,
     stable_hash,
+    token_label,
 )
 from harness.zoo.corpus import corpus_hash, corpus_name, load_corpus, training_text
 from harness.zoo.evalsets import write_eval_sets
@@ -50,6 +52,9 @@ from harness.zoo.tokenizer import get_tokenizer, token_stream, tokenizer_key
 from harness.zoo.train import TrainPlan, train, val_windows
 
 log = logging.getLogger(__name__)
+
+
+CHECKPOINTS_DIR = "checkpoints"  # <size>/checkpoints/<label>/: a model folder per checkpoint
 
 
 class ZooModelNotBuiltError(FileNotFoundError):
@@ -187,15 +192,52 @@ def _build_size(fp: FamilyPaths, prep: _Prepared, size: SizeConfig, device: torc
     tmp.mkdir(parents=True)
     val = val_windows(prep.heldout, cfg.context, cfg.eval_sets.val_tokens, device)
     desc = f"{cfg.name}/{size.name} ({n_nonemb / 1e6:.2f}M non-emb, {plan.steps} steps)"
-    summary = train(model, prep.train, val, plan, tmp / "train_log.jsonl", desc)
-    model.to("cpu").save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.copytree(prep.eval_dir, tmp / "kbit_eval")
+    per_step = plan.batch_size * plan.context
+    saved: dict[str, int] = {}
+
+    def save_checkpoint(label: str, model: torch.nn.Module, point: dict) -> None:
+        folder = tmp / CHECKPOINTS_DIR / label
+        folder.mkdir(parents=True)
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        shutil.copytree(prep.eval_dir, folder / "kbit_eval")
+        log_lines = (tmp / "train_log.jsonl").read_text().splitlines()
+        (folder / "train_log.jsonl").write_text("\n".join(log_lines) + "\n")
+        summary = {"steps": point["step"], "tokens_seen": point["tokens"],
+                   "final_val_loss": point["val_loss"], "final_train_loss": point["train_loss"],
+                   "train_seconds": point["seconds"]}  # fmt: skip
+        write_card(
+            folder,
+            {
+                **meta_common,
+                "summary": summary,
+                "checkpoint": label,
+                "train_tokens": point["tokens"],
+                "final_tokens": plan.steps * per_step,
+            },
+        )
+        saved[label] = point["tokens"]
+        log.info("%s/%s@%s: checkpoint at %d tokens, val loss %.4f", cfg.name, size.name, label,
+                 point["tokens"], point["val_loss"])  # fmt: skip
+
+    marks = {}
+    for target in cfg.checkpoints:
+        step = -(-target // per_step)
+        if step >= plan.steps:
+            log.warning(
+                "%s/%s: checkpoint %s is not before the end of training (%d tokens); skipped",
+                cfg.name,
+                size.name,
+                token_label(target),
+                plan.steps * per_step,
+            )
+            continue
+        marks[step] = functools.partial(save_checkpoint, token_label(target))
     ffn = size.ffn if size.ffn is not None else 4 * size.width
-    meta = {
+    meta_common = {
         "family": cfg.name, "size": size.name, "architecture": cfg.architecture,
         "family_hash": fp.hash, "size_hash": s_hash, "shape": {**asdict(size), "ffn": ffn},
-        "n_params": n_params, "n_nonembedding_params": n_nonemb, "summary": summary,
+        "n_params": n_params, "n_nonembedding_params": n_nonemb,
         "corpus": {"name": prep.corpus.name, "hash": prep.corpus.hash, "source": prep.corpus.source,
                    "train_docs": len(prep.corpus.train), "heldout_docs": len(prep.corpus.heldout),
                    "heldout": [d.name for d in prep.corpus.heldout]},
@@ -207,6 +249,14 @@ def _build_size(fp: FamilyPaths, prep: _Prepared, size: SizeConfig, device: torc
                      "transformers": transformers.__version__},
         "config": asdict(cfg),
     }  # fmt: skip
+    summary = train(model, prep.train, val, plan, tmp / "train_log.jsonl", desc, marks)
+    model.to("cpu").save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.copytree(prep.eval_dir, tmp / "kbit_eval")
+    final_label = token_label(tokens)
+    meta = {**meta_common, "summary": summary, "train_tokens": summary["tokens_seen"],
+            "checkpoint": final_label, "final_tokens": summary["tokens_seen"],
+            "checkpoints": saved}  # fmt: skip
     write_card(tmp, meta)
     _install_folder(tmp, fp.size_folder(size))  # replaces a stale build of an older config
     log.info("%s/%s: val loss %.4f after %d tokens", cfg.name, size.name,

@@ -24,6 +24,15 @@ def write_card(folder: Path, meta: dict) -> None:
     front = {"library_name": "transformers", "pipeline_tag": "text-generation",
              "tags": ["kbit-zoo", meta["family"], meta["architecture"]]}  # fmt: skip
     s = meta["summary"]
+    spec = f"zoo:{meta['family']}/{meta['size']}"
+    if meta.get("checkpoint") and meta.get("train_tokens") != meta.get("final_tokens"):
+        spec += f"@{meta['checkpoint']}"
+        what = (
+            f"This folder is the checkpoint after {s['tokens_seen']:,} of the "
+            f"{meta['final_tokens']:,} training tokens (`@{meta['checkpoint']}`).\n\n"
+        )
+    else:
+        what = ""
     text = f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
@@ -32,8 +41,9 @@ def write_card(folder: Path, meta: dict) -> None:
 A small {meta["architecture"]} causal LM trained from scratch by `kbit-zoo` as one member of
 the `{meta["family"]}` family (models that differ only in size). Load it offline with
 `AutoModelForCausalLM.from_pretrained(<this folder>)`, or use it in the harness as
-`model=zoo:{meta["family"]}/{meta["size"]}`.
+`model={spec}`.
 
+{what}
 | | |
 |---|---|
 | corpus | {meta["corpus"]["name"]} (sha256 prefix `{meta["corpus"]["hash"]}`, {meta["corpus"]["train_docs"]} training / {meta["corpus"]["heldout_docs"]} held-out documents) |

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,10 @@ class FamilyConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     eval_sets: EvalSetsConfig = field(default_factory=EvalSetsConfig)
     eval_every: int = 100  # steps between validation-loss points in train_log.jsonl
+    # training-token counts at which a copy of each size is saved (a geometric series gives a
+    # training-tokens axis); zoo:<family>/<size>@<label> addresses one, e.g. @500k, @2M.
+    # The end of training is always the size itself (and @<its label>).
+    checkpoints: list[int] = field(default_factory=list)
     seed: int = 0
 
 
@@ -217,6 +222,53 @@ def validate(cfg: FamilyConfig) -> None:
     )
     if cfg.corpus is not None:
         _require(Path(cfg.corpus).is_dir(), "corpus", cfg.corpus, "must be a folder of .txt files")
+    marks = list(cfg.checkpoints)
+    _require(
+        all(isinstance(t, int) and t > 0 for t in marks) and marks == sorted(set(marks)),
+        "checkpoints",
+        marks,
+        "positive token counts in increasing order, e.g. [500000, 1000000, 2000000]",
+    )
+    if marks and cfg.budget.kind == "fixed":
+        _require(
+            marks[-1] < cfg.budget.tokens,
+            "checkpoints",
+            marks,
+            f"each must be below budget.tokens={cfg.budget.tokens} (the end of training is "
+            "always kept as the size itself)",
+        )
+    labels = [token_label(t) for t in marks]
+    _require(
+        len(set(labels)) == len(labels),
+        "checkpoints",
+        marks,
+        f"their labels {labels} must differ (labels round to k/M/G)",
+    )
+
+
+_SUFFIXES = (("G", 10**9), ("M", 10**6), ("k", 10**3))
+_LABEL = re.compile(r"^(\d+(?:\.\d+)?)([kMG]?)$")
+
+
+def token_label(tokens: int) -> str:
+    """Short label of a token count for checkpoint names: 500000 -> '500k', 2000000 -> '2M'.
+
+    Exact when the count is a multiple of the unit; else up to three significant decimals
+    ('1.5M'), and plain digits below 1000.
+    """
+    for suffix, unit in _SUFFIXES:
+        if tokens >= unit:
+            return f"{tokens / unit:.3f}".rstrip("0").rstrip(".") + suffix
+    return str(tokens)
+
+
+def parse_token_label(text: str) -> int:
+    """'2M' -> 2000000, '500k' -> 500000, '1.5M' -> 1500000, '123' -> 123 (ValueError if not)."""
+    match = _LABEL.match(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a token count; expected e.g. 500k, 2M, 1.5G or 123456")
+    unit = dict(_SUFFIXES).get(match.group(2), 1)
+    return round(float(match.group(1)) * unit)
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:
@@ -230,6 +282,8 @@ def family_hash(cfg: FamilyConfig, corpus_hash: str, tokenizer_hash: str) -> str
     shared = asdict(cfg)
     for key in ("name", "description", "sizes", "corpus"):
         shared.pop(key)
+    if not shared["checkpoints"]:  # families without checkpoints keep the hash they had
+        shared.pop("checkpoints")
     shared["tokenizer"] = tokenizer_hash
     return stable_hash({"v": ZOO_FORMAT_VERSION, "cfg": shared, "corpus": corpus_hash})
 

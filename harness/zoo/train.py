@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,8 +106,16 @@ def train(
     plan: TrainPlan,
     log_path: Path,
     desc: str,
+    checkpoints: dict[int, Callable[[torch.nn.Module, dict], None]] | None = None,
 ) -> dict:
-    """Train in place; append loss points to ``log_path`` (JSON lines); return a summary."""
+    """Train in place; append loss points to ``log_path`` (JSON lines); return a summary.
+
+    ``checkpoints``: step count -> callback(model, loss point), called right after that
+    optimizer step with a validation point measured there. Saving a checkpoint reads the
+    weights only (no random numbers are drawn), so the trained weights are the same with or
+    without checkpoints.
+    """
+    checkpoints = checkpoints or {}
     device = next(model.parameters()).device
     data = torch.from_numpy(stream.astype(np.int64))
     if len(data) <= plan.context + 1:
@@ -132,7 +141,8 @@ def train(
             opt.step()
             running.append(loss.item())
             last = step == plan.steps - 1
-            if (step + 1) % plan.eval_every == 0 or last:
+            keep = checkpoints.get(step + 1)
+            if (step + 1) % plan.eval_every == 0 or last or keep is not None:
                 point = {"step": step + 1, "tokens": (step + 1) * plan.batch_size * plan.context,
                          "lr": lr, "train_loss": float(np.mean(running)),
                          "val_loss": validation_loss(model, val, plan.batch_size),
@@ -141,6 +151,9 @@ def train(
                 logf.flush()
                 bar.set_postfix(train=f"{point['train_loss']:.3f}", val=f"{point['val_loss']:.3f}")
                 running = []
+                if keep is not None:
+                    keep(model, point)
+                    model.train()
     return {
         "steps": plan.steps,
         "tokens_seen": plan.steps * plan.batch_size * plan.context,
