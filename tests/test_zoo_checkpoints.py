@@ -108,6 +108,16 @@ def test_saving_checkpoints_does_not_change_the_training_run(
     assert not (plain / "checkpoints").exists()
 
 
+def test_checkpoints_are_deterministic(built: tuple[Path, Path], tmp_path: Path) -> None:
+    """A second build of the same config gives the same checkpoint weights, byte for byte."""
+    _, folder = built
+    again = build_family(family(), zoo_dir=tmp_path, device="cpu", threads=zoo_threads())[0]
+    for label in [token_label(t) for t in MARKS]:
+        a = folder / "checkpoints" / label / "model.safetensors"
+        b = again / "checkpoints" / label / "model.safetensors"
+        assert a.read_bytes() == b.read_bytes(), label
+
+
 def test_resolve_checkpoint_specs(built: tuple[Path, Path], shipped: Path) -> None:
     _, folder = built
     assert resolve_model(f"zoo:{FAMILY}/l1d32", shipped) == folder
