@@ -39,7 +39,7 @@ from analysis.fit_data import (
 )
 from analysis.fit_law import LawFit, design, fit_law, leave_one_out, predict
 from analysis.fit_optimal import bit_optimal
-from analysis.load import Results, load_results
+from analysis.load import Results, load_results, tokens_text
 from analysis.tables import to_markdown
 from harness.files import atomic_output, atomic_write
 
@@ -295,7 +295,7 @@ def figure(report: FitReport) -> Figure:
         ax.set_yscale("log")
         # D spans about a decade: tick the measured values (0.5M ... 8M), no crowded minors
         ax.set_xticks(sorted(set(c["D"].astype(float))))
-        ax.xaxis.set_major_formatter(FuncFormatter(_tokens_tick))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: tokens_text(x)))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training tokens D")
         ax.set_ylabel(f"ΔL · k^{gamma:.3g} (nats)")
@@ -323,15 +323,6 @@ def _si(x: float) -> str:
         if abs(x) >= div:
             return f"{x / div:.3g}{unit}"
     return f"{x:.3g}"
-
-
-def _tokens_tick(x: float, _pos: int) -> str:
-    """Axis label of a token count: 500000 -> '500k', 2000000 -> '2M'."""
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if x >= div:
-            v = x / div
-            return f"{v:.0f}{unit}" if v >= 10 else f"{v:.2g}{unit}"
-    return f"{x:g}"
 
 
 def write_outputs(report: FitReport, out: str | Path) -> list[Path]:

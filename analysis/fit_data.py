@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis.load import Results, measure_column
+from analysis.load import Results, measure_column, training_tokens
 from analysis.tables import VARIANT_COLUMNS, overrides_text
 from harness.records import BASELINE_BITS
 
@@ -95,12 +95,12 @@ def _group_labels(cells: pd.DataFrame) -> pd.Series:
 
 
 def read_train_tokens(results: Results) -> pd.Series | None:
-    """``train_tokens`` per cell key (NaN where unknown), or None when the cell frame has no
-    such column (an analysis.load that predates it)."""
+    """``train_tokens`` per cell key (NaN where unknown; the rule of
+    :func:`analysis.load.training_tokens`), or None when the cell frame has no such column."""
     cells = results.cells
     if TOKENS_COLUMN not in cells.columns:
         return None
-    return pd.to_numeric(cells.set_index("key")[TOKENS_COLUMN], errors="coerce")
+    return pd.Series(training_tokens(cells).to_numpy(), index=cells["key"].to_numpy())
 
 
 def collect(
