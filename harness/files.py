@@ -12,12 +12,39 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 _DEFAULT_MODE = 0o666  # what open() would create, before the umask
+_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+class PathError(ValueError):
+    """A user path that cannot mean anything (an unset environment variable, an empty value)."""
+
+
+def user_path(value: str | os.PathLike, field: str = "path") -> Path:
+    """The path a user meant: ``$VAR`` / ``${VAR}`` and a leading ``~`` expanded, in that order.
+
+    Why one rule: a path is checked in one place and written in another; if the two read it
+    differently (``results_dir="~/x"`` checked as ``$HOME/x`` but written to a literal ``./~``
+    folder) files land where nobody asked. Every user path of kbit (results, data, zoo, data
+    type folder, model folder, perplexity file) goes through this function, and the *returned*
+    path is the one that is both checked and written. An unset variable is refused (raising
+    :class:`PathError`, one line naming ``field``) instead of staying a literal ``$VAR`` folder.
+    """
+    text = os.fspath(value)
+    if not str(text).strip():
+        raise PathError(f"{field}={text!r}: an empty path; allowed: a folder or file path")
+    for match in _VARIABLE.finditer(str(text)):
+        name = match.group(1).strip("{}")
+        if not name or name not in os.environ:
+            raise PathError(f"{field}={text!r}: environment variable {name or match.group(0)!r} "
+                            "is not set; allowed: a path whose variables are all set")  # fmt: skip
+    return Path(os.path.expanduser(os.path.expandvars(str(text))))
 
 
 def current_umask() -> int:
@@ -79,7 +106,10 @@ def writable_dir_problem(folder: str | os.PathLike, field: str = "results_dir") 
     that is removed at once. Checked before any work, so an unusable results folder is
     refused before a model loads, not after its evaluation.
     """
-    path = Path(folder).expanduser().absolute()
+    try:
+        path = user_path(folder, field).absolute()
+    except PathError as err:
+        return str(err)
     probe = path
     while not probe.exists():
         if probe == probe.parent:

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from harness.files import atomic_output, atomic_write
+from harness.files import atomic_output, atomic_write, user_path
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +159,9 @@ _FIELDS = [f.name for f in dataclasses.fields(Record)]
 
 
 def cell_path(results_dir: str | os.PathLike, sweep: str, cell_id: str) -> Path:
-    """Where the parquet file of one cell lives."""
-    return Path(results_dir) / sweep / f"{cell_id}.parquet"
+    """Where the parquet file of one cell lives (``results_dir`` read by
+    :func:`harness.files.user_path`, the rule every check of it uses too)."""
+    return user_path(results_dir, "results_dir") / sweep / f"{cell_id}.parquet"
 
 
 def to_table(records: list[Record]) -> pa.Table:
