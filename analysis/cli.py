@@ -41,7 +41,18 @@ from analysis.tables import (
     main_curves,
     to_markdown,
 )
-from harness.names import did_you_mean
+from harness.store_cli import (
+    OneLineParser,
+    StoreRefusal,
+    check_store,
+    int_at_least,
+    int_between,
+    open_unit_float,
+    output_dir,
+    parse_or_exit,
+    positive_float,
+    refuse,
+)
 
 log = logging.getLogger("analysis")
 
@@ -254,26 +265,34 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-def _setup(args: argparse.Namespace) -> Results:
+def _logging(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
-    root = Path(args.results_dir)
-    if not root.is_dir():
-        raise SystemExit(f"RESULTS_DIR {args.results_dir!r} is not a folder")
-    known = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    for sweep in args.sweep or []:
-        if sweep not in known:
-            hint = did_you_mean(sweep, known)
-            raise SystemExit(f"--sweep {sweep!r}: no such sweep in {root}; known: {known}{hint}")
+
+
+def checked_store(args: argparse.Namespace) -> Path:
+    """RESULTS_DIR and ``--sweep`` checked by the rule every store tool shares
+    (:func:`harness.store_cli.check_store`); raises :class:`StoreRefusal`."""
+    return check_store(args.results_dir, args.sweep)
+
+
+def _load(root: Path, args: argparse.Namespace) -> Results:
     # Unreadable files and legacy cells are logged (one warning line each) by the loader;
     # the log goes to stderr, so --json output on stdout stays clean.
     return load_results(root, args.sweep)
 
 
+PLOT = "kbit-plot"
+ADVISE = "kbit-advise"
+
+
 def plot_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``kbit-plot``: figures (PNG+PDF) and tables (.md+.csv) into --out."""
-    p = argparse.ArgumentParser(prog="kbit-plot", description=plot_main.__doc__)
+    """Entry point of ``kbit-plot``: figures (PNG+PDF) and tables (.md+.csv) into --out.
+
+    Exit 0 when written; 2 on refused input (one line: RESULTS_DIR, --sweep, an empty store,
+    an option value; nothing read or written); 1 when the store holds no ok cell."""
+    p = OneLineParser(prog=PLOT, description=plot_main.__doc__.splitlines()[0])
     _common_args(p)
     p.add_argument(
         "--selection",
@@ -284,18 +303,19 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
         "fixed = by coverage then label, no accuracy used",
     )
     p.add_argument("--out", default="figures", help="output folder (default: figures)")
-    p.add_argument("--k", type=int, default=4, help="fixed k for figures 3-5 (default 4)")
+    p.add_argument("--k", type=int_between("--k", 1, 15), default=4,
+                   help="fixed k for figures 3-5 (default 4)")  # fmt: skip
     p.add_argument("--ppl-task", help="perplexity task (default: wikitext2, else the first)")
     p.add_argument(
         "--ppl-cap",
-        type=float,
+        type=positive_float("--ppl-cap"),
         default=None,
         help=f"perplexity above this is unstable: clipped and marked (default: {DEFAULT_PPL_CAP:g} "
         "as in the paper, raised to 4x the worst 16-bit baseline for small models)",
     )
     p.add_argument(
         "--jobs",
-        type=int,
+        type=int_at_least("--jobs", 1),
         default=None,
         help="processes rendering figures (default: the usable CPUs, at most 4; 1 = in-process)",
     )
@@ -305,20 +325,25 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
         help="also test the paper's four claims: findings.md and findings.json (verdicts with "
         "paired bootstrap intervals; docs/analysis.md, Claims report)",
     )
-    args = p.parse_args(argv)
-    if args.jobs is not None and args.jobs < 1:
-        raise SystemExit(f"--jobs {args.jobs}: must be >= 1")
-    results = _setup(args)
+    args = parse_or_exit(p, argv)
+    if isinstance(args, int):
+        return args
+    try:
+        out = output_dir("--out", args.out)
+        root = checked_store(args)
+    except StoreRefusal as err:
+        return refuse(PLOT, err)
+    _logging(args)
+    results = _load(root, args)
     if results.cells.empty:
-        log.error(
-            "no ok cells in %s%s", args.results_dir, f" (sweeps {args.sweep})" if args.sweep else ""
-        )
+        where = f" (sweeps {args.sweep})" if args.sweep else ""
+        sys.stderr.write(f"{PLOT}: no ok cells in {str(root)!r}{where}; nothing to plot\n")
         return 1
     cols = ppl_columns(results.cells)
     ppl_column = f"{args.ppl_task}:ppl" if args.ppl_task else (cols[0] if cols else None)
     if ppl_column and ppl_column not in results.cells.columns:
-        raise SystemExit(f"--ppl-task {args.ppl_task!r}: no such perplexity task; known: {cols}")
-    out = Path(args.out)
+        return refuse(PLOT, f"--ppl-task={args.ppl_task!r}: no such perplexity task in the "
+                            f"store; allowed: {[c.split(':')[0] for c in cols]}")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     cap = args.ppl_cap if args.ppl_cap is not None else auto_ppl_cap(results.cells, ppl_column)
     per_sample = results.per_sample() if args.selection == "split" else None
@@ -334,25 +359,36 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
 
 
 def advise_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``kbit-advise``: the best measured configuration under a memory budget."""
-    p = argparse.ArgumentParser(prog="kbit-advise", description=advise_main.__doc__)
+    """Entry point of ``kbit-advise``: the best measured configuration under a memory budget.
+
+    Exit 0 with advice; 2 on refused input (one line: --budget, RESULTS_DIR, --sweep, an
+    empty store, an option value; nothing read); 1 when no measured configuration fits."""
+    p = OneLineParser(prog=ADVISE, description=advise_main.__doc__.splitlines()[0])
     _common_args(p)
     p.add_argument("--budget", required=True, help="e.g. 4GiB, 500MB, 3.5GB, 2e9bits")
-    p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap replicates")
-    p.add_argument("--level", type=float, default=0.95, help="confidence level")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--n-boot", type=int_at_least("--n-boot", MIN_N_BOOT), default=10_000,
+                   help=f"bootstrap replicates (>= {MIN_N_BOOT})")  # fmt: skip
+    p.add_argument("--level", type=open_unit_float("--level"), default=0.95,
+                   help="confidence level, in (0, 1)")  # fmt: skip
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=0, help="bootstrap seed")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    args = p.parse_args(argv)
+    args = parse_or_exit(p, argv)
+    if isinstance(args, int):
+        return args
     try:
         budget = parse_budget(args.budget)
     except ValueError as err:  # one line, like every refused input of kbit
-        sys.stderr.write(f"kbit-advise: --budget: {err}\n")
-        return 2
-    results = _setup(args)
+        return refuse(ADVISE, f"--budget: {err}")
+    try:
+        root = checked_store(args)
+    except StoreRefusal as err:
+        return refuse(ADVISE, err)
+    _logging(args)
+    results = _load(root, args)
     try:
         advice = advise(results, budget, n_boot=args.n_boot, level=args.level, seed=args.seed)
     except NothingFits as err:
-        sys.stderr.write(f"kbit-advise: {err}\n")
+        sys.stderr.write(f"{ADVISE}: {err}\n")
         return 1
     if args.json:
         data = advice.to_dict()
@@ -362,6 +398,10 @@ def advise_main(argv: Sequence[str] | None = None) -> int:
     else:
         sys.stdout.write(format_advice(advice) + _left_out_text(results) + "\n")
     return 0
+
+
+# Percentile intervals need replicates; the same floor as kbit-fit's --n-boot.
+MIN_N_BOOT = 20
 
 
 def _left_out_text(results: Results) -> str:

@@ -239,6 +239,21 @@ def _most_common(frame: pd.DataFrame, column: str):
     return sorted(top, key=lambda v: (pd.isna(v), str(v) if isinstance(v, str) else v))[0]
 
 
+def _common_within(rows: pd.DataFrame, frame: pd.DataFrame, column: str):
+    """The most common ``column`` value of ``frame`` when ``rows`` (cells already chosen on
+    other columns) have it; otherwise the most common ``column`` value among ``rows``.
+
+    Why: choosing the data type and the scale format each by its own count can pick a pair
+    no cell has (int4 with fp16 scales beside NVFP4's e2m1 with nvfp4 scales: the commonest
+    data type is e2m1, the commonest scale fp16), an empty figure. Where the store-wide
+    choice exists for ``value`` it is kept, so stores that drew before draw the same.
+    """
+    overall = _most_common(frame, column)
+    if _match(rows, column, overall).any():
+        return overall
+    return _most_common(rows, column)
+
+
 def _at_k(cells: pd.DataFrame, k: int, y: str) -> pd.DataFrame:
     """Cells at k with a ``y`` value, plus ``_dtype`` (name with overrides) and ``_variant``."""
     if y not in cells.columns:
@@ -265,8 +280,11 @@ def block_size_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figur
     sub = sub[(sub["method"] == "blockwise") & ~sub["centering"].astype(bool)]
     if sub.empty:
         return None
-    dtype, scale = _most_common(sub, "_dtype"), _most_common(sub, "scale_format")
+    dtype = _most_common(sub, "_dtype")
+    scale = _common_within(sub[sub["_dtype"] == dtype], sub, "scale_format")
     sub = sub[(sub["_dtype"] == dtype) & (sub["scale_format"] == scale)]
+    if sub.empty:
+        return None
     bs = sub["block_size"].map(lambda b: "per tensor" if pd.isna(b) else f"block {int(b)}")
     order = sub["block_size"].fillna(-1).map(lambda b: f"{b:020.0f}")  # per tensor first
     sub = sub.assign(_line=_with_variant(order + "|" + bs, sub))
@@ -288,6 +306,8 @@ def dtype_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figure | N
         return None
     bs = _most_common(sub, "block_size")
     sub = sub[_match(sub, "block_size", bs)]
+    if sub.empty:
+        return None
     sub = sub.assign(_line=_with_variant(sub["_dtype"], sub))
     bs_txt = "per tensor" if pd.isna(bs) else f"block {int(bs)}"
     return _hue_lines(sub, y, "_line", f"Data types at k={k} ({bs_txt})", _ylabel(y))
@@ -300,10 +320,14 @@ def proxy_centering_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> 
         return None
     # Compare like with like: the data type, block size and scale of the proxy/centered cells.
     special = sub[(sub["method"] == "proxy") | sub["centering"].astype(bool)]
-    dtype, bs = _most_common(special, "_dtype"), _most_common(special, "block_size")
-    scale = _most_common(special, "scale_format")
+    dtype = _most_common(special, "_dtype")
+    of_dtype = special[special["_dtype"] == dtype]
+    bs = _common_within(of_dtype, special, "block_size")
+    scale = _common_within(of_dtype[_match(of_dtype, "block_size", bs)], special, "scale_format")
     sub = sub[(sub["_dtype"] == dtype) & _match(sub, "block_size", bs)]
     sub = sub[sub["method"].isin(["blockwise", "proxy"]) & (sub["scale_format"] == scale)]
+    if sub.empty:
+        return None
     proxy = sub["method"] == "proxy"
     variant = np.where(proxy, "proxy " + sub["outlier_fraction"].map("{:g}".format), "blockwise")
     centered = np.where(sub["centering"].astype(bool), ", centered", "")
@@ -331,6 +355,8 @@ def method_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figure | 
     widest = per_config[per_config == per_config.max()].index
     dtype, bs = sorted(widest, key=lambda t: (t[0] != "int", pd.isna(t[1]), str(t)))[0]
     sub = sub[(sub["_dtype"] == dtype) & _match(sub, "block_size", bs)]
+    if sub.empty:
+        return None
     settings = sub["method_settings"] if "method_settings" in sub.columns else ""
     settings = pd.Series(settings, index=sub.index).astype(str)
     # a method's settings are named only where its cells differ in them (labels stay short)

@@ -42,6 +42,7 @@ from analysis.fit_optimal import bit_optimal
 from analysis.load import Results, load_results, tokens_text
 from analysis.tables import to_markdown
 from harness.files import atomic_output, atomic_write
+from harness.store_cli import OneLineParser, StoreRefusal, check_store, output_dir, refuse
 
 __all__ = [
     "FitInputError",
@@ -347,7 +348,7 @@ def write_outputs(report: FitReport, out: str | Path) -> list[Path]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kbit-fit", description=fit_main.__doc__)
+    p = OneLineParser(prog="kbit-fit", description=fit_main.__doc__.splitlines()[0])
     p.add_argument("results_dir", metavar="RESULTS_DIR", help="the result store")
     p.add_argument("--sweep", action="append", help="only this sweep (repeatable)")
     p.add_argument("--out", default="fit", help="output folder (default: ./fit)")
@@ -384,13 +385,6 @@ def _option_problem(args: argparse.Namespace) -> str | None:
         return f"--bits {bad}: quantized bit widths are 1..15"
     if args.min_delta is not None and not args.min_delta > 0:
         return f"--min-delta {args.min_delta}: must be > 0"
-    root = Path(args.results_dir)
-    if not root.is_dir():
-        return f"RESULTS_DIR {args.results_dir!r} is not a folder"
-    known = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    for sweep in args.sweep or []:
-        if sweep not in known:
-            return f"--sweep {sweep!r}: no such sweep in {root}; known: {known}"
     return None
 
 
@@ -407,16 +401,20 @@ def fit_main(argv: Sequence[str] | None = None) -> int:
     )
     problem = _option_problem(args)
     if problem:
-        sys.stderr.write(f"kbit-fit: {problem}\n")
-        return 2
-    results = load_results(args.results_dir, args.sweep)
+        return refuse("kbit-fit", problem)
+    try:  # the rule every store tool shares (harness.store_cli)
+        out = output_dir("--out", args.out)
+        root = check_store(args.results_dir, args.sweep)
+    except StoreRefusal as err:
+        return refuse("kbit-fit", err)
+    results = load_results(root, args.sweep)
     try:
         report = fit_store(results, args.task, args.method, args.block_size, args.bits,
                            args.dtype, args.n_boot, args.seed, args.level, args.min_delta)  # fmt: skip
     except FitInputError as err:
         sys.stderr.write(f"kbit-fit: {err}\n")
         return 2
-    write_outputs(report, args.out)
+    write_outputs(report, out)
     sys.stdout.write(to_markdown(report.exponents_table()) + "\n")
     sys.stdout.write(to_markdown(_loo_table(report.loo)) + "\n")
     sys.stdout.write(f"wrote {', '.join(OUT_NAMES)} to {args.out}\n")

@@ -19,9 +19,15 @@ need network or a populated HF datasets cache).
 Every weight-loading entry point (``torch.load``, ``safetensors`` loaders,
 ``from_pretrained``) is patched to raise while planning: the plan must read no weights.
 
+It prints the machine's load average (``os.getloadavg``) beside every timing: on a shared
+machine the wall time is the CPU time times the contention. Targets (issue 21): the paper grid
+(~20,000 cells) planned in <= 60 s on 2 cores; a grid above ``hydra.sweeper.max_cells``
+(default 100,000) refused before it is expanded, in < 5 s for 300,000 cells (``--cap``: the
+paper grid x 16 seeds = 319,904 cells, timed from the start of the multirun to the refusal).
+
 Usage (pin to one core; timings on a shared machine are noisy, repeat)::
 
-    taskset -c 1 python benchmarks/plan_bench.py [--profile] [--repeat N] [-- extra overrides]
+    taskset -c 1 python benchmarks/plan_bench.py [--profile] [--repeat N] [--cap] [-- overrides]
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 PAPER_CELLS = 19_994
+PLAN_TARGET_S = 60.0  # a 20,000-cell grid, planned on 2 cores
+CAP_TARGET_S = 5.0  # a 300,000-cell grid, refused by the size cap
 
 
 def _opt(hidden: int, layers: int, heads: int, proj: int | None = None) -> dict[str, Any]:
@@ -249,6 +257,54 @@ def plan_paper(
     return out
 
 
+def refuse_big(results_dir: Path, seeds: int = 16) -> dict[str, Any]:
+    """The paper grid x ``seeds`` seeds (319,904 cells for 16) through Hydra's multirun: the
+    sweeper must refuse it by its size before expanding it. Returns {message, wall_s, cpu_s,
+    cells} (wall and CPU from the start of the multirun to the refusal)."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()
+    import harness.sweep as sweep_module
+    from harness.config import register_schema
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    real_plan = sweep_module.plan_sweep
+
+    def no_plan(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a grid above the cap must be refused before it is planned")
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    sweep_module.plan_sweep = no_plan
+    try:
+        hydra = Hydra.create_main_hydra2(
+            task_name="run", config_search_path=create_config_search_path(str(CONF))
+        )
+        hydra.multirun(
+            config_name="config", task_function=_never, with_log_configuration=False,
+            overrides=["+sweeps@_global_=paper", f"results_dir={results_dir}",
+                       f"seed=range(0,{seeds})"],
+        )  # fmt: skip
+    except sweep_module.SweepError as err:
+        message = str(err)
+    else:
+        raise AssertionError("the grid above the cap was not refused")
+    finally:
+        sweep_module.plan_sweep = real_plan
+        GlobalHydra.instance().clear()
+    return {"message": message, "wall_s": time.perf_counter() - wall,
+            "cpu_s": time.process_time() - cpu, "cells": PAPER_CELLS * seeds}  # fmt: skip
+
+
+def load() -> str:
+    """The machine's load average (1, 5, 15 min) and its CPU count, for the timings' context."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
 def _never(cfg: Any) -> None:
     raise AssertionError("planning must not launch a cell")
 
@@ -288,6 +344,8 @@ def main() -> None:
         default=0,
         help="plan only the first N models of the grid (quick looks)",
     )
+    parser.add_argument("--cap", action="store_true", help="also time the refusal of a "
+                        "319,904-cell grid by hydra.sweeper.max_cells")  # fmt: skip
     parser.add_argument("extra", nargs="*", help="extra overrides for kbit-run (after --)")
     args = parser.parse_args()
     if not os.environ.get("KBIT_DATA_ROOT"):
@@ -304,6 +362,7 @@ def main() -> None:
         for i in range(args.repeat):
             prof = cProfile.Profile() if args.profile else None
             results = Path(tmp) / f"results{i}"
+            before = load()
             with no_weight_reads() as attempts:
                 out = plan_paper(results, extra, prof)
             plan = out["plan"]
@@ -322,12 +381,26 @@ def main() -> None:
                 f"  whole multirun up to the end of planning (compose master config, expand, "
                 f"plan): wall {out['total_wall_s']:.2f} s, cpu {out['total_cpu_s']:.2f} s"
             )
+            print(f"  {before} before, {load()} after")
+            if n >= 15_000:
+                print(f"  target: <= {PLAN_TARGET_S:.0f} s for ~20,000 cells on 2 cores: "
+                      f"{'met' if out['total_wall_s'] <= PLAN_TARGET_S else 'MISSED'} "
+                      f"({out['total_wall_s'] / PLAN_TARGET_S:.2f} of the target)")  # fmt: skip
             if prof is not None:
                 text = io.StringIO()
                 pstats.Stats(prof, stream=text).sort_stats(args.sort).print_stats(15)
                 print(text.getvalue())
-        if n != PAPER_CELLS and not args.models:
+        if n != PAPER_CELLS and not args.models and not args.extra:
             print(f"warning: expected {PAPER_CELLS} cells, got {n}", file=sys.stderr)
+        if args.cap:
+            before = load()
+            results = Path(tmp) / "results_cap"
+            big = refuse_big(results)
+            assert not results.exists(), "the refused grid wrote into the results folder"
+            print(f"size cap: a {big['cells']:,}-cell grid refused in wall {big['wall_s']:.2f} s, "
+                  f"cpu {big['cpu_s']:.2f} s (target < {CAP_TARGET_S:.0f} s: "
+                  f"{'met' if big['wall_s'] < CAP_TARGET_S else 'MISSED'}); {before}")  # fmt: skip
+            print(f"  kbit-run: {big['message']}")
 
 
 if __name__ == "__main__":

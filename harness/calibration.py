@@ -8,6 +8,7 @@
                             model trained on it is never calibrated on its held-out books);
                             present on every machine, offline
 a path                      a local text file, or a folder whose ``*.txt`` files are joined
+                            (``$VAR`` and ``~`` expanded)
 ``hub:<dataset>[/<config>]``  a Hugging Face dataset's ``train`` split, column ``text`` (needs
                             a network; refused offline before any model loads)
 ==========================  ===================================================================
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from harness.evaluate.datasets import check_text_file, text_files
 from harness.evaluate.task_data import TaskSource, local_source
+from harness.files import user_path
 
 CORPUS = "corpus"
 HUB_PREFIX = "hub:"
@@ -36,7 +38,9 @@ def _offline() -> bool:
 
 
 def _local(source: str) -> Path:
-    path = Path(source).expanduser()
+    """The local file or folder ``source`` names (``$VAR`` and ``~`` expanded by
+    :func:`harness.files.user_path`: the path checked is the path read), checked as text."""
+    path = user_path(source, "method.calibration")
     if not path.exists():
         raise ValueError(
             f"method.calibration={source!r}: no such file or folder; allowed: corpus (kbit's "

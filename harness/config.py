@@ -18,16 +18,18 @@ PerplexitySpec              one entry of ``eval.perplexity``
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
 
 from harness.dtypes.spec import DtypeSpec
-from harness.names import did_you_mean
+from harness.files import PathError, user_path
+from harness.names import did_you_mean, short_allowed
 from harness.records import BASELINE_BITS
 
 
@@ -117,8 +119,38 @@ class CellConfig:
 CELL_FIELDS = tuple(f.name for f in fields(CellConfig))
 EVAL_FIELDS = tuple(f.name for f in fields(EvalConfig))
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")  # the device names a cell takes
 DEVICES_ALLOWED = "auto, cpu, cuda, cuda:N, mps"
+
+
+def device_problem(device: str) -> str:
+    """Why ``device`` cannot run on *this* host ("" when it can); a well-formed name only.
+
+    Why: ``device=cuda`` on a host without CUDA (or ``cuda:3`` on a two-GPU host, ``mps``
+    off Apple silicon) would pass validation and fail once the model is on its way to the
+    device; an in-process run is refused first instead. Only for cells that run here: a sweep
+    planned for Slurm jobs resolves the device for the jobs' host (:class:`Target`).
+    """
+    import torch
+
+    kind, _, index = device.partition(":")
+    allowed = ["auto", "cpu"]
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_cuda:
+        allowed += ["cuda", *(f"cuda:{i}" for i in range(n_cuda))]
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = mps is not None and mps.is_available()
+    if has_mps:
+        allowed.append("mps")
+    if kind == "cuda" and not n_cuda:
+        problem = "this host has no CUDA device"
+    elif kind == "cuda" and index and int(index) >= n_cuda:
+        problem = f"this host has {n_cuda} CUDA device(s), cuda:0 to cuda:{n_cuda - 1}"
+    elif kind == "mps" and not has_mps:
+        problem = "this host has no MPS (Apple GPU) device"
+    else:
+        return ""
+    return f"device={device!r}: {problem}; allowed: {', '.join(allowed)}"
 
 
 def register_schema() -> None:
@@ -143,6 +175,44 @@ def register_schema() -> None:
 
 
 # ----------------------------------------------------------------------------- rules
+USER_PATH_FIELDS = ("results_dir", "data_root", "zoo_dir")
+CELL_BITS = (3, 4, 5, 6, 7, 8)  # k of a quantized cell; 16 (BASELINE_BITS) is the baseline
+CELL_BITS_ALLOWED = "3..8, or 16 for the baseline"
+
+
+def with_user_paths(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with ``results_dir``, ``data_root`` and ``zoo_dir`` as :func:`user_path`
+    reads them (``$VAR`` then ``~`` expanded): the path that is checked is the path written.
+
+    Returns ``cfg`` itself when nothing changes, else a copy (the caller's config is left
+    alone). Raises :class:`ConfigError` for an unset variable in a path.
+    """
+    changes = {}
+    for name in USER_PATH_FIELDS:
+        value = cfg.get(name)
+        if isinstance(value, str) and value.strip():
+            try:
+                expanded = str(user_path(value, name))
+            except PathError as err:
+                raise ConfigError(str(err)) from err
+            if expanded != value:
+                changes[name] = expanded
+    if not changes:
+        return cfg
+    out = copy.deepcopy(cfg)
+    with read_write(out), open_dict(out):
+        for name, value in changes.items():
+            out[name] = value
+    return out
+
+
+def check_bits(bits: Any) -> None:
+    """k of a cell: 3..8 bits (the range the product is built and measured for), or 16 for
+    the unquantized baseline. The library's codebooks may build other k (data type tests)."""
+    if isinstance(bits, bool) or bits not in (*CELL_BITS, BASELINE_BITS):
+        raise ConfigError(f"bits={bits!r} is not a cell's k; allowed: {CELL_BITS_ALLOWED}")
+
+
 def plain_name(field_name: str, value: Any) -> str:
     """A name that is safe as one folder: letters, digits, ``_ . -``; never a path."""
     text = str(value)
@@ -181,12 +251,14 @@ def check_limit(value: Any) -> None:
 
 
 def _check_keys(node: DictConfig, allowed: tuple[str, ...], prefix: str) -> None:
-    """Keys added with ``+key=value`` bypass the schema; refuse them here."""
+    """Keys added with ``+key=value`` bypass the schema; refuse them here (one short line:
+    the closest keys, then a count and where the rest are listed)."""
+    where = "conf/eval/<name>.yaml" if prefix == "eval." else "conf/config.yaml"
     for key in node:
         if key not in allowed and key != "hydra":
             raise ConfigError(
-                f"{prefix}{key}={node[key]!r} is not a setting of the cell; "
-                f"allowed keys: {', '.join(allowed)}{did_you_mean(str(key), allowed)}"
+                f"{prefix}{key}={repr(node[key])[:40]} is not a setting of the cell; allowed "
+                f"keys: {short_allowed(str(key), allowed, where)}{did_you_mean(str(key), allowed)}"
             )
 
 
@@ -249,7 +321,7 @@ def check_cell(cfg: DictConfig) -> None:
         plain_name("model_family", cfg.model_family)
     if not str(cfg.results_dir).strip():
         raise ConfigError("results_dir=''; allowed: a folder path")
-    if not _DEVICE.match(str(cfg.device)):
+    if not DEVICE_PATTERN.match(str(cfg.device)):
         raise ConfigError(f"device={cfg.device!r} is unknown; allowed: {DEVICES_ALLOWED}")
     _int_at_least("seed", cfg.seed, minimum=0)
     if cfg.bits != BASELINE_BITS:

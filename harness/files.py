@@ -112,6 +112,9 @@ def writable_dir_problem(folder: str | os.PathLike, field: str = "results_dir") 
         return str(err)
     probe = path
     while not probe.exists():
+        if probe.is_symlink():  # exists() follows links: a dangling one cannot be created
+            return (f"{field}={str(folder)!r}: {str(probe)!r} is a dangling symbolic link "
+                    f"(to {os.readlink(probe)!r}); allowed: a folder, or a path that can be created")  # fmt: skip
         if probe == probe.parent:
             break
         probe = probe.parent

@@ -29,6 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from harness.config import device_problem
 from harness.records import BASELINE_BITS
 
 NON_RESULT_FIELDS = (
@@ -121,24 +122,44 @@ def model_numerics(cfg: DictConfig, target: Target = LOCAL) -> tuple[str, str, P
     ``harness.models.inspect_model``, which keeps what it read per folder until a file in it
     changes: never stale). A sweep plan asks once per (model, settings) in
     ``harness.run.CellValidator``.
+
+    This is the validation's step (``harness.run.validate_cell``), so with the ``LOCAL``
+    target (the cell runs on this host, not in a planned job) a device this host lacks is
+    refused too (:func:`device_problem`). :func:`resolve` and :func:`cell_id` skip that
+    check: a cell's identity can be computed anywhere.
     """
-    return _numerics(
+    found = _numerics(
         str(cfg.model), str(cfg.zoo_dir), bool(cfg.trust_remote_code), str(cfg.device),
         str(cfg.compute_dtype), target,
     )  # fmt: skip
+    if target.cuda_available is None:
+        problem = device_problem(str(cfg.device))
+        if problem:
+            raise ValueError(problem)
+    return found
 
 
 def resolve(cfg: DictConfig, target: Target = LOCAL) -> Resolved:
     """Resolve numerics and data sources of a cell (reads config.json and hashes data files,
-    both cached per process: a sweep pays once per model and once per file)."""
+    both cached per process: a sweep pays once per model and once per file).
+
+    A perplexity text must give at least one window of ``seqlen`` tokens with the model's own
+    tokenizer (``harness.evaluate.perplexity.check_windows``, memoised per model and file):
+    a data source that cannot produce a measurement is refused here, with the sources.
+    """
     from harness.evaluate.datasets import text_source
+    from harness.evaluate.perplexity import check_windows
     from harness.evaluate.tasks import task_sources
 
-    device_class, dtype, model_dir = model_numerics(cfg, target)
+    device_class, dtype, model_dir = _numerics(
+        str(cfg.model), str(cfg.zoo_dir), bool(cfg.trust_remote_code), str(cfg.device),
+        str(cfg.compute_dtype), target,
+    )  # fmt: skip
     sources: dict[str, tuple[str, str]] = {}
     for entry in cfg.eval.perplexity:
         src = text_source(entry.name, entry.get("path"), cfg.data_root, model_dir)
         sources[f"ppl:{entry.name}"] = (src.source, src.version)
+    check_windows(cfg.eval.perplexity, cfg.data_root, model_dir)
     tasks = list(cfg.eval.tasks)
     for name, src in task_sources(tasks, cfg.data_root, model_dir).items() if tasks else ():
         sources[name] = (src.source, src.version)

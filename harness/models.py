@@ -55,8 +55,10 @@ from harness.placement import (
 
 __all__ = [
     "PROXY_PAIRS",
+    "CheckpointMismatch",
     "LoadedModel",
     "ModelInfo",
+    "check_loading_info",
     "count_params",
     "decoder_layers",
     "embedding_modules",
@@ -176,13 +178,54 @@ def _from_pretrained(
     config = AutoConfig.from_pretrained(source, **common)
     if device_map is not None:
         common["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(
+    model, loading = AutoModelForCausalLM.from_pretrained(
         source, config=config, dtype=dtype, use_safetensors=use_safetensors, weights_only=True,
-        **common,
+        output_loading_info=True, **common,
     )  # fmt: skip
+    check_loading_info(source, loading)
     common.pop("device_map", None)
     tokenizer = AutoTokenizer.from_pretrained(source, **common)
     return model, tokenizer
+
+
+class CheckpointMismatch(RuntimeError):
+    """transformers loaded a model whose weights do not all come from the checkpoint.
+
+    A RuntimeError, not a refusal: it is known only after loading, so the cell is recorded
+    ``failed`` (exit 1), never ``ok``.
+    """
+
+
+def check_loading_info(source: str, loading: dict) -> None:
+    """Raise :class:`CheckpointMismatch` when transformers reports weights it did not load.
+
+    Why: transformers fills a tensor missing from the checkpoint with a fresh random init
+    and only logs "MISSING ... newly initialized"; a cell on such a model would be recorded
+    ``ok`` with a wrong number. The pre-load check (:func:`harness.model_files.weights_problem`)
+    refuses this before loading where it can; this is the second line of defence (a model
+    whose own Python builds it, or a check skipped for another reason). ``loading``: what
+    ``from_pretrained(..., output_loading_info=True)`` returns beside the model.
+    """
+    missing = sorted(map(str, loading.get("missing_keys") or ()))
+    mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k)
+                        for k in loading.get("mismatched_keys") or ())  # fmt: skip
+    errors = [str(e).splitlines()[0] for e in loading.get("error_msgs") or () if str(e).strip()]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weight(s) missing from the checkpoint were filled with "
+                        f"random values: {missing[:3]}")  # fmt: skip
+    if mismatched:
+        problems.append(f"{len(mismatched)} weight(s) have another shape than the model: "
+                        f"{mismatched[:3]}")  # fmt: skip
+    if errors:
+        problems.append(f"loading errors: {errors[:2]}")
+    if problems:
+        raise CheckpointMismatch(f"model={source!r}: " + "; ".join(problems)
+                                 + "; the weights do not match config.json")  # fmt: skip
+    unexpected = sorted(map(str, loading.get("unexpected_keys") or ()))
+    if unexpected:
+        log.warning("model %s: %d checkpoint tensor(s) not used by the model: %s", source,
+                    len(unexpected), unexpected[:3])  # fmt: skip
 
 
 def load_model(

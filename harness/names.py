@@ -12,6 +12,8 @@ import difflib
 from collections.abc import Iterable
 
 MAX_LISTED = 20  # lists longer than this show only the closest matches and a count
+SHORT_LISTED = 5  # names a shortened list shows, the closest first
+MAX_LIST_CHARS = 100  # a list written longer than this shows the closest few and a count
 
 
 def closest(value: str, known: Iterable[str], n: int = 1, cutoff: float = 0.6) -> list[str]:
@@ -30,13 +32,31 @@ def unknown_name(
 ) -> ValueError:
     """``field=value is unknown; allowed: [...]; did you mean ...?`` as a ValueError.
 
-    At most :data:`MAX_LISTED` names are listed: beyond that, the closest ones and the count.
+    At most :data:`MAX_LISTED` names, written in at most :data:`MAX_LIST_CHARS` characters,
+    are listed: beyond that, the closest ones and the count (a refusal stays one short line).
     """
     names = sorted({str(k) for k in known})
     hint = did_you_mean(str(value), names)
-    if len(names) <= MAX_LISTED:
+    if len(names) <= MAX_LISTED and len(str(names)) <= MAX_LIST_CHARS:
         listed = str(names)
+    elif len(names) <= MAX_LISTED:  # a short list of long names: the closest few, a count
+        near = closest(str(value), names, n=SHORT_LISTED, cutoff=0.0)
+        listed = f"{near} ({len(names) - len(near)} more)"
     else:
         near = closest(str(value), names, n=5, cutoff=0.4)
         listed = f"{len(names)} names" + (f", the closest: {near}" if near else "")
     return ValueError(f"{field}={value!r} is unknown; {what}: {listed}{hint}")
+
+
+def short_allowed(value: str, known: Iterable[str], where: str, shown: int = SHORT_LISTED) -> str:
+    """A few allowed names, the closest to ``value`` first, then ``(N more: see <where>)``.
+
+    Why: a refusal is one line a user reads; listing every key of a schema made lines of
+    300+ characters. The closest names come first, so the one meant is usually shown.
+    """
+    names = list(dict.fromkeys(str(k) for k in known))
+    if len(names) <= shown:
+        return ", ".join(names)
+    near = closest(value, names, n=shown, cutoff=0.0)
+    listed = near + [n for n in names if n not in near][: shown - len(near)]
+    return f"{', '.join(listed)} ({len(names) - len(listed)} more: see {where})"

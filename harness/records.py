@@ -9,10 +9,12 @@ Store layout::
 
     RESULTS_DIR/<sweep>/<cell_id>.parquet   # all rows of one cell (ok rows, or one failed row)
     RESULTS_DIR/<sweep>/<cell_id>.yaml      # the resolved cell config, for humans
+    RESULTS_DIR/<sweep>/.cells.index        # one line per write (harness.store_index)
 
 Each cell file is written atomically (temporary file in the same folder, fsync, rename), so a
 crash or SIGKILL mid-write never leaves a partial file under a final name, and two jobs
-writing the same cell cannot interleave bytes.
+writing the same cell cannot interleave bytes. Only regular files are cell files: a FIFO (or
+socket, device, folder) named ``*.parquet`` is named as a problem and never opened.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from harness import store_index
 from harness.files import atomic_output, atomic_write, user_path
 
 log = logging.getLogger(__name__)
@@ -178,16 +181,55 @@ def write_cell(
 
     Through :func:`harness.files.atomic_output`: readers see either the old complete file,
     the new complete file, or none, and the file gets the umask's permissions.
+
+    The pair stays consistent on a full disk or any write error: the parquet is written
+    completely (to its temporary file) before the ``.yaml`` sidecar is touched, and a
+    sidecar written for a parquet that then fails to land is removed, so a sidecar never
+    stands without its cell file. The error is re-raised as an :class:`OSError` naming
+    ``path`` (kbit-run reports it as one line). After the file is in place, one line is
+    appended to the sweep's index (:mod:`harness.store_index`) so ``kbit-status`` need not
+    open it; failing to append is logged, never fatal: the cell file is the truth.
     """
     if not records:
         raise ValueError("write_cell: records is empty; a cell writes at least one row")
     path = Path(path)
     table = to_table(records)  # before any file exists: a value that cannot be stored fails here
-    if config_yaml is not None:
-        atomic_write(path.with_suffix(".yaml"), config_yaml)
-    with atomic_output(path) as fh:
-        pq.write_table(table, fh)
+    sidecar = path.with_suffix(".yaml")
+    wrote_sidecar = False
+    try:
+        with atomic_output(path) as fh:
+            pq.write_table(table, fh)
+            fh.flush()  # every byte in the file now: its size and mtime are final
+            written = os.fstat(fh.fileno())
+            if config_yaml is not None:
+                atomic_write(sidecar, config_yaml)
+                wrote_sidecar = True
+    except OSError as err:
+        if wrote_sidecar and not path.is_file():
+            sidecar.unlink(missing_ok=True)  # never a sidecar without its cell file
+        # strerror stays the system's words and filename is the cell file, so the message
+        # reads "[Errno 28] No space left on device: '<path>'" (kbit-run words it as one line)
+        raise OSError(err.errno, err.strerror or str(err).splitlines()[0], str(path)) from err
+    state, error = summarize_cell(table.column("status").to_pylist(),
+                                  table.column("error").to_pylist())  # fmt: skip
+    store_index.append(path.parent, path.stem, state, error, written.st_size,
+                       written.st_mtime_ns)  # fmt: skip
     return path
+
+
+def summarize_cell(statuses: list[str | None], errors: list[str | None]) -> tuple[str, str]:
+    """(state, first error line) of one cell from its rows' ``status`` and ``error``.
+
+    ``failed`` when any row failed (or there are no rows), ``ok`` when every row is ok,
+    else ``other``; the error is the first line of the first non-empty error ("" if none).
+    The one rule kbit-status counts by, from a cell file or from its index entry.
+    """
+    if STATUS_FAILED in statuses or not statuses:
+        found = [e for e in errors if e]
+        return STATUS_FAILED, (found[0].strip().splitlines() or [""])[0] if found else ""
+    if all(s == STATUS_OK for s in statuses):
+        return STATUS_OK, ""
+    return "other", ""
 
 
 def read_cell(path: str | os.PathLike) -> pa.Table:
@@ -196,10 +238,119 @@ def read_cell(path: str | os.PathLike) -> pa.Table:
 
 
 def cell_files(results_dir: str | os.PathLike, sweep: str | None = None) -> list[Path]:
-    """Every complete cell file in the store (temporary files start with '.' and are ignored)."""
+    """Every complete cell file in the store (temporary files start with '.' and are ignored).
+
+    Only regular files (or symlinks to them): a FIFO, socket, device or folder named
+    ``*.parquet`` is left out without being opened (:func:`cell_entries` names them).
+    """
+    return cell_entries(results_dir, sweep)[0]
+
+
+def cell_entries(
+    results_dir: str | os.PathLike, sweep: str | None = None
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(regular cell files, [(non-regular entry named ``*.parquet``, why)]), both sorted.
+
+    Why: opening a FIFO blocks until a writer appears (``kbit-status`` hung on one), and a
+    device or socket is no cell either. The type comes from the directory listing (or one
+    ``stat``), never from opening the entry.
+    """
     root = Path(results_dir)
-    pattern = f"{sweep}/*.parquet" if sweep else "*/*.parquet"
-    return sorted(p for p in root.glob(pattern) if not p.name.startswith("."))
+    if sweep:
+        folders = [root / sweep]
+    else:
+        try:
+            with os.scandir(root) as it:
+                folders = sorted(root / e.name for e in it if _entry_is_dir(e))
+        except OSError:
+            folders = []
+    files: list[Path] = []
+    odd: list[tuple[Path, str]] = []
+    for folder in folders:
+        for entry, mode in _parquet_entries(folder):
+            path = folder / entry.name
+            if mode is None or stat.S_ISREG(mode):
+                files.append(path)
+            else:
+                odd.append((path, f"{file_kind(mode)}, not a regular file: skipped unopened"))
+    return sorted(files), sorted(odd)
+
+
+def cell_stats(
+    folder: str | os.PathLike,
+) -> tuple[list[tuple[str, os.stat_result]], list[tuple[Path, str]]]:
+    """(sorted (file name, ``stat``) of the regular cell files of one sweep folder, its
+    non-regular ``*.parquet`` entries with why) from one listing: nothing is opened.
+
+    Names and stats rather than paths: ``kbit-status`` compares 20,000 of them with its
+    index, and building and sorting Path objects was most of its time.
+    """
+    folder = Path(folder)
+    files: list[tuple[str, os.stat_result]] = []
+    odd: list[tuple[Path, str]] = []
+    for entry, mode in _parquet_entries(folder):
+        if mode is not None and not stat.S_ISREG(mode):
+            odd.append((folder / entry.name, f"{file_kind(mode)}, not a regular file: "
+                        "skipped unopened"))  # fmt: skip
+            continue
+        try:
+            files.append((entry.name, entry.stat()))
+        except OSError:  # removed meanwhile
+            continue
+    files.sort(key=lambda item: item[0])
+    return files, sorted(odd)
+
+
+def _entry_is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _parquet_entries(folder: Path) -> list[tuple[os.DirEntry, int | None]]:
+    """(entry, file mode or None for a plain regular file) of ``folder``'s ``*.parquet``
+    names that do not start with '.'; a dangling symlink is left out."""
+    found = []
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.name.startswith(".") or not entry.name.endswith(".parquet"):
+                    continue
+                try:
+                    if entry.is_file():  # follows a symlink; d_type, else one stat
+                        found.append((entry, None))
+                        continue
+                    mode = entry.stat().st_mode  # follows a symlink
+                except OSError:  # a dangling symlink, or gone meanwhile
+                    continue
+                found.append((entry, mode))
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return found
+
+
+def file_kind(mode: int) -> str:
+    """A name for a non-regular file type: 'a FIFO', 'a socket', 'a directory', ..."""
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def is_regular_file(path: str | os.PathLike) -> str | None:
+    """None when ``path`` is a regular file (after symlinks), else why not (never opens it)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        return f"cannot stat: {err.strerror or err}"
+    return None if stat.S_ISREG(mode) else f"{file_kind(mode)}, not a regular file"
 
 
 # Without these two a file says nothing about any cell: it cannot be a cell file.
@@ -224,6 +375,11 @@ def _one_line(text: str) -> str:
     """The first non-empty line of ``text``, cut to :data:`_MAX_REASON` characters."""
     line = next((s.strip() for s in str(text).splitlines() if s.strip()), "")
     return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 3] + "..."
+
+
+def reason_line(text: str) -> str:
+    """The first non-empty line of ``text``, cut to 300 characters: one problem line."""
+    return _one_line(text)
 
 
 def schema_problem(schema: pa.Schema) -> str | None:
@@ -264,19 +420,20 @@ def scan_store(results_dir: str | os.PathLike, sweep: str | None = None) -> Stor
     Reads only each file's footer (its schema), on a few threads since the time is file
     opening and I/O, so scanning tens of thousands of cells takes seconds.
     """
-    paths = cell_files(results_dir, sweep)
+    paths, odd = cell_entries(results_dir, sweep)
     workers = min(_MAX_SCAN_THREADS, os.cpu_count() or 1, max(1, len(paths) // 64))
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:
             found = list(pool.map(cell_file_problem, paths, chunksize=64))
     else:
         found = [cell_file_problem(p) for p in paths]
-    scan = StoreScan(files=[], problems=[])
+    scan = StoreScan(files=[], problems=list(odd))
     for path, problem in zip(paths, found, strict=True):
         if problem is None:
             scan.files.append(path)
         else:
             scan.problems.append((path, problem))
+    scan.problems.sort()
     return scan
 
 
@@ -300,6 +457,8 @@ def read_store(
     if not scan.files:
         empty = SCHEMA.empty_table()
         return empty if columns is None else empty.select(columns)
+    import pyarrow.dataset as ds  # here: it imports pandas, which kbit-status never needs
+
     try:  # one multi-threaded scan; per file only when some file's data is damaged
         dataset = ds.dataset([str(p) for p in scan.files], schema=SCHEMA, format="parquet")
         return dataset.to_table(columns=columns)
@@ -327,6 +486,10 @@ def cell_status(path: str | os.PathLike) -> str | None:
     """
     path = Path(path)
     if not path.exists():
+        return None
+    odd = is_regular_file(path)
+    if odd:  # a FIFO would block the open: never opened
+        log_problems([(path, odd)], "cannot be read; its cell will run again")
         return None
     try:
         with pq.ParquetFile(path) as pf:

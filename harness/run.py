@@ -6,6 +6,9 @@ is the unquantized baseline (recorded with method/dtype/dtype_family ``none``).
 Order of work, and what each failure does:
 
 ==============  ===============================================================================
+command line    :func:`prepare_command_line` (``harness.overrides``): no ``_target_``, plain config
+                group options, ``true``/``false`` booleans, nothing set beside a ``format=``;
+                ``~`` and ``$VAR`` in the user paths expanded once (Hydra's folders included)
 compose         Hydra checks types and keys against ``harness.config.CellConfig``
 validate        :func:`validate_cell`: every value rule, the results folder, the data type at k,
                 the model folder (config.json, weight files, remote code), the evaluation data
@@ -14,7 +17,8 @@ validate        :func:`validate_cell`: every value rule, the results folder, the
 run             :func:`run_cell`; a failure here (OOM, an lm-eval exception) writes ONE
                 ``failed`` record holding the error; a NaN/inf in any evaluation writes
                 ``failed`` rows for the tasks it touched (never an ``ok`` accuracy).
-exit            0 when the cell is ok (or already done), 1 when it failed, 2 when refused.
+exit            0 when the cell is ok (or already done), 1 when it failed or its file could not
+                be written (one line, ``cannot write the cell file ...``), 2 when refused.
 ==============  ===============================================================================
 
 Identity (``harness.identity``): the cell id hashes the result-determining config with the
@@ -38,12 +42,22 @@ from typing import Any
 import pyarrow as pa
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
 
-from harness.config import ConfigError, check_cell, eval_limit, method_settings, register_schema
+from harness.config import (
+    USER_PATH_FIELDS,
+    ConfigError,
+    check_bits,
+    check_cell,
+    eval_limit,
+    method_settings,
+    register_schema,
+    with_user_paths,
+)
 from harness.evaluate.datasets import check_text_file, resolve_text_path
 from harness.evaluate.tasks import check_files, check_task_names
 from harness.evaluate.zeroshot import split_tasks
-from harness.files import writable_dir_problem
+from harness.files import user_path, writable_dir_problem
 from harness.identity import (
     LOCAL,
     Resolved,
@@ -56,6 +70,7 @@ from harness.identity import (
     resolve,
 )
 from harness.models import LoadedModel, guess_family, load_model
+from harness.overrides import check_format_config
 from harness.provenance import device_name, provenance_fields
 from harness.quantize.methods import settings_dict
 from harness.records import (
@@ -74,6 +89,7 @@ from harness.refusals import (
     EXIT_FAILED,
     EXIT_REFUSED,
     CellRefused,
+    input_error_line,
     one_line_errors,
     target_overrides,
 )
@@ -108,6 +124,7 @@ def _check_quantization(cfg: DictConfig) -> None:
     from harness.dtypes import check
     from harness.quantize.methods import get_method
 
+    check_bits(cfg.bits)  # the product's range first: 3..8 (the library may build other k)
     check(cfg.dtype.name, cfg.bits, **dtype_overrides(cfg))
     request = quant_request(cfg)
     entry = get_method(request.settings.name)
@@ -117,18 +134,19 @@ def _check_quantization(cfg: DictConfig) -> None:
 
 def _check_eval(cfg: DictConfig, model_dir: Path | None) -> None:
     ev = cfg.eval
+    root = None if cfg.data_root is None else user_path(str(cfg.data_root), "data_root")
     for entry in ev.perplexity:
-        path = resolve_text_path(entry.name, entry.get("path"), cfg.data_root, model_dir)
+        path = resolve_text_path(entry.name, entry.get("path"), root, model_dir)
         if path is not None:
             check_text_file(entry.name, path)
     tasks = list(ev.tasks)
-    check_task_names(tasks, cfg.data_root, model_dir)
-    local, _ = split_tasks(tasks, cfg.data_root, model_dir)
-    check_files(local, cfg.data_root, model_dir)
+    check_task_names(tasks, root, model_dir)
+    local, _ = split_tasks(tasks, root, model_dir)
+    check_files(local, root, model_dir)
 
 
 def _check_data_root(cfg: DictConfig) -> None:
-    if cfg.data_root is not None and not Path(str(cfg.data_root)).expanduser().is_dir():
+    if cfg.data_root is not None and not user_path(str(cfg.data_root), "data_root").is_dir():
         raise ConfigError(f"data_root={cfg.data_root!r} is not a folder; allowed: a folder "
                           "laid out like shared/data (eval/, corpus/), or null for the hub")  # fmt: skip
 
@@ -153,9 +171,11 @@ def validate_cell(cfg: DictConfig, target: Target = LOCAL) -> Resolved:
 
     Returns the resolved numerics and data sources (what the cell id is computed from).
     Every check that can fail after hours of work is made here first, including building a
-    trial record: a value that cannot be stored fails now, not after the evaluation.
+    trial record: a value that cannot be stored fails now, not after the evaluation. The
+    user paths are read as :func:`harness.config.with_user_paths` reads them (``~``, ``$VAR``).
     """
     try:
+        cfg = with_user_paths(cfg)
         check_cell(cfg)
         _check_data_root(cfg)
         _check_results_dir(cfg)
@@ -195,6 +215,8 @@ class CellValidator:
     values it reads, so it runs once per distinct key:
 
     ===================  ========================================================================
+    user paths           (results_dir, data_root, zoo_dir): expanded as validate_cell expands them
+                         (``with_user_paths``); every later key and check sees the expanded values
     check_cell           every top-level field but those in _NOT_READ_BY_CHECK_CELL (bits: 16 or
                          not; block_size and method: not at 16 bits); keys in their order
     data_root folder     data_root                  results folder    (results_dir, sweep)
@@ -206,7 +228,8 @@ class CellValidator:
                          (16 bits or (method, dtype)), the provenance strings taken once per
                          plan); Arrow converts each column on its own, so only values new to
                          their column are converted, and ``to_table`` runs when one fails
-    cell id              per cell, from the plain data (``harness.identity.identity_data``)
+    cell id              per cell, from the plain data as given (``identity_data``), as the
+                         planner's ``cell_id(cfg, resolved)`` computes it
     ===================  ========================================================================
 
     One validator per plan: files (model folders, data, the results folder) are read at most
@@ -258,10 +281,15 @@ class CellValidator:
         composed: list[DictConfig] = []
 
         def cfg() -> DictConfig:
-            if not composed:
-                composed.append(make_cfg())
+            if not composed:  # the user paths as validate_cell reads them (~, $VAR)
+                composed.append(with_user_paths(make_cfg()))
             return composed[0]
 
+        given = cell
+        paths = tuple((k, self.freeze(cell.get(k))) for k in USER_PATH_FIELDS)
+        expanded = self._step(("user_paths", paths),
+                              lambda: {k: cfg().get(k) for k in USER_PATH_FIELDS if k in cell})  # fmt: skip
+        cell = {**cell, **expanded}
         f = {k: self.freeze(v) for k, v in cell.items()}
         baseline = cell.get("bits") == BASELINE_BITS
         skip = _NOT_READ_BY_CHECK_CELL | ({"block_size", "method"} if baseline else set())
@@ -289,7 +317,7 @@ class CellValidator:
         if ident is None or ident[0] is not resolved:
             ident = (resolved, resolved.data_identity(), resolved.data_digest)
             self._identity[id(resolved)] = ident
-        cid = identity_hash(identity_data(cell, resolved, ident[1]))
+        cid = identity_hash(identity_data(given, resolved, ident[1]))  # as cell_id(cfg, ...)
         try:
             fields = cell_fields(cell, resolved, cid, quant, ident[2], self._provenance)
             self._trial(Record(**fields))
@@ -320,17 +348,40 @@ class CellValidator:
         self._stored.update(item for item, _ in new)
 
 
+def _expand_in_place(config: DictConfig) -> None:
+    """Write the user paths of Hydra's own config as :func:`with_user_paths` reads them, so
+    Hydra's folders (``${results_dir}/.hydra/...``, resolved after the callbacks) are made
+    under the expanded path, never a literal ``./~``."""
+    expanded = with_user_paths(config)
+    if expanded is not config:
+        with read_write(config), open_dict(config):
+            for name in USER_PATH_FIELDS:
+                config[name] = expanded[name]
+
+
 class ValidateCell(Callback):
     """Hydra callback: a single run's cell is validated before Hydra creates any folder."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        cell = copy.deepcopy(config)
-        with read_write(cell), open_dict(cell):
-            cell.pop("hydra", None)
         try:
+            _expand_in_place(config)
+            check_format_config(config, config.hydra.runtime.choices.get("format"))
+            cell = copy.deepcopy(config)
+            with read_write(cell), open_dict(cell):
+                cell.pop("hydra", None)
             validate_cell(cell)
         except ConfigError as err:
             raise CellRefused(err) from err
+        except OmegaConfBaseException as exc:  # e.g. an interpolation that does not resolve
+            raise CellRefused(ConfigError(input_error_line(exc) or str(exc))) from exc
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:  # the sweep folder (hydra.sweep.dir) is made under the expanded results_dir
+            _expand_in_place(config)
+        except ConfigError as err:
+            raise CellRefused(err) from err
+        except OmegaConfBaseException as exc:
+            raise CellRefused(ConfigError(input_error_line(exc) or str(exc))) from exc
 
 
 # ----------------------------------------------------------------------------- the cell
@@ -544,6 +595,7 @@ def run_cell(
     from harness.quantize import restore_model
 
     start = time.perf_counter()
+    cfg = with_user_paths(cfg)
     resolved = resolved or validate_cell(cfg)
     cache = model_cache or ModelCache()
     loaded, reused = cache.get(cfg, resolved)
@@ -586,6 +638,23 @@ def cell_outcome(records: list[Record]) -> str:
 # ----------------------------------------------------------------------------- entry point
 _MODEL_CACHE = ModelCache()  # one per process: in-process multirun cells share the model
 _OUTCOMES: list[str] = []  # statuses of the cells this process ran (the single-run exit code)
+_WRITE_ERRORS: list[str] = []  # a single run's cell file that could not be written (one line)
+
+
+class CellWriteError(OSError):
+    """The cell ran but its file could not be written (a full disk, a folder made read-only).
+
+    One line, ``cannot write the cell file <path>: <strerror>``; a single ``kbit-run`` prints
+    it and exits 1 instead of Hydra's traceback.
+    """
+
+    def __init__(self, path: Path, err: OSError) -> None:
+        super().__init__(err.errno, f"cannot write the cell file {path}: "
+                                    f"{err.strerror or str(err).splitlines()[0]}")  # fmt: skip
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def run_and_record(cfg: DictConfig, model_cache: ModelCache | None = None) -> str:
@@ -593,6 +662,7 @@ def run_and_record(cfg: DictConfig, model_cache: ModelCache | None = None) -> st
 
     A cell that cannot run raises :class:`ConfigError` and writes nothing.
     """
+    cfg = with_user_paths(cfg)
     resolved = validate_cell(cfg)
     cid = cell_id(cfg, resolved)
     path = cell_path(cfg.results_dir, cfg.sweep, cid)
@@ -605,7 +675,10 @@ def run_and_record(cfg: DictConfig, model_cache: ModelCache | None = None) -> st
     except Exception as exc:  # after validation: record the failure, let the sweep go on
         log.error("cell %s failed: %s", cid, exc, exc_info=True)
         records = [failed_record(cfg, exc, time.perf_counter() - start, resolved)]
-    write_cell(records, path, OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        write_cell(records, path, OmegaConf.to_yaml(cfg, resolve=True))
+    except OSError as err:
+        raise CellWriteError(path, err) from err
     status = cell_outcome(records)
     errors = sorted({(r.error or "").splitlines()[0] for r in records if r.status != STATUS_OK})
     if errors:
@@ -626,7 +699,12 @@ def _hydra_task(cfg: DictConfig) -> None:
 
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if not multirun:
-        _OUTCOMES.append(run_and_record(cfg, _MODEL_CACHE))
+        try:
+            _OUTCOMES.append(run_and_record(cfg, _MODEL_CACHE))
+        except CellWriteError as err:  # reported by main() in one line, exit 1
+            log.error("%s", err)
+            _WRITE_ERRORS.append(str(err))
+            _OUTCOMES.append(STATUS_FAILED)
         return
     status = STATUS_FAILED
     try:
@@ -647,13 +725,22 @@ def main() -> None:
     """
     import hydra
 
+    _OUTCOMES.clear()
+    _WRITE_ERRORS.clear()
     bad = target_overrides(sys.argv[1:])
     if bad:
-        sys.stderr.write(f"kbit-run: {bad[0]!r}: overriding a _target_ (an import path Hydra "
-                         "would call) is not allowed on the command line; allowed: the "
-                         "config fields of conf/config.yaml and the launcher settings\n")  # fmt: skip
+        sys.stderr.write(f"kbit-run: {bad[0]!r}: a _target_ (an import path Hydra would call) "
+                         "in an override's key or value is not allowed; allowed: the config "
+                         "fields of conf/config.yaml and the launcher settings\n")  # fmt: skip
         sys.exit(EXIT_REFUSED)
-    register_schema()
+    try:
+        sys.argv = [sys.argv[0], *prepare_command_line(sys.argv[1:])]
+        register_schema()  # reads $KBIT_DTYPE_DIR (expanded above)
+    except (ConfigError, ValueError) as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.stderr.write(f"kbit-run: {(str(err).strip().splitlines() or [repr(err)])[0]}\n")
+        sys.exit(EXIT_REFUSED)
     conf = Path(__file__).resolve().parents[1] / "conf"  # absolute: relative means a package
     try:
         with one_line_errors():
@@ -665,8 +752,33 @@ def main() -> None:
             raise refused.error from None
         sys.stderr.write(f"kbit-run: {refused.error}\n")
         sys.exit(EXIT_REFUSED)
+    if _WRITE_ERRORS:
+        sys.stderr.write(f"kbit-run: {_WRITE_ERRORS[-1]}\n")
     if STATUS_FAILED in _OUTCOMES:
         sys.exit(EXIT_FAILED)
+
+
+def prepare_command_line(argv: list[str]) -> list[str]:
+    """``argv`` checked and normalised before Hydra composes (:mod:`harness.overrides`).
+
+    Refuses (:class:`ConfigError`, one line) an override Hydra's grammar rejects, a config
+    group option that is not a plain name, a non-boolean value of a boolean setting, and a
+    field set beside a format that fixes it. Rewrites the user paths (``results_dir``,
+    ``data_root``, ``zoo_dir`` and the ``KBIT_*`` path variables, in ``os.environ``) to the
+    expanded path, so this process and every job a launcher starts compose the same path.
+    """
+    from harness.overrides import (
+        check_overrides,
+        command_overrides,
+        expand_path_env,
+        expand_path_overrides,
+    )
+
+    overrides = command_overrides(argv)
+    check_overrides(overrides)
+    rewritten = dict(zip(overrides, expand_path_overrides(overrides), strict=True))
+    expand_path_env()
+    return [rewritten.get(a, a) for a in argv]
 
 
 if __name__ == "__main__":

@@ -8,28 +8,37 @@ cell file. Hydra's basic sweeper launches every combination as given; :class:`Kb
 planning step:
 
 ============  ===========================================================================
+check         the sweeper's own settings: an unknown key (``params`` misspelt, a
+              ``jobs``/``resources`` key) is named with its file and the closest keys
+count         the grid's size from its dimensions, without expanding it: a grid with no
+              cells, or above ``hydra.sweeper.max_cells``, is refused at once
 expand        cartesian product of ``hydra.sweeper.params`` and the command line, with the
               model as the slowest-varying dimension (in-process launches reuse the model)
 compose       every cell's config, as the job will see it (composed once per combination of
               config-group choices, then value overrides applied: fast for 35,000 cells)
 validate      ``harness.run.validate_cell`` on each cell (dtype/bits legal, model and data
-              reachable), results folder writable; all problems reported in ONE error
+              reachable), results folder writable; all problems reported in ONE line
 deduplicate   cells with the same ``cell_id`` (e.g. the 16-bit baseline under every data
               type) run once; two jobs never write the same file
+live jobs     the scheduler says which cells live jobs of an earlier launch hold, BEFORE the
+              store is read: a cell finishing in between is held or done, never re-run
 resume        cells whose record says ``ok`` are skipped; ``failed`` ones are queued again
 ============  ===========================================================================
 
-The plan is logged as ``cells in total, done, failed, to run`` and recorded in
-``RESULTS_DIR/<sweep>/sweep_manifest.json`` (so ``kbit-status`` can count pending cells).
+The plan is logged as ``cells in total, done, failed, to run`` and, once the launch is not
+refused, recorded in ``RESULTS_DIR/<sweep>/sweep_manifest.json`` (so ``kbit-status`` can count
+pending cells). A refused sweep is one line (:class:`SweepError` with ``refused``), exit 2,
+and writes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
+import math
 import os
+import pickle
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,19 +49,28 @@ from typing import Any
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
+from hydra.core.override_parser.types import Override, RangeSweep
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from harness.cluster.jobs import cell_meta
-from harness.files import atomic_write, writable_dir_problem
+from harness.config import ConfigError
+from harness.files import atomic_write, user_path, writable_dir_problem
 from harness.identity import LOCAL, Target
+from harness.overrides import check_overrides
 from harness.records import STATUS_FAILED, STATUS_OK, cell_path, cell_status
+from harness.store_cli import MANIFEST_NAME as MANIFEST
+from harness.store_cli import read_manifest
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "sweep_manifest.json"
-MAX_PROBLEMS_SHOWN = 12
+MAX_PROBLEMS_SHOWN = 12  # problems logged one per line (stdout) when a grid is refused
+PROBLEMS_IN_LINE = 3  # of which the refusal's one line (stderr) names the first ones
+# A grid above this many cells is refused before it is expanded (hydra.sweeper.max_cells):
+# planning is ~1 ms per cell, and a grid of millions is a typo more often than a plan.
+DEFAULT_MAX_CELLS = 100_000
+# hydra.sweeper's settings (conf/hydra/sweeper/kbit.yaml); anything else is a typo
+SWEEPER_KEYS = ("max_batch_size", "params", "grids", "jobs", "resources", "dry_run", "max_cells")
 
 
 class SweepError(CompactHydraException):
@@ -60,8 +78,16 @@ class SweepError(CompactHydraException):
     or whose launched cells did not all finish ok (exit 1)."""
 
     def __init__(self, message: str, refused: bool = False) -> None:
+        if refused:  # a refusal is one line on stderr (README "What a cell guarantees")
+            message = one_line(message)
         super().__init__(message)
         self.refused = refused
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: its lines joined with "; " (e.g. a scheduler's multi-line error)."""
+    parts = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return "; ".join(p.rstrip(";") for p in parts) if parts else str(text).strip()
 
 
 @dataclass
@@ -86,6 +112,9 @@ class SweepPlan:
     problems: list[str] = field(default_factory=list)
     duplicates: int = 0
     invalid: int = 0  # cells with a problem (not in ``cells``)
+    # (results_dir, sweep, cell_id) -> the live job of an earlier launch holding the cell (cells
+    # without an ok record; asked before the store was read: see plan_sweep's ``live``)
+    held: dict[tuple[str, str, str], Any] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Cells in total, done, failed and to run: the summary printed before launching."""
@@ -162,9 +191,9 @@ class CellComposer:
         self._composed: dict[tuple[str, ...], DictConfig] = {}
         self._is_group: dict[str, bool] = {}
         # for plain(): group choices -> (composed?, plain data | the error), and
-        # (group choices, value override) -> its effect (see _one_effect)
+        # (group choices, value overrides of one top-level field) -> their effect (_one_effect)
         self._bases: dict[tuple[str, ...], tuple[bool, Any]] = {}
-        self._effects: dict[tuple[tuple[str, ...], str], tuple[Any, str, Any]] = {}
+        self._effects: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[Any, str, Any]] = {}
 
     def _parse(self, item: str) -> Override:
         if item not in self._parsed:
@@ -188,7 +217,7 @@ class CellComposer:
             with read_write(cfg), open_dict(cfg):
                 cfg.pop("hydra", None)
             self._composed[groups] = cfg
-        cfg = copy.deepcopy(self._composed[groups])
+        cfg = copy_config(self._composed[groups])
         values = [o for o in parsed if not self._group(o)]
         with read_write(cfg):
             ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
@@ -199,25 +228,30 @@ class CellComposer:
         without composing, or None where that shortcut does not apply (then compose).
 
         Raises what :meth:`compose` raises. Why it is the same: the group composition is
-        resolved to plain data once; each value override (``bits=4``) is applied once, alone,
-        to a copy of the group composition, and its effect is the new value of the one
-        top-level field it names (an override that changes any other field, or whose value
-        is an interpolation, is not used). Overrides of distinct top-level fields are
-        independent, so a cell is the composition's plain data with each effect put in;
-        cells where two overrides name one top-level field are composed.
+        resolved to plain data once; the value overrides (``bits=4``, ``eval.limit=5``) of one
+        top-level field are applied together, in their order, to a copy of the group
+        composition, once per distinct combination, and their effect is the new value of that
+        one field (overrides that change any other field, or whose value is an interpolation,
+        are not used). Overrides of distinct top-level fields are independent, so a cell is
+        the composition's plain data with each field's effect put in.
         """
         parsed = [self._parse(o) for o in overrides]
         groups = tuple(o.input_line for o in parsed if self._group(o))
         base = self._plain_base(groups)
         if base is None:
             return None
-        effects = [self._effect(groups, o) for o in parsed if not self._group(o)]
-        tops = [e[1] for e in effects]
-        if any(e[0] is None for e in effects) or len(set(tops)) != len(tops):
+        by_top: dict[str, list[Override]] = {}
+        for o in parsed:
+            if not self._group(o):
+                by_top.setdefault(o.key_or_group.split(".")[0], []).append(o)
+        effects = [self._effect(groups, top, tuple(os)) for top, os in by_top.items()]
+        if any(e[0] is None for e in effects):
             return None
-        for ok, _top, value in effects:  # the first failing override, as compose raises it
-            if not ok:
-                raise value.with_traceback(None)
+        failed = [e for e in effects if not e[0]]
+        if failed:  # the first failing override in the cell's order, as compose raises it
+            position = {o.input_line: i for i, o in enumerate(parsed)}
+            first = min(failed, key=lambda e: position.get(e[2][0], 0))
+            raise first[2][1].with_traceback(None)
         cell = dict(base)
         for _ok, top, value in effects:
             if value is _DELETED:
@@ -244,23 +278,28 @@ class CellComposer:
             raise value.with_traceback(None)
         return value
 
-    def _effect(self, groups: tuple[str, ...], override: Override) -> tuple[Any, str, Any]:
-        """(ok | False | None, top-level field, new plain value | _DELETED | the error)."""
-        key = (groups, override.input_line)
+    def _effect(
+        self, groups: tuple[str, ...], top: str, overrides: tuple[Override, ...]
+    ) -> tuple[Any, str, Any]:
+        """(True | False | None, top-level field, new plain value | _DELETED |
+        (failing override's input line, its error))."""
+        key = (groups, tuple(o.input_line for o in overrides))
         if key not in self._effects:
-            self._effects[key] = self._one_effect(groups, override)
+            self._effects[key] = self._one_effect(groups, top, overrides)
         return self._effects[key]
 
-    def _one_effect(self, groups: tuple[str, ...], override: Override) -> tuple[Any, str, Any]:
-        top = override.key_or_group.split(".")[0]
-        if "$" in str(override.input_line):  # an interpolation: resolved in its cell's context
+    def _one_effect(
+        self, groups: tuple[str, ...], top: str, overrides: tuple[Override, ...]
+    ) -> tuple[Any, str, Any]:
+        if any("$" in str(o.input_line) for o in overrides):  # resolved in its cell's context
             return None, top, None
-        cfg = copy.deepcopy(self._composed[groups])
-        try:
-            with read_write(cfg):
-                ConfigLoaderImpl._apply_overrides_to_config([override], cfg)
-        except Exception as exc:
-            return False, top, exc
+        cfg = copy_config(self._composed[groups])
+        for override in overrides:  # one at a time: the failing one is the one compose names
+            try:
+                with read_write(cfg):
+                    ConfigLoaderImpl._apply_overrides_to_config([override], cfg)
+            except Exception as exc:
+                return False, top, (override.input_line, exc)
         try:
             after = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         except Exception:
@@ -274,24 +313,39 @@ class CellComposer:
         return True, top, after.get(top, _DELETED)
 
 
+def copy_config(cfg: DictConfig) -> DictConfig:
+    """A deep copy of a composed config, node for node (types, flags, interpolations).
+
+    Why not ``copy.deepcopy``: OmegaConf's deepcopy walks every node in Python (~5 ms for a
+    cell config); a pickle round trip gives the same nodes in less than half the time, and a
+    plan copies the composition once per distinct group choices and check.
+    """
+    return pickle.loads(pickle.dumps(cfg, protocol=pickle.HIGHEST_PROTOCOL))
+
+
 def results_dir_problem(folder: str | os.PathLike) -> str | None:
     """Why cell files cannot be written under ``folder`` (None when they can); creates nothing."""
     return writable_dir_problem(folder)
 
 
-def launch_target(launcher: DictConfig | None) -> Target:
+def launch_target(launcher: DictConfig | None, resources: Any = None) -> Target:
     """The machine class the launcher's jobs run on, for resolving ``device=auto``.
 
     Why: a sweep is planned on a login node without a GPU, and its cell ids must be the ones
     the jobs compute on GPU nodes. A submitit launcher (Slurm or local processes) runs on
-    GPUs when it asks for them (``gpus_per_node``, ``gpus_per_task`` or a ``gpu`` gres);
-    the in-process launcher runs here.
+    GPUs when it asks for them (``gpus_per_node``, ``gpus_per_task`` or a ``gpu`` gres) or
+    when the sweep's per-model resource rule (``hydra.sweeper.resources``, ``resources``
+    here) gives its jobs GPUs: the rule asks for at least one GPU per job unless its
+    ``device`` is ``cpu``. The in-process launcher runs here.
     """
     target = str(launcher.get("_target_", "")) if launcher is not None else ""
     if not any(name in target for name in ("submitit", "kbit_launcher")):
         return LOCAL
     gpus = [launcher.get(k) for k in ("gpus_per_node", "gpus_per_task")]
     asks = any(_positive(g) for g in gpus) or "gpu" in str(launcher.get("gres") or "")
+    if resources is not None and not asks:
+        rule = dict(_plain(resources) or {}) if not isinstance(resources, dict) else resources
+        asks = str(rule.get("device", "cuda")) != "cpu"
     return Target(cuda_available=asks)
 
 
@@ -330,8 +384,9 @@ def plan_sweep(
     cell_id: Callable[..., str] | None = None,
     validate: Callable[[DictConfig], Any] | None = None,
     target: Target = LOCAL,
+    live: Callable[[Sequence[Cell]], dict[tuple[str, str, str], Any]] | None = None,
 ) -> SweepPlan:
-    """Compose, validate, deduplicate and look up every cell of ``grid``; raises nothing.
+    """Compose, validate, deduplicate and look up every cell of ``grid``.
 
     ``validate(cfg)`` raises for a bad cell and may return the cell's resolved numerics and
     data sources, which are then passed to ``cell_id(cfg, resolved)`` and pinned into the
@@ -340,6 +395,13 @@ def plan_sweep(
 
     With the default hooks and a :class:`CellComposer`, cells are planned by
     :func:`_fast_outcome` (the same ids, problems and pins, a few hundred times faster).
+
+    ``live(cells)`` (e.g. :func:`harness.cluster.jobs.held_by_live_jobs`) says which cells
+    live jobs of an earlier launch hold; it is asked BEFORE the store is read (when the grid
+    has no problem), so a cell whose job finishes between the two reads is either held or
+    done, never planned to run again. Its holds of cells without an ok record are
+    ``plan.held``. It alone may raise: a :class:`SweepError` (refused) when the scheduler
+    cannot say what its live jobs hold.
     """
     outcome = None
     if cell_id is None and validate is None:
@@ -353,7 +415,6 @@ def plan_sweep(
     problems: OrderedDict[str, list[Sequence[str]]] = OrderedDict()
     described: dict[int, tuple[BaseException, str]] = {}
     dirs: dict[tuple[str, str], str | None] = {}
-    listings: dict[tuple[str, str], frozenset[str]] = {}
     for overrides in _progress(grid):
         try:
             cid, results_dir, sweep, pins, meta = outcome(overrides)
@@ -371,14 +432,32 @@ def plan_sweep(
             plan.duplicates += 1
             continue
         seen.add((sweep, cid))
-        status = _status(results_dir, sweep, cid, listings)
-        plan.cells.append(Cell([*overrides, *pins], cid, sweep, results_dir, status, meta()))
+        plan.cells.append(Cell([*overrides, *pins], cid, sweep, results_dir, None, meta()))
     plan.invalid = sum(len(cells) for cells in problems.values())
     plan.problems = [
         f"{msg}  [{len(cells)} cell(s), e.g. {' '.join(cells[0])}]"
         for msg, cells in problems.items()
     ]
+    held: dict[tuple[str, str, str], Any] = {}
+    if live is not None and plan.cells and not plan.problems:
+        try:  # the scheduler first ...
+            held = dict(live(plan.cells))
+        except ValueError as err:  # harness.cluster.jobs.JobsError: whether they run is unknown
+            raise SweepError(
+                f"Sweep not launched (nothing was queued or written): {err}", refused=True
+            ) from None
+    read_statuses(plan.cells)  # ... then the store
+    ok = {(c.results_dir, c.sweep, c.cell_id) for c in plan.cells if c.status == STATUS_OK}
+    plan.held = {k: v for k, v in held.items() if k not in ok}
     return plan
+
+
+def read_statuses(cells: Sequence[Cell]) -> None:
+    """Set each cell's ``status`` from the store (ok | failed | None): each sweep folder is
+    listed once, and only a cell file that is there is read."""
+    listings: dict[tuple[str, str], frozenset[str] | None] = {}
+    for cell in cells:
+        cell.status = _status(cell.results_dir, cell.sweep, cell.cell_id, listings)
 
 
 _Outcome = tuple[str, str, str, list[str], Callable[[], dict[str, Any]]]
@@ -395,11 +474,20 @@ def _outcome(
         cfg = compose(overrides)
         resolved = validate(cfg)
         cid = cell_id(cfg) if resolved is None else cell_id(cfg, resolved)
-        results_dir, sweep = str(cfg.results_dir), str(cfg.sweep)
+        results_dir, sweep = _results_path(cfg.results_dir), str(cfg.sweep)
         pins = pinned_numerics(cfg, resolved)
         return cid, results_dir, sweep, pins, lambda: cell_meta(cfg, resolved)
 
     return outcome
+
+
+def _results_path(value: Any) -> str:
+    """The results folder a cell's job writes: ``~`` and ``$VAR`` expanded as validation
+    expanded them (:func:`harness.files.user_path`), so the store is read where it is written."""
+    try:
+        return str(user_path(str(value), "results_dir"))
+    except ValueError:  # not validated (a test's stub hooks): the value as given
+        return str(value)
 
 
 class _Fields(dict):
@@ -437,7 +525,7 @@ def _fast_outcome(
         if cell is None:
             return slow(overrides)
         resolved, cid = validator(cell, lambda: composer.compose(overrides))
-        results_dir, sweep = str(cell["results_dir"]), str(cell["sweep"])
+        results_dir, sweep = _results_path(cell["results_dir"]), str(cell["sweep"])
         pins = pinned_numerics(cell, resolved)
         return cid, results_dir, sweep, pins, lambda: cell_meta(_Fields(cell), resolved)
 
@@ -481,17 +569,35 @@ def _progress(items: Sequence[Any]) -> Any:
 
 
 def raise_on_problems(plan: SweepPlan, n_cells: int) -> None:
-    """One error naming every distinct problem; nothing has been queued or written yet."""
+    """Refuse a plan with problems (or a grid of no cells) in one line; nothing has been
+    queued or written yet.
+
+    The line names the first :data:`PROBLEMS_IN_LINE` problems (field, value, what is allowed,
+    how many cells share it, one example cell) and how many more there are; when there are
+    several, each is also logged on its own line (stdout), so all can be fixed in one round.
+    """
+    if n_cells == 0:
+        raise SweepError(
+            "Sweep not launched (nothing was queued or written): the grid has no cells; allowed: "
+            "at least one value for every swept field (hydra.sweeper.params, grids, the command "
+            "line)",
+            refused=True,
+        )
     if not plan.problems:
         return
-    shown = plan.problems[:MAX_PROBLEMS_SHOWN]
+    for i, problem in enumerate(plan.problems[:MAX_PROBLEMS_SHOWN] if len(plan.problems) > 1
+                                else [], 1):  # fmt: skip
+        log.error("problem %d of %d: %s", i, len(plan.problems), problem)
+    if len(plan.problems) > MAX_PROBLEMS_SHOWN:
+        log.error("... and %d more problem(s)", len(plan.problems) - MAX_PROBLEMS_SHOWN)
+    shown = plan.problems[:PROBLEMS_IN_LINE]
     more = len(plan.problems) - len(shown)
-    lines = [f"Sweep not launched: {len(plan.problems)} problem(s) in a grid of {n_cells} cells "
-             "(nothing was queued or written):"]  # fmt: skip
-    lines += [f"  - {p}" for p in shown]
-    if more:
-        lines.append(f"  ... and {more} more")
-    raise SweepError("\n".join(lines), refused=True)
+    rest = f" | and {more} more problem(s), each logged above" if more else ""
+    raise SweepError(
+        f"Sweep not launched (nothing was queued or written): {len(plan.problems)} problem(s) "
+        f"in a grid of {n_cells} cells ({plan.invalid} refused): {' | '.join(shown)}{rest}",
+        refused=True,
+    )
 
 
 def write_manifest(plan: SweepPlan) -> list[Path]:
@@ -515,12 +621,44 @@ def write_manifest(plan: SweepPlan) -> list[Path]:
     return written
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, str]:
-    """cell_id -> overrides of every cell ever planned for a sweep ({} if none)."""
+@contextlib.contextmanager
+def manifest_unless_refused(plan: SweepPlan) -> Iterator[list[Path]]:
+    """Write the plan's manifest for a launch, and take it back if the launch is refused.
+
+    Why both: ``kbit-status`` counts a sweep's queued and running cells through the manifest,
+    so it is written before the launcher submits and waits; a submission the scheduler
+    refuses (:class:`SweepError` with ``refused``: nothing was queued) must leave the store as
+    it was, so the manifests (and folders) this wrote are restored. A launch that queued
+    anything keeps them.
+    """
+    before: dict[Path, bytes | None] = {}
+    created: list[Path] = []
+    for path in _manifest_paths(plan):
+        before[path] = path.read_bytes() if path.is_file() else None
+        missing = path.parent
+        while not missing.exists() and missing != missing.parent:
+            created.append(missing)
+            missing = missing.parent
+    written = write_manifest(plan)
     try:
-        return dict(json.loads(Path(path).read_text())["cells"])
-    except (OSError, ValueError, KeyError):
-        return {}
+        yield written
+    except SweepError as err:
+        if err.refused:
+            for path, body in before.items():
+                with contextlib.suppress(OSError):
+                    if body is None:
+                        path.unlink(missing_ok=True)
+                    else:
+                        atomic_write(path, body.decode())
+            for folder in sorted(set(created), key=lambda f: len(f.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty: anything else written there stays
+        raise
+
+
+def _manifest_paths(plan: SweepPlan) -> list[Path]:
+    folders = OrderedDict(((c.results_dir, c.sweep), None) for c in plan.cells)
+    return [Path(results_dir) / sweep / MANIFEST for results_dir, sweep in folders]
 
 
 def expand_union(
@@ -528,20 +666,109 @@ def expand_union(
     params: dict[str, str],
     grids: Sequence[dict[str, str]] | None,
     arguments: Sequence[str],
+    max_cells: int | None = None,
 ) -> list[list[str]]:
     """The union over ``grids`` of product(params x grid x command line), model slowest.
 
     Why: a grid of every data type at every bit width contains illegal cells (nf4 exists only
     at 4 bits), and the baselines are one bit width for all types; a union of products says
     exactly what to run. Command-line overrides apply to every part (and win over both).
+
+    Refused (:class:`SweepError`, one line) before anything is expanded: a value that does not
+    parse, a grid part with no cells (a swept field with no values), and a grid of more than
+    ``max_cells`` cells (counted from its dimensions: a grid of millions is refused at once).
     """
-    parts = grids or [{}]
+    parts = _grid_parts(parser, params, grids, arguments)
+    total = 0
+    for where, overrides in parts:
+        size, empty = _part_size(overrides)
+        if empty:
+            origin = "the command line" if empty[0].input_line in arguments else where
+            raise SweepError(
+                f"Sweep not launched (nothing was queued or written): the grid has no cells: "
+                f"{empty[0].input_line} ({origin}) has no values; allowed: at least one value "
+                "for every swept field",
+                refused=True,
+            )
+        total += size
+    if max_cells is not None and total > max_cells:
+        raise SweepError(
+            f"Sweep not launched (nothing was queued or written): the grid has {total:,} cells, "
+            f"above hydra.sweeper.max_cells={max_cells}; allowed: at most {max_cells:,} cells per "
+            "launch: split the sweep (e.g. one launch per model), or raise "
+            "hydra.sweeper.max_cells (null: no cap)",
+            refused=True,
+        )
     cells: list[list[str]] = []
-    for part in parts:
+    for _where, overrides in parts:
+        cells += expand_grid(overrides)
+    return expand_grid_order(cells)
+
+
+def _grid_parts(
+    parser: OverridesParser,
+    params: dict[str, str],
+    grids: Sequence[dict[str, str]] | None,
+    arguments: Sequence[str],
+) -> list[tuple[str, list[Override]]]:
+    """Each part of the union as parsed overrides, and where it comes from (for messages)."""
+    parts: list[tuple[str, list[Override]]] = []
+    for i, part in enumerate(grids or [{}]):
         merged = {**params, **{str(k): str(v) for k, v in dict(part).items()}}
         listed = [f"{k}={v}" for k, v in merged.items()]
-        cells += expand_grid(parser.parse_overrides([*listed, *arguments]))
-    return expand_grid_order(cells)
+        where = f"hydra.sweeper.grids[{i}] with params" if grids else "hydra.sweeper.params"
+        try:
+            overrides = parser.parse_overrides([*listed, *arguments])
+        except Exception as err:  # Hydra's override grammar: one line naming the value
+            raise SweepError(
+                f"Sweep not launched (nothing was queued or written): {where} or the command "
+                f"line: {err}",
+                refused=True,
+            ) from None
+        for o in overrides:
+            if o.is_sweep_override() and not o.is_discrete_sweep():
+                raise SweepError(
+                    f"Sweep not launched (nothing was queued or written): {o.input_line}: an "
+                    "interval is not a grid; allowed: a list a,b,c, range(...), choice(...) or "
+                    "glob(...)",
+                    refused=True,
+                )
+        try:  # the rules kbit-run applies to its command line, for values a sweep file sets
+            check_overrides([o.input_line for o in overrides])
+        except ConfigError as err:
+            raise SweepError(
+                f"Sweep not launched (nothing was queued or written): {where}: {err}",
+                refused=True,
+            ) from None
+        parts.append((where if grids or params else "the command line", overrides))
+    return parts
+
+
+def _part_size(overrides: Sequence[Override]) -> tuple[int, list[Override]]:
+    """Cells of product(overrides) as Hydra's basic sweeper expands it (a key given twice:
+    the last wins), counted without expanding; and the sweeps that have no value."""
+    dims: dict[str, tuple[int, Override]] = {}
+    for o in overrides:
+        dims[o.get_key_element()] = (_values_count(o), o)
+    size = math.prod(n for n, _ in dims.values())
+    return size, [o for n, o in dims.values() if n == 0]
+
+
+def _values_count(override: Override) -> int:
+    """How many values a (discrete) override sweeps: a range arithmetically (a range of a
+    billion values is counted, not listed), anything else by listing it."""
+    if not override.is_sweep_override():
+        return 1
+    value = override.value()
+    if isinstance(value, RangeSweep) and not all(
+        isinstance(x, int) for x in (value.start, value.stop, value.step)
+    ):
+        n = math.ceil((value.stop - value.start) / value.step) if value.step else 0
+        if n > 1_000_000:  # float steps: listing a million values would stall the check
+            return n
+    elif isinstance(value, RangeSweep):
+        return len(range(int(value.start), int(value.stop), int(value.step or 1)))
+    return sum(1 for _ in override.sweep_string_iterator())
 
 
 def expand_grid_order(cells: list[list[str]]) -> list[list[str]]:
@@ -550,6 +777,82 @@ def expand_grid_order(cells: list[list[str]]) -> list[list[str]]:
     for cell in cells:
         models.setdefault(_value_of(cell, "model") or "", len(models))
     return sorted(cells, key=lambda cell: models[_value_of(cell, "model") or ""])
+
+
+def check_sweeper_settings(sweeper: Any, config: DictConfig) -> None:
+    """Refuse (one line) a ``hydra.sweeper`` key that is not a setting, in the sweeper or in
+    its ``jobs``/``resources`` dicts, naming the key, where it was given (the sweep file or
+    the command line) and the closest allowed keys; and settings of the wrong type."""
+    from harness.names import did_you_mean
+
+    def refuse(key: str, allowed: Sequence[str]) -> None:
+        raise SweepError(
+            f"Sweep not launched (nothing was queued or written): hydra.sweeper.{key} "
+            f"({setting_source(config, key)}) is not a setting; allowed: {', '.join(allowed)}"
+            f"{did_you_mean(key.rpartition('.')[2], allowed)}",
+            refused=True,
+        )
+
+    for key in getattr(sweeper, "unknown", {}):
+        refuse(str(key), SWEEPER_KEYS)
+    for name, allowed in (("jobs", _dataclass_keys("harness.cluster.packing", "JobsConf")),
+                          ("resources", _dataclass_keys("harness.cluster.resources",
+                                                        "ResourceConf"))):  # fmt: skip
+        value = getattr(sweeper, name, None)
+        if isinstance(value, dict):
+            for key in value:
+                if str(key) not in allowed:
+                    refuse(f"{name}.{key}", allowed)
+    params, grids = _plain(getattr(sweeper, "params", None)), getattr(sweeper, "grids", None)
+    problems = []
+    if params is not None and not isinstance(params, dict):
+        problems.append(f"hydra.sweeper.params={params!r}; allowed: a dict of field: values")
+    if grids is not None and not (
+        isinstance(grids, list) and all(isinstance(g, dict) for g in grids)
+    ):
+        problems.append(f"hydra.sweeper.grids={grids!r}; allowed: a list of dicts of field: values")
+    cap = getattr(sweeper, "max_cells", None)
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        problems.append(f"hydra.sweeper.max_cells={cap!r}; allowed: an integer >= 1, or null "
+                        "(no cap)")  # fmt: skip
+    if problems:
+        key = problems[0].split("=")[0].removeprefix("hydra.sweeper.")
+        raise SweepError(
+            f"Sweep not launched (nothing was queued or written): {problems[0]} "
+            f"({setting_source(config, key)})",
+            refused=True,
+        )
+
+
+def _dataclass_keys(module: str, name: str) -> tuple[str, ...]:
+    import dataclasses
+    import importlib
+
+    return tuple(f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name)))
+
+
+def setting_source(config: DictConfig | None, key: str) -> str:
+    """Where ``hydra.sweeper.<key>`` was given: the command line, or the sweep file (its
+    path when found on Hydra's search path), else the sweeper's defaults."""
+    hydra_cfg = config.get("hydra") if config is not None else None
+    if hydra_cfg is None:
+        return "given where the sweep is declared"
+    for item in OmegaConf.select(hydra_cfg, "overrides.hydra", default=None) or []:
+        given = str(item).split("=", 1)[0].lstrip("+~")
+        if given.startswith("hydra.sweeper") and (
+            f"hydra.sweeper.{key}".startswith(given) or given.startswith(f"hydra.sweeper.{key}")
+        ):
+            return f"on the command line: {item}"
+    choices = OmegaConf.select(hydra_cfg, "runtime.choices", default=None) or {}
+    name = next((str(v) for k, v in choices.items() if str(k).split("@")[0] == "sweeps"), None)
+    if name is None:
+        return "in conf/hydra/sweeper/kbit.yaml or an overlay"
+    for source in OmegaConf.select(hydra_cfg, "runtime.config_sources", default=None) or []:
+        if source.get("schema") == "file":
+            path = Path(str(source.get("path"))) / "sweeps" / f"{name}.yaml"
+            if path.is_file():
+                return f"in sweeps/{name}.yaml: {path}"
+    return f"in sweeps/{name}.yaml"
 
 
 class KbitSweeper(BasicSweeper):
@@ -570,12 +873,26 @@ class KbitSweeper(BasicSweeper):
         jobs: dict[str, Any] | None = None,
         resources: dict[str, Any] | None = None,
         dry_run: bool = False,
+        max_cells: int | None = DEFAULT_MAX_CELLS,
+        **unknown: Any,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
-        self.grids = [dict(g) for g in grids] if grids else None
+        grids = _plain(grids)
+        well_formed = isinstance(grids, list) and all(isinstance(g, dict) for g in grids)
+        self.grids = [dict(g) for g in grids] if grids and well_formed else grids or None
         self.jobs = _plain(jobs)
         self.resources = _plain(resources)
         self.dry_run = dry_run
+        self.max_cells = max_cells
+        # refused in setup() (one line naming the key, its file and the closest keys): Hydra
+        # reports an exception raised while instantiating as a multi-line traceback
+        self.unknown = dict(unknown)
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
+        """Hydra's setup, after the sweeper's own settings are checked (unknown keys, types,
+        ``max_cells``): a sweep file's typo is refused before anything is planned."""
+        check_sweeper_settings(self, config)
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
         assert (
@@ -592,13 +909,14 @@ class KbitSweeper(BasicSweeper):
         loader = self.hydra_context.config_loader
         parser = OverridesParser.create(config_loader=loader)
         params = {str(k): str(v) for k, v in self.params.items()}
-        grid = expand_union(parser, params, self.grids, arguments)
-        target = launch_target(self.config.hydra.get("launcher"))
-        plan = plan_sweep(grid, CellComposer(loader, self.config).compose, target=target)
+        grid = expand_union(parser, params, self.grids, arguments, max_cells=self.max_cells)
+        target = launch_target(self.config.hydra.get("launcher"), self.resources)
+        compose = CellComposer(loader, self.config).compose
+        plan = plan_sweep(grid, compose, target=target, live=packed.held_by_live_jobs)
         log.info(plan.summary())
         raise_on_problems(plan, len(grid))
         with _refused_as_sweep_error():
-            held = packed.held_by_live_jobs(plan.to_run())
+            held = plan.held  # asked of the scheduler before the store was read
             todo = [c for c in plan.to_run() if (c.results_dir, c.sweep, c.cell_id) not in held]
             is_packed = packed.is_packed(self.launcher)
             jobs = packed.plan_jobs(todo, settings, self.launcher) if is_packed and todo else []
@@ -610,20 +928,25 @@ class KbitSweeper(BasicSweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        write_manifest(plan)
         if not todo:
+            write_manifest(plan)
             log.info(
                 "nothing to run: every cell of the grid has an ok record%s",
                 f" or is held by a live job ({len(held)})" if held else "",
             )
             return []
         if is_packed:
-            packed.launch(self.launcher, jobs, todo)
+            with manifest_unless_refused(plan):  # a refused submission leaves no manifest
+                packed.launch(self.launcher, jobs, todo, done=plan.counts()["done"], held=len(held))
             return []
-        return self._launch_in_order(todo, done=plan.counts()["done"])
+        write_manifest(plan)
+        return self._launch_in_order(todo, done=plan.counts()["done"], held=len(held))
 
-    def _launch_in_order(self, todo: list[Cell], done: int = 0) -> list[Any]:
-        """Hydra's launcher interface (basic: in process), batch after batch, then the outcome."""
+    def _launch_in_order(self, todo: list[Cell], done: int = 0, held: int = 0) -> list[Any]:
+        """Hydra's launcher interface (basic: in process), batch after batch, then the outcome.
+
+        The progress line counts the whole sweep: ``done`` cells ok before, ``held`` left to
+        live jobs of an earlier launch, and ``todo``; it ends on the summary's count."""
         from harness import progress
 
         self.overrides = list(
@@ -631,7 +954,7 @@ class KbitSweeper(BasicSweeper):
         )
         returns, start, launcher_error = [], 0, None
         name = ", ".join(sorted({c.sweep for c in todo}))
-        progress.start(total=len(todo) + done, already_done=done, name=name)
+        progress.start(total=len(todo) + done + held, already_done=done, name=name)
         try:
             while not self.is_done():
                 batch = self.get_job_batch()
@@ -643,7 +966,7 @@ class KbitSweeper(BasicSweeper):
                 start += len(batch)
         finally:
             progress.finish()
-        report_outcome(todo, launcher_error)
+        report_outcome(todo, launcher_error, done_before=done, held=held)
         return returns
 
 
@@ -666,10 +989,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def report_outcome(launched: Sequence[Cell], launcher_error: str | None = None) -> None:
+def report_outcome(
+    launched: Sequence[Cell],
+    launcher_error: str | None = None,
+    done_before: int = 0,
+    held: int = 0,
+    job_errors: Counter[str] | None = None,
+) -> None:
     """After launching: what the store now says about the launched cells (the truth on a
-    cluster, where a job can vanish without a Python exception)."""
-    outcome = Counter(cell_status(cell_path(c.results_dir, c.sweep, c.cell_id)) for c in launched)
+    cluster, where a job can vanish without a Python exception).
+
+    Two lines: the launched cells, and the whole sweep as the progress line counts it
+    (``done_before`` ok before this launch + the launched cells that finished, of all cells
+    including ``held`` ones left to live jobs of an earlier launch). ``job_errors`` (error
+    line -> cells) are the errors of jobs that left cells without a record of their own.
+    """
+    statuses = [cell_status(cell_path(c.results_dir, c.sweep, c.cell_id)) for c in launched]
+    outcome = Counter(statuses)
     ok, failed = outcome[STATUS_OK], outcome[STATUS_FAILED]
     missing = len(launched) - ok - failed
     log.info(
@@ -679,6 +1015,18 @@ def report_outcome(launched: Sequence[Cell], launcher_error: str | None = None) 
         failed,
         missing,
     )
+    names = ", ".join(sorted({c.sweep for c in launched})) or "?"
+    total = len(launched) + done_before + held
+    log.info(
+        "sweep %s: %d/%d cells finished: %d ok (%d before this launch), %d failed%s",
+        names,
+        done_before + ok + failed,
+        total,
+        done_before + ok,
+        done_before,
+        failed,
+        f", {held} held by live jobs of an earlier launch" if held else "",
+    )
     if launcher_error:
         raise SweepError(
             f"the launcher stopped waiting after a job ended abnormally ({launcher_error}); jobs "
@@ -686,8 +1034,33 @@ def report_outcome(launched: Sequence[Cell], launcher_error: str | None = None) 
             "the same command runs exactly the cells without an ok record"
         )
     if failed or missing:
+        why = ""
+        if job_errors:
+            first, n = job_errors.most_common(1)[0]
+            why = f"; a job's error ({n} cell(s)): {first}"
+        elif failed:
+            example = _first_error(
+                [c for c, st in zip(launched, statuses, strict=True) if st == STATUS_FAILED]
+            )
+            why = f"; e.g. {example}" if example else ""
         raise SweepError(
             f"{failed + missing} of {len(launched)} launched cells did not finish ok ({failed} "
-            f"failed, {missing} without a record); `kbit-status RESULTS_DIR --errors` shows why, "
-            "and re-running the same command retries exactly these cells"
+            f"failed, {missing} without a record){why}; `kbit-status RESULTS_DIR --errors` shows "
+            "why, and re-running the same command retries exactly these cells"
         )
+
+
+def _first_error(cells: Sequence[Cell], tries: int = 5) -> str | None:
+    """The first error line of the first failed record among ``cells`` (reads a few files)."""
+    from harness.records import read_cell
+
+    for cell in cells[:tries]:
+        try:
+            path = cell_path(cell.results_dir, cell.sweep, cell.cell_id)
+            errors = read_cell(path).column("error")
+        except Exception:  # no file, unreadable: try the next one
+            continue
+        for error in errors.to_pylist():
+            if error:
+                return (str(error).strip().splitlines() or [""])[0][:300]
+    return None

@@ -137,8 +137,10 @@ def test_advise_cli_errors(store, capsys):
     assert "--budget" in capsys.readouterr().err
     assert advise_main([str(store), "--budget", "1kB"]) == 1
     assert "no measured configuration fits" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="did you mean 'synthetic'"):
-        advise_main([str(store), "--budget", "1GiB", "--sweep", "synthetc"])
+    # an unknown sweep is refused like every bad input of the store tools: one line, exit 2
+    assert advise_main([str(store), "--budget", "1GiB", "--sweep", "synthetc"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'synthetic'" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_auto_ppl_cap_keeps_the_paper_cap_and_rises_for_small_models():

@@ -343,7 +343,9 @@ def test_a_malicious_pickle_never_executes(good, tmp_path):
     marker = tmp_path / "MARKER"
     (good / "model.safetensors").unlink()
     with_malicious_pickle(good, marker)
-    assert inspect_model(str(good)).weights == "pytorch"
+    # issue 21: refused by the inspection (validation), no longer only at load time
+    refused(lambda: inspect_model(str(good)), "pytorch_model.bin", "weights_only",
+            "refused before loading")  # fmt: skip
     refused(lambda: load_model(str(good), device="cpu"), "pytorch_model.bin", "weights_only")
     assert not marker.exists()
     torch.load(good / "pytorch_model.bin", weights_only=False)  # the control: unsafe load runs it

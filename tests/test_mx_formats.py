@@ -144,13 +144,74 @@ def test_kbit_fp8_e4m3_entry_differs_only_where_ocp_saturates():
 
 def mxint8_reference(x: torch.Tensor) -> torch.Tensor:
     """OCP MXINT8, written out: X = 2^floor(log2 amax) (INT8 is 1.6 fixed point, emax 0);
-    element = round-half-even(x / X * 64) saturated to [-127, 127], value = element / 64 * X."""
+    element = round-half-even(x / X * 64) saturated to [-127, 127], value = element / 64 * X.
+
+    Tiny blocks follow torchao's E8M0 conventions for the other MX formats: floor(log2 amax)
+    is amax's float32 exponent field (-127 for a zero or subnormal amax), the exponent is
+    clamped to >= -127 (E8M0's smallest scale, the one stored), and elements are divided by
+    max(X, 2^-126), the smallest normal float32.
+    """
     xb = x.reshape(-1, 32).to(torch.float64)
     amax = xb.abs().amax(1, keepdim=True)
-    e = torch.floor(torch.log2(torch.where(amax > 0, amax, torch.ones_like(amax))))
-    X = torch.exp2(e.clamp(-126, 127))
-    q = torch.round(xb / X * 64).clamp(-127, 127)
+    field = (amax.to(torch.float32).view(torch.int32) >> 23) & 0xFF
+    e = (field - 127).clamp(-127, 127).to(torch.float64)
+    X = torch.exp2(e)
+    q = torch.round(xb / torch.exp2(e.clamp(min=-126)) * 64).clamp(-127, 127)
     return (q / 64 * X).to(torch.float32).view(x.shape)
+
+
+def tiny_blocks(exponent: int, seed: int = 0) -> torch.Tensor:
+    """Blocks of 32 whose largest value is near 2^exponent (one block 2^-5 smaller, one all
+    zero); exponents below -126 put whole blocks in float32's subnormal range."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 96, generator=g) * 2.0**exponent
+    x[1] *= 2.0**-5
+    x[3, :32] = 0.0
+    x[3, 32] = 2.0**exponent  # a block whose amax is exactly a power of two
+    return x.contiguous()
+
+
+TINY = [-90, -94, -95, -100, -110, -117, -120, -123, -125, -126, -127, -130, -140, -149]
+
+
+@pytest.mark.parametrize("exponent", TINY)
+@pytest.mark.parametrize("fmt", list(MX))
+def test_mx_tiny_blocks_equal_torchao(fmt, exponent):
+    """Blocks far below real weights (tiny activations): the E8M0 scale is clamped in the
+    element's own units exactly as torchao 0.18 clamps it (issue 21: mxfp8_e5m2 differed for
+    amax below 2^-94), on every path."""
+    spec, elem = MX[fmt]
+    x = tiny_blocks(exponent)
+    ref = mx_tensor.MXTensor.to_mx(x, elem, block_size=32).dequantize(torch.float32)
+    for compile in (False, None):
+        assert torch.equal(kbit_mx(x, spec, compile=compile), ref), (fmt, exponent, compile)
+    code = ocp_fp8_code(elem) if isinstance(spec, torch.dtype) else codebook(*spec)
+    q = quantize_blockwise(x, code, 32, scale_format="mx")
+    assert torch.equal(dequantize_blockwise(q), ref)
+    # the stored scale is torchao's E8M0 scale (2^-127 included) times the element max
+    scale = mx_tensor.MXTensor.to_mx(x, elem, block_size=32).scale.view(torch.uint8)
+    x_ocp = torch.exp2(scale.to(torch.float64).view(-1) - 127)
+    assert torch.equal(q.scales.to(torch.float64), x_ocp * ELEMENT_MAX[fmt])
+
+
+ELEMENT_MAX = {"mxfp4": 6.0, "mxfp6_e3m2": 28.0, "mxfp6_e2m3": 7.5, "mxfp8_e4m3": 448.0,
+               "mxfp8_e5m2": 57344.0}  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8_e5m2"])
+def test_mx_tiny_blocks_compiled_equal_torchao(fmt):
+    """torch.compile keeps float32 subnormal scales exact too."""
+    spec, elem = MX[fmt]
+    for exponent in (-100, -120, -127, -140):
+        x = tiny_blocks(exponent, seed=2)
+        ref = mx_tensor.MXTensor.to_mx(x, elem, block_size=32).dequantize(torch.float32)
+        assert torch.equal(kbit_mx(x, spec, compile=True), ref), (fmt, exponent)
+
+
+@pytest.mark.parametrize("exponent", TINY)
+def test_mxint8_tiny_blocks_follow_the_ocp_rule(exponent):
+    x = tiny_blocks(exponent)
+    assert torch.equal(fake_quantize(x, "int", 8, 32, scale_format="mx"), mxint8_reference(x))
 
 
 @pytest.mark.parametrize("kind", KINDS)

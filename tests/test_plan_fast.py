@@ -185,7 +185,9 @@ def test_plain_falls_back_where_overrides_overlap(fake_hub, tmp_path):
     composer = CellComposer(hydra.config_loader, _master(hydra, [f"results_dir={tmp_path}"]))
     cell = ["model=facebook/opt-125m", "bits=4"]
     assert composer.plain(cell)["bits"] == 4
-    assert composer.plain([*cell, "eval.limit=5", "eval.limit=6"]) is None
+    # overrides of one top-level field are applied together (in order: the last wins), not
+    # composed cell by cell (issue 21: a grid with eval.limit and eval.batch_size took minutes)
+    assert composer.plain([*cell, "eval.limit=5", "eval.limit=6"])["eval"]["limit"] == 6
     assert composer.plain([*cell, "results_dir=${oc.env:HOME}"]) is None
 
 

@@ -124,6 +124,13 @@ def _cases(models, data_roots, tmp_path):
         ([m, "model_family=../x"], ["model_family", "plain name"]),
         ([m, "hydra.callbacks.validate._target_=builtins.print"], ["_target_", "not allowed"]),
         ([m, "+_target_=os.system"], ["_target_", "not allowed"]),
+        # issue 21: values Hydra would act on, or OmegaConf would convert, before any check
+        ([m, "+hydra.callbacks.x={_target_:logging.FileHandler,filename:x.log}"], ["_target_"]),
+        ([m, "+sweeps@_global_=../../../x"], ["sweeps", "../../../x", "no '..'"]),
+        ([m, "quantize_head=2"], ["quantize_head=2", "true or false"]),
+        ([m, "bits=2"], ["bits=2", "3..8, or 16 for the baseline"]),
+        ([m, "format=nvfp4", "block_size=64"], ["fixes block_size=16", "block_size=64"]),
+        ([m, "format=mxfp4", "dtype=int"], ["fixes dtype=e2m1", "dtype=int"]),
     ]
 
 

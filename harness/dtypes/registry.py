@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from harness.dtypes.spec import DtypeSpec
+from harness.files import user_path
 from harness.names import unknown_name
 
 log = logging.getLogger(__name__)
@@ -96,10 +97,21 @@ def default_dtype_dirs(dtype_dir: str | os.PathLike | None = None) -> tuple[Path
 
     dirs = [Path(harness.__file__).resolve().parents[1] / "conf" / "dtype"]
     if os.environ.get(DTYPE_DIR_ENV):
-        dirs.append(Path(os.environ[DTYPE_DIR_ENV]))
+        dirs.append(dtype_dir_from_env())
     if dtype_dir is not None:
         dirs.append(Path(dtype_dir))
     return tuple(dict.fromkeys(d.resolve() for d in dirs))  # a folder named twice counts once
+
+
+def dtype_dir_from_env() -> Path:
+    """``$KBIT_DTYPE_DIR`` as :func:`harness.files.user_path` reads it; a ValueError naming
+    the variable and its value when it is not a folder (every ``kbit-run`` reads it)."""
+    value = os.environ[DTYPE_DIR_ENV]
+    folder = user_path(value, DTYPE_DIR_ENV)
+    if not folder.is_dir():
+        raise ValueError(f"{DTYPE_DIR_ENV}={value!r} is not a folder; allowed: a folder of "
+                         "data type entries (<name>.yaml, docs/dtypes.md), or unset")  # fmt: skip
+    return folder
 
 
 def parse_entry(path: Path) -> DtypeSpec:

@@ -3,7 +3,9 @@
 Names resolve against ``data_root`` (a folder laid out like ``shared/data``: ``eval/<name>/``);
 with no data root they come from the Hugging Face Hub the way GPTQ builds them. A name that is
 not known is taken as a local text file, or a folder whose ``*.txt`` files are joined. A path
-starting with ``model:`` is relative to the model's own folder (the zoo's ``kbit_eval/``).
+starting with ``model:`` is relative to the model's own folder (the zoo's ``kbit_eval/``) and
+must stay inside it (no ``..``, no absolute path). Other paths and ``data_root`` go through
+:func:`harness.files.user_path` (``$VAR`` and ``~`` expanded): the path checked is the path read.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 import torch
 
 from harness.evaluate.task_data import TaskSource, local_source
-from harness.files import atomic_output
+from harness.files import atomic_output, user_path
+from harness.model_files import escapes_folder
 from harness.names import unknown_name
 
 log = logging.getLogger(__name__)
@@ -65,13 +68,19 @@ def resolve_text_path(
             raise ValueError(
                 f"perplexity dataset {name!r}: path {target!r} needs a local model folder"
             )
-        resolved = Path(model_dir) / target[len(MODEL_PREFIX) :]
+        inner = target[len(MODEL_PREFIX) :]
+        if not inner.strip() or escapes_folder(inner):
+            raise ValueError(
+                f"perplexity dataset {name!r}: path {target!r} leaves the model folder "
+                f"{str(model_dir)!r}; allowed: model:<a path inside the model folder>"
+            )
+        resolved = Path(model_dir) / inner
     elif path is None and name in DATASETS:
         if data_root is None:
             return None
-        resolved = Path(data_root) / DATASETS[name][0]
+        resolved = user_path(data_root, "data_root") / DATASETS[name][0]
     else:
-        resolved = Path(target).expanduser()
+        resolved = user_path(target, f"perplexity dataset {name!r} path")
         if not resolved.exists() and path is None:
             raise unknown_name("perplexity dataset", name, DATASETS,
                                what="known names (or an existing file or folder)")  # fmt: skip

@@ -9,19 +9,27 @@ predictions per window). Because all windows have the same length this equals GP
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import math
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from harness.evaluate.datasets import token_ids
+from harness.evaluate.datasets import load_text, resolve_text_path, text_files, token_ids
 from harness.evaluate.timing import ForwardTimer
 from harness.placement import input_device
 
 DEFAULT_MAX_SEQLEN = 2048
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,14 +46,56 @@ class PerplexityResult:
     window_nll: list[float] = field(default_factory=list)
 
 
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
 def default_seqlen(model: nn.Module) -> int:
     """min(model max positions, 2048): the paper's and GPTQ's window."""
-    cfg = model.config
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int) and value > 0:
+    return seqlen_of_config({a: getattr(model.config, a, None) for a in _POSITION_FIELDS})
+
+
+def seqlen_of_config(config: dict) -> int:
+    """:func:`default_seqlen` from a config.json read as a dict (no model needed)."""
+    for attr in _POSITION_FIELDS:
+        value = config.get(attr)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return min(value, DEFAULT_MAX_SEQLEN)
     return DEFAULT_MAX_SEQLEN
+
+
+_CHARS_PER_TOKEN = 64  # far above any tokenizer's average: a prefix this long is conclusive
+
+
+def count_tokens(tokenizer: object, text: str, need: int) -> int:
+    """The number of tokens of ``text`` as :func:`harness.evaluate.datasets.token_ids` counts
+    them, or, for a long text, a count of at least ``need`` + 64 from a prefix cut at a space.
+
+    Why a prefix: validation only needs to know whether one window fits, and tokenizing a
+    whole corpus per model would cost seconds per sweep plan. A prefix cut at whitespace
+    tokenizes like the start of the full text, up to a token or two at the cut.
+    """
+    limit = _CHARS_PER_TOKEN * (need + 64)
+    if len(text) > limit:
+        cut = text[:limit]
+        space = max(cut.rfind(" "), cut.rfind("\n"))
+        n = len(tokenizer(cut[: space if space > 0 else limit], verbose=False).input_ids)
+        if n >= need + 64:
+            return n
+    return len(tokenizer(text, verbose=False).input_ids)
+
+
+def window_problem(name: str, where: str, n_tokens: int, seqlen: int,
+                   max_tokens: int | None) -> str:  # fmt: skip
+    """Why a text gives no perplexity window ("" when it gives one): the rule of
+    :func:`windows`, worded for a refusal naming the set, its token count and the window."""
+    if max_tokens is not None and max_tokens < seqlen:
+        return (f"perplexity dataset {name!r}: max_tokens={max_tokens} is less than one window "
+                f"(seqlen={seqlen} tokens); allowed: max_tokens >= seqlen, or null")  # fmt: skip
+    if n_tokens < seqlen:
+        return (f"perplexity dataset {name!r}: {where} has {n_tokens} tokens, fewer than one "
+                f"window of seqlen={seqlen} tokens; allowed: a text of at least {seqlen} "
+                f"tokens, or seqlen <= {n_tokens}")  # fmt: skip
+    return ""
 
 
 def windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
@@ -156,3 +206,78 @@ def perplexity(
 ) -> float:
     """``exp(mean NLL)`` over non-overlapping ``seqlen`` windows of ``text`` (GPTQ protocol)."""
     return perplexity_details(model, tokenizer, text, seqlen, max_tokens, batch_size).ppl
+
+
+# ------------------------------------------------------------------ validation: one window
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
+                    "vocab.json", "merges.txt", "vocab.txt", "special_tokens_map.json")  # fmt: skip
+_TOKENIZERS: dict[tuple, object] = {}  # (folder, its tokenizer files' stamps) -> tokenizer
+_COUNTS: dict[tuple, int] = {}  # (tokenizer key, text files' stamps, need) -> tokens
+
+
+def _stamp(files: list[Path]) -> tuple:
+    out = []
+    for f in files:
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            out.append((str(f), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _folder_tokenizer(folder: Path) -> tuple[tuple, object]:
+    """(cache key, tokenizer) of a local model folder, loaded once per process per version of
+    its tokenizer files; no code from the folder is run (``trust_remote_code=False``)."""
+    from transformers import AutoTokenizer
+
+    key = (str(folder), _stamp([folder / n for n in _TOKENIZER_FILES]))
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=False
+        )
+    return key, _TOKENIZERS[key]
+
+
+def check_windows(
+    entries: Iterable[Any],
+    data_root: str | os.PathLike | None,
+    model_dir: str | os.PathLike | None,
+) -> None:
+    """Raise one line when a perplexity set gives no window of ``seqlen`` tokens.
+
+    Why at validation: :func:`windows` raises only after the model has loaded and been
+    quantized; the tokenizer is cheap to load (memoised per model folder), and a long text is
+    counted on a prefix (:func:`count_tokens`). ``entries``: the ``eval.perplexity`` list
+    (``name``, ``path``, ``seqlen``, ``max_tokens``). Checked where the text and the tokenizer
+    are both on this machine: a hub text (no ``data_root``) or a hub model id is left to the
+    run. ``seqlen: null`` is config.json's max positions capped at 2048 (:func:`default_seqlen`).
+    """
+    if model_dir is None:
+        return
+    folder = Path(model_dir)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    tok_key: tuple | None = None
+    for entry in entries:
+        name, max_tokens = str(entry.name), entry.get("max_tokens")
+        seqlen = int(entry.get("seqlen") or seqlen_of_config(config))
+        early = window_problem(name, "", seqlen, seqlen, max_tokens)
+        if early:
+            raise ValueError(early)
+        resolved = resolve_text_path(name, entry.get("path"), data_root, folder)
+        if resolved is None:
+            continue
+        files = text_files(name, resolved)
+        if tok_key is None:
+            try:
+                tok_key, tokenizer = _folder_tokenizer(folder)
+            except Exception as exc:  # any tokenizer failure: leave it to the run
+                log.warning("tokenizer of %s not loaded for the window check (%s: %s)",
+                            folder, type(exc).__name__, exc)  # fmt: skip
+                return
+        key = (tok_key, _stamp(files), seqlen)
+        if key not in _COUNTS:
+            text = load_text(name, entry.get("path"), data_root, folder)
+            _COUNTS[key] = count_tokens(tokenizer, text, seqlen)
+        where = str(resolved) if len(files) == 1 else f"{resolved} ({len(files)} files)"
+        problem = window_problem(name, where, _COUNTS[key], seqlen, None)
+        if problem:
+            raise ValueError(problem)

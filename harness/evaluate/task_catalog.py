@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.files import atomic_write
+from harness.files import atomic_write, user_path
 from harness.names import unknown_name
 
 TASKS_VERSION = "3"  # bump when a definition changes: the cache folder name includes it
@@ -149,7 +149,9 @@ class LocalTask:
     for kbit's own zoo tasks, whose whole lm-eval config is ``config``. ``convert`` turns the
     source files into hub-format documents (None: the first file already is); ``expect`` gives,
     for a stored row, what lm-eval's ``doc_to_*`` must return on its converted document.
-    ``schema``: the fields (and types) every line of the first file needs.
+    ``schema``: the fields (and types) every line of the first file needs. ``label``: (the
+    field holding the gold answer, the field listing the choices or their fixed number); every
+    label must index a choice (a ``.lst`` label file holds one label a line, checked alike).
     """
 
     name: str
@@ -162,6 +164,7 @@ class LocalTask:
     precompute: bool = False  # prompts into columns (the built-in uses Jinja templates)
     config: dict = field(default_factory=dict)
     root: str = "data"  # "data": under data_root; "model": under the model folder
+    label: tuple[str, str | int] | None = None
 
 
 _HS_FIELDS = {"activity_label": str, "ctx_a": str, "ctx_b": str, "endings": list,
@@ -175,20 +178,22 @@ LOCAL_TASKS: dict[str, LocalTask] = {
                   "lambada/lambada_openai.yaml", precompute=True),
         LocalTask("piqa", ("eval/piqa/valid.jsonl", "eval/piqa/valid-labels.lst"),
                   {"goal": str, "sol1": str, "sol2": str}, "piqa/piqa.yaml", "validation",
-                  _convert_piqa, precompute=True),
+                  _convert_piqa, precompute=True, label=("label", 2)),
         LocalTask("hellaswag", ("eval/hellaswag/validation.jsonl",), _HS_FIELDS,
-                  "hellaswag/hellaswag.yaml", "validation", precompute=True),
+                  "hellaswag/hellaswag.yaml", "validation", precompute=True,
+                  label=("label", "endings")),
         LocalTask("winogrande", ("eval/winogrande/dev.jsonl",),
                   {"context_options": list, "continuation": str, "gold": int},
                   "winogrande/default.yaml", "validation", _convert_winogrande,
-                  _expect_winogrande),
+                  _expect_winogrande, label=("gold", "context_options")),
         LocalTask("arc_easy", ("eval/arc/arc_easy_test.jsonl",), _MC_FIELDS, "arc/arc_easy.yaml",
-                  "test", _convert_arc, _expect_arc, precompute=True),
+                  "test", _convert_arc, _expect_arc, precompute=True, label=("gold", "choices")),
         LocalTask("arc_challenge", ("eval/arc/arc_challenge_test.jsonl",), _MC_FIELDS,
-                  "arc/arc_challenge.yaml", "test", _convert_arc, _expect_arc, precompute=True),
+                  "arc/arc_challenge.yaml", "test", _convert_arc, _expect_arc, precompute=True,
+                  label=("gold", "choices")),
         LocalTask("zoo_mc", ("kbit_eval/mc.jsonl",), _MC_FIELDS,
                   config={**_MC, "doc_to_text": "query", "metric_list": _ACC_NORM},
-                  root="model"),
+                  root="model", label=("gold", "choices")),
         LocalTask("zoo_lastword", ("kbit_eval/lastword.jsonl",), {"text": str},
                   convert=_convert_lastword, config=_LASTWORD, root="model"),
     ]
@@ -337,7 +342,7 @@ def task_root(
     )
     if root is None:
         raise ValueError(f"task={task.name!r} reads local files and needs {what}; none given")
-    return Path(root)
+    return Path(root) if task.root == "model" else user_path(root, "data_root")
 
 
 def task_files(

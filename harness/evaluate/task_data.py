@@ -45,8 +45,40 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in kinds)
 
 
-def _check_jsonl(path: Path, schema: Mapping[str, type | tuple[type, ...]]) -> int:
-    """Number of documents in ``path``; raises one line naming the file, line and problem."""
+Label = tuple[str, str | int] | None  # (gold field, choices field or their number)
+
+
+def _label_problem(value: object, n_choices: int) -> str:
+    """Why a gold label does not index one of ``n_choices`` choices ("" when it does).
+
+    Why: lm-eval scores a label outside the choices as wrong for every model (or fails
+    deep inside an evaluation), so a bad data file would give a plausible accuracy.
+    """
+    number = value
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        number = int(value.strip())
+    allowed = ", ".join(map(str, range(n_choices))) if n_choices else "none (no choices)"
+    if isinstance(number, bool) or not isinstance(number, int):
+        return f"label {value!r} is not an integer; allowed: {allowed}"
+    if not 0 <= number < n_choices:
+        return f"label {value!r} is not one of the {n_choices} choices; allowed: {allowed}"
+    return ""
+
+
+def _check_doc_label(doc: dict, label: Label) -> str:
+    if label is None or label[0] not in doc:
+        return ""
+    field, choices = label
+    n = choices if isinstance(choices, int) else len(doc.get(choices) or ())
+    problem = _label_problem(doc[field], n)
+    return f"field {field!r}: {problem}" if problem else ""
+
+
+def _check_jsonl(
+    path: Path, schema: Mapping[str, type | tuple[type, ...]], label: Label = None
+) -> int:
+    """Number of documents in ``path``; raises one line naming the file, line and problem
+    (a missing or mistyped field, or a gold label that indexes no choice)."""
     count = 0
     try:
         for number, line in jsonl_lines(path):
@@ -63,6 +95,9 @@ def _check_jsonl(path: Path, schema: Mapping[str, type | tuple[type, ...]]) -> i
                 if not isinstance(doc[key], kind):
                     raise ValueError(f"{where}: field {key!r} is a {type(doc[key]).__name__}, "
                                      f"not {_type_name(kind)}")  # fmt: skip
+            problem = _check_doc_label(doc, label)
+            if problem:
+                raise ValueError(f"{where}: {problem}")
             count += 1
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
@@ -71,14 +106,19 @@ def _check_jsonl(path: Path, schema: Mapping[str, type | tuple[type, ...]]) -> i
     return count
 
 
-def _check_labels(path: Path) -> int:
-    """Number of integer labels in a ``.lst`` file (one a line)."""
+def _check_labels(path: Path, label: Label = None) -> int:
+    """Number of integer labels in a ``.lst`` file (one a line), each indexing a choice when
+    the task fixes their number."""
     count = 0
     with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh, 1):
             if line.strip():
                 if not re.fullmatch(r"-?\d+", line.strip()):
                     raise ValueError(f"{path}:{number}: label {line.strip()[:40]!r} is not an int")
+                if label is not None and isinstance(label[1], int):
+                    problem = _label_problem(int(line.strip()), label[1])
+                    if problem:
+                        raise ValueError(f"{path}:{number}: {problem}")
                 count += 1
     if count == 0:
         raise ValueError(f"{path}: empty file (no labels)")
@@ -88,12 +128,16 @@ def _check_labels(path: Path) -> int:
 _VERDICTS: dict[tuple, int] = {}  # (path, size, mtime_ns, schema) -> number of records
 
 
-def _check_file(path: Path, schema: Mapping[str, type | tuple[type, ...]]) -> int:
+def _check_file(
+    path: Path, schema: Mapping[str, type | tuple[type, ...]], label: Label = None
+) -> int:
     """Records in a task file, checked once per (path, size, mtime) in this process."""
-    key = (*file_stamp(path), tuple(sorted(schema)))
+    key = (*file_stamp(path), tuple(sorted(schema)), label)
     if key not in _VERDICTS:
         _VERDICTS[key] = (
-            _check_labels(path) if path.suffix == ".lst" else _check_jsonl(path, schema)
+            _check_labels(path, label)
+            if path.suffix == ".lst"
+            else _check_jsonl(path, schema, label)
         )
     return _VERDICTS[key]
 
@@ -103,7 +147,9 @@ def check_files(
     data_root: str | os.PathLike | None,
     model_dir: str | os.PathLike | None,
 ) -> None:
-    """Raise one line if a local task's files are missing, empty or hold an invalid line.
+    """Raise one line if a local task's files are missing, empty or hold an invalid line (a
+    missing or mistyped field, or a gold label outside the choices: file, line, value and the
+    allowed labels named).
 
     Called by the runner's validation, before any model loads. Each file is read once per
     (path, size, mtime) in a process; later calls cost a ``stat``.
@@ -112,7 +158,8 @@ def check_files(
         task = LOCAL_TASKS.get(name)
         if task is None:
             raise unknown_task_error(name, LOCAL_TASKS)
-        counts = {f: _check_file(f, task.schema) for f in task_files([name], data_root, model_dir)}
+        files = task_files([name], data_root, model_dir)
+        counts = {f: _check_file(f, task.schema, task.label) for f in files}
         if len(set(counts.values())) > 1:
             listed = ", ".join(f"{n} in {f}" for f, n in counts.items())
             raise ValueError(f"task={name!r}: files disagree on the number of documents: {listed}")

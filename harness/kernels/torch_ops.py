@@ -397,6 +397,7 @@ class ElementGrid:
     inv_p2: float  # 2^-ceil(log2(n_max)): grid / p2 lies in [-1, 1], exactly
     zero: int  # index of the zero code (ties go to the even distance from it)
     lut: Lut  # exact nearest-code table of grid * inv_p2
+    unit_exp: int = 0  # log2 u: the grid step in the element's own units (see unit_exponent)
 
 
 def _round_significant(r: torch.Tensor, bits: int) -> torch.Tensor:
@@ -427,7 +428,39 @@ def element_grid(code: torch.Tensor) -> ElementGrid:
 
 def _grid_to(g: ElementGrid, device) -> ElementGrid:
     lut = build_lut((g.grid * g.inv_p2).to(device))
-    return ElementGrid(g.grid.to(device), g.n_max, g.emax, g.inv_p2, g.zero, lut)
+    return ElementGrid(g.grid.to(device), g.n_max, g.emax, g.inv_p2, g.zero, lut, g.unit_exp)
+
+
+def unit_exponent(grid: torch.Tensor) -> int:
+    """log2 of the grid step u in element units, by the OCP conventions (0 if neither applies).
+
+    The MX scale's E8M0 clamp acts on X = 2^(floor(log2 amax) - emax_elem) in the element's
+    own units, which a normalised codebook does not carry; it is read from the grid's shape:
+
+    * an *int* grid (every integer 1..n_max): MXINT8's fixed point, elements in (-2, 2) with
+      emax_elem = 0, so u = 2^-emax (MXINT8: 2^-6);
+    * a *float* grid with subnormals (integers 1 .. 2^(M+1), then steps of 2, 4, ...): M
+      mantissa bits, top exponent field T = emax - M + 1, E = ceil(log2(T + 1)) exponent bits
+      (with or without OCP's reserved inf/NaN codes), bias 2^(E-1) - 1, u = 2^(1 - bias - M)
+      (E2M1: 2^-1, E3M2: 2^-4, E2M3: 2^-3, E4M3: 2^-9, E5M2: 2^-16).
+
+    A float entry with a non-default ``bias`` has another u than this; it only matters for
+    blocks whose largest value is below about 2^(emax_elem - 127).
+    """
+    pos = grid[grid > 0].to(torch.float64)
+    if pos.numel() == 0 or float(pos[0]) != 1.0:
+        return 0
+    emax = math.floor(math.log2(float(pos.max())))
+    steps = pos[1:] - pos[:-1]
+    if bool((steps == 1).all()):
+        return -emax
+    first = int(torch.nonzero(steps != 1)[0])  # pos[first] is 2^(M + 1) for a float grid
+    top = float(pos[first])
+    if top < 2 or top != 2.0 ** round(math.log2(top)) or float(steps[first]) != 2.0:
+        return 0
+    m = round(math.log2(top)) - 1
+    e = math.ceil(math.log2(emax - m + 2))
+    return 1 - (2 ** (e - 1) - 1) - m
 
 
 @functools.lru_cache(maxsize=64)
@@ -451,7 +484,7 @@ def _cached_grid(values: bytes) -> ElementGrid | None:
     if lut is None:
         return None
     zero = int((grid < 0).sum())
-    return ElementGrid(grid32, n_max, emax, inv_p2, zero, lut)
+    return ElementGrid(grid32, n_max, emax, inv_p2, zero, lut, unit_exponent(grid))
 
 
 def nvfp4_grid(code: torch.Tensor) -> ElementGrid:
@@ -481,33 +514,49 @@ def grid_index(
     return c + tie.long()
 
 
-def mx_scale(xb: torch.Tensor, emax: int) -> torch.Tensor:
-    """Per row: the OCP MX scale 2^(floor(log2 amax) - emax), in grid units, float32 [n, 1].
+def pow2(n: torch.Tensor) -> torch.Tensor:
+    """2^n as float32 for int32 ``n``, exactly, subnormals included (n >= 128 gives inf, n below
+    -149 the smallest subnormal 2^-149)."""
+    normal = ((n.clamp(-126, 128) + 127) << 23).view(torch.float32)
+    sub = (torch.ones_like(n) << (n + 149).clamp(0, 22)).view(torch.float32)
+    return torch.where(n >= -126, normal, sub)
 
-    floor(log2 amax) is amax's float32 exponent field (as torchao reads it); the exponent
-    is clamped to [-126, 127] so the scale is a normal float32 (an all-zero row gets 2^-126).
+
+def mx_scale(xb: torch.Tensor, emax: int, unit_exp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (divisor, stored scale), both in grid units, float32 [n, 1]: torchao 0.18's rule.
+
+    X = 2^s with s = floor(log2 amax) - emax_elem (amax's float32 exponent field, as torchao
+    reads it: -127 for a zero or subnormal amax; emax_elem = emax + unit_exp), s clamped to
+    E8M0's range [-127, 128] (128: NaN). The stored scale is X (times u, into grid units);
+    elements are x / max(X, 2^-126) -- torchao divides by at least the smallest normal float
+    but stores (and dequantizes with) 2^-127, so a block with s = -127 comes back halved, as it
+    does in torchao. A NaN or inf amax gives inf (refused by the caller's NaN/inf check).
     """
     amax = xb.abs().amax(dim=1, keepdim=True)
-    e = ((amax.view(torch.int32) >> 23) & 0xFF) - 127 - emax
-    e = torch.where(torch.isnan(amax), torch.full_like(e, 128), e.clamp(-126, 127))
-    return ((e + 127) << 23).view(torch.float32)  # 128 -> inf: the NaN check rejects it
+    s = (((amax.view(torch.int32) >> 23) & 0xFF) - 127 - (emax + unit_exp)).clamp(-127, 128)
+    bad = ~torch.isfinite(amax)
+    inf = torch.full_like(amax, float("inf"))
+    stored = torch.where(bad, inf, pow2(s + unit_exp))
+    divisor = torch.where(bad, inf, pow2(s.clamp(min=-126) + unit_exp))
+    return divisor, stored
 
 
 def mx_core(xb, table, thr, shift: int, nbins: int, zero: int, inv_p2: float, emax: int,
-            n_max: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(grid indices int64 [n, B], grid scales G [n, 1]): x / G saturated, to nearest even."""
-    g = mx_scale(xb, emax)
-    z = (xb / g).clamp(-n_max, n_max)
+            n_max: float, unit_exp: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(grid indices int64 [n, B], stored grid scales G [n, 1]): x / divisor saturated, to
+    nearest even (see :func:`mx_scale` for the divisor)."""
+    divisor, g = mx_scale(xb, emax, unit_exp)
+    z = (xb / divisor).clamp(-n_max, n_max)
     return grid_index(z, table, thr, shift, nbins, zero, inv_p2), g
 
 
-def mx_quantize_core(xb, table, thr, shift, nbins, zero, inv_p2, emax, n_max):
-    idx, g = mx_core(xb, table, thr, shift, nbins, zero, inv_p2, emax, n_max)
+def mx_quantize_core(xb, table, thr, shift, nbins, zero, inv_p2, emax, n_max, unit_exp):
+    idx, g = mx_core(xb, table, thr, shift, nbins, zero, inv_p2, emax, n_max, unit_exp)
     return idx.to(torch.uint8), g
 
 
-def mx_fake_core(xb, table, thr, shift, nbins, zero, inv_p2, emax, n_max, grid):
-    idx, g = mx_core(xb, table, thr, shift, nbins, zero, inv_p2, emax, n_max)
+def mx_fake_core(xb, table, thr, shift, nbins, zero, inv_p2, emax, n_max, unit_exp, grid):
+    idx, g = mx_core(xb, table, thr, shift, nbins, zero, inv_p2, emax, n_max, unit_exp)
     return grid[idx] * g, g
 
 
@@ -560,7 +609,7 @@ def element_blocks(
     lut = g.lut
     search = (lut.table, lut.thresholds, lut.shift, lut.nbins, g.zero, g.inv_p2)
     if scale_format == "mx":
-        args = (xb, *search, g.emax, g.n_max)
+        args = (xb, *search, g.emax, g.n_max, g.unit_exp)
         fn = mx_fake_core if fake else mx_quantize_core
         if fake:
             args = (*args, g.grid)

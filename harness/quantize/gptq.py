@@ -36,7 +36,7 @@ from torch import nn
 from harness.dtypes import codebook, is_data_dependent
 from harness.kernels.torch_ops import ELEMENT_FORMATS, thresholds
 from harness.models import decoder_layers, linear_weight
-from harness.placement import input_device, module_device, move_to, on_device
+from harness.placement import input_device, module_device, on_device
 from harness.quantize.blockwise import fake_quantize, fit_population, quantize_blockwise
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,7 @@ def _check_weight(weight: torch.Tensor, hessian: torch.Tensor, lazy_cols: int, d
         raise ValueError(f"damp={damp!r}: must be >= 0")
 
 
-def _check_scale_format(scale_format: str) -> None:
+def check_scale_format(scale_format: str) -> None:
     """Element-grid formats (mx, nvfp4) round in their own grid (ties to even, two-level
     scales), not by the normalised nearest-code step this GPTQ reproduces: refused rather
     than silently quantized by another rule."""
@@ -308,7 +308,7 @@ def gptq_quantize_weight(
     summation order).
     """
     _check_weight(weight, hessian, lazy_cols, damp)
-    _check_scale_format(scale_format)
+    check_scale_format(scale_format)
     w, h = prepare_hessian(weight, hessian, damp)
     rounder = make_rounder(
         w, dtype, bits, block_size, scale_format=scale_format, centering=centering,
@@ -371,7 +371,7 @@ def calibration_ids(
 
 # ----------------------------------------------------------------------------- model level
 class _Stop(Exception):
-    """Raised by the capture hook: nothing after decoder layer 0 needs to run."""
+    """Raised by the capture hook of the last decoder layer: nothing after it needs to run."""
 
 
 class HessianAccumulator:
@@ -390,36 +390,126 @@ class HessianAccumulator:
         self.h += x.T @ x
 
 
-def _capture_layer_inputs(
-    model: nn.Module, layer: nn.Module, calibration: torch.Tensor
-) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) of decoder layer 0 for each calibration sample (one forward each,
-    stopped at the layer, so only one block's activations are held)."""
-    captured: list[tuple[tuple, dict]] = []
+class _Interner:
+    """Keeps one copy of equal tensors among the captured layer inputs.
 
-    def hook(_mod, args, kwargs):
-        captured.append((args, dict(kwargs)))
-        raise _Stop
+    Layers of one kind get the very same mask and rotary tensors, and every calibration
+    window of the same length (no padding) gets equal ones, so per-layer, per-sample inputs
+    cost about one set of each kind in memory, not n_layers x n_samples.
+    """
 
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    def __init__(self) -> None:
+        self._kept: dict[tuple, list[torch.Tensor]] = {}
+
+    def __call__(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            key = (tuple(obj.shape), tuple(obj.stride()), obj.dtype, obj.device, obj.layout)
+            kept = self._kept.setdefault(key, [])
+            for other in kept:
+                if other is obj or torch.equal(other, obj):
+                    return other
+            kept.append(obj)
+            return obj
+        if isinstance(obj, tuple):
+            return tuple(self(o) for o in obj)
+        if isinstance(obj, list):
+            return [self(o) for o in obj]
+        if isinstance(obj, dict):
+            return {k: self(v) for k, v in obj.items()}
+        return obj
+
+
+@dataclass
+class LayerInputs:
+    """What the decoder layers received in an unquantized forward of every calibration window.
+
+    ``hidden``: layer 0's hidden states, one per window (the later layers' hidden states are
+    recomputed layer by layer from the quantized layers, as GPTQ needs). ``others``: per layer,
+    per window, that layer's own (args, kwargs) with the hidden state taken out (``None`` in
+    its place): attention masks, position embeddings, position ids, cache positions. Layers
+    differ here (sliding-window vs global attention, local vs global rotary bases), so each
+    layer is replayed with its own.
+    """
+
+    hidden: list[torch.Tensor]
+    others: list[list[tuple[tuple, dict]]]
+
+    def for_layer(self, index: int, hidden: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
+        """(args, kwargs) to call layer ``index`` with, one per window, given its hidden states."""
+        return [
+            _with_hidden(args, kwargs, h)
+            for (args, kwargs), h in zip(self.others[index], hidden, strict=True)
+        ]
+
+
+def capture_layer_inputs(
+    model: nn.Module, layers: nn.ModuleList, calibration: torch.Tensor
+) -> LayerInputs:
+    """Every decoder layer's own inputs, as the model's forward passes them, per window.
+
+    One forward per calibration window with a pre-hook on every layer (the forward stops at
+    the last layer; the LM head never runs). Only layer 0's hidden states are kept; equal
+    tensors among the rest are kept once (:class:`_Interner`).
+    """
+    intern = _Interner()
+    hidden: list[torch.Tensor] = []
+    others: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
+    last = len(layers) - 1
+
+    def hook(index: int):
+        def capture(_mod, args, kwargs):
+            if index == 0:
+                hidden.append(_hidden(args, kwargs))
+            others[index].append(intern(_with_hidden(args, dict(kwargs), None)))
+            if index == last:
+                raise _Stop
+
+        return capture
+
+    handles = [
+        layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
     device = input_device(model)
     try:
         for row in calibration:
             with contextlib.suppress(_Stop):
                 model(row.unsqueeze(0).to(device), use_cache=False)
     finally:
-        handle.remove()
-    return captured
+        for handle in handles:
+            handle.remove()
+    if len(hidden) != len(calibration) or any(len(o) != len(hidden) for o in others):
+        raise RuntimeError(
+            "gptq: the model's forward did not call every decoder layer once per window "
+            f"({len(hidden)} windows, calls per layer {[len(o) for o in others]})"
+        )
+    return LayerInputs(hidden, others)
 
 
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor | None) -> tuple[tuple, dict]:
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
+
+
+def _moved(obj: Any, device: torch.device, memo: dict[int, torch.Tensor]) -> Any:
+    """``obj`` with its tensors on ``device``; a tensor shared by many windows moves once."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device == device:
+            return obj
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
+    if isinstance(obj, tuple):
+        return tuple(_moved(o, device, memo) for o in obj)
+    if isinstance(obj, list):
+        return [_moved(o, device, memo) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _moved(v, device, memo) for k, v in obj.items()}
+    return obj
 
 
 def _run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
@@ -475,11 +565,14 @@ def gptq_quantize_model(
     {module name: relative reconstruction error ||W X - Q X||_F / ||W X||_F}.
 
     Sequential, as GPTQ: layer i's Hessians are accumulated on the outputs of the
-    *already quantized* layers 0..i-1, so later layers compensate earlier errors. Inputs of
-    layer 0 are captured with a hook (args and kwargs: masks, position embeddings), then each
-    layer is run twice per sample: once to accumulate H of its linears (all from the
-    unquantized layer, GPTQ's default), once after quantization to make the next layer's
-    inputs. ``calibration``: (n_samples, seqlen) token ids (see :func:`calibration_ids`).
+    *already quantized* layers 0..i-1, so later layers compensate earlier errors. Every
+    layer's own inputs (args and kwargs: attention masks, position embeddings, position ids,
+    cache positions) are captured first, in one unquantized forward per window
+    (:func:`capture_layer_inputs`): models whose layers differ (Gemma 2/3 and Qwen2
+    sliding-window layers, local and global rotary bases) get each layer replayed with its
+    own, never with layer 0's. Then each layer is run twice per sample: once to accumulate H
+    of its linears (all from the unquantized layer, GPTQ's default), once after quantization
+    to make the next layer's hidden states. ``calibration``: (n_samples, seqlen) token ids (see :func:`calibration_ids`).
     Device-agnostic: token ids go to the input embedding's device, and each layer's inputs
     (hidden states, masks, position embeddings) are moved to the device that layer lives on,
     so a model sharded over several GPUs is quantized layer by layer on each GPU.
@@ -493,7 +586,7 @@ def gptq_quantize_model(
         dtype=dtype, bits=bits, block_size=block_size, scale_format=scale_format,
         centering=centering, dtype_overrides=dtype_overrides,
     )  # fmt: skip
-    _check_scale_format(scale_format)
+    check_scale_format(scale_format)
     prefix, layers = decoder_layers(model)
     errors: dict[str, float] = {}
     per_layer: list[dict[str, nn.Module]] = [{} for _ in layers]
@@ -504,19 +597,22 @@ def gptq_quantize_model(
                 errors[name] = _rtn_module(module, kw)
         else:
             per_layer[index][name] = module
-    inputs = _capture_layer_inputs(model, layers[0], calibration)
+    captured = capture_layer_inputs(model, layers, calibration)
+    hidden, captured.hidden = captured.hidden, []
     for index, layer in enumerate(layers):
         start = time.perf_counter()
         device = module_device(layer)  # sharded models: each layer's inputs go to its GPU
-        inputs = [move_to(item, device) for item in inputs]
+        hidden = [h.to(device) for h in hidden]
+        inputs = _moved(captured.for_layer(index, hidden), device, {})
+        captured.others[index] = []  # this layer's own inputs are not needed again
         with on_device(device):
             if per_layer[index]:
                 hessians = _layer_hessians(layer, per_layer[index], inputs)
                 for name, module in per_layer[index].items():
                     errors[name] = _gptq_module(module, hessians.pop(name), kw, damp, act_order)
             if index + 1 < len(layers):
-                outs = _run_layer(layer, inputs)
-                inputs = [_with_hidden(a, k, o) for (a, k), o in zip(inputs, outs, strict=True)]
+                hidden = _run_layer(layer, inputs)
+            del inputs
         if progress:
             log.info(
                 "gptq layer %d/%d in %.2fs", index + 1, len(layers), time.perf_counter() - start

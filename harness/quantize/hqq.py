@@ -18,7 +18,9 @@ What HQQ stores (0.2.8.post1, ``BaseQuantizeConfig`` defaults ``quant_zero=False
 it): per group one scale and one zero point, both floats in ``compute_dtype`` (the zero point
 is *not* an integer after the optimizer, even where ``round_zero`` rounds its start), plus the
 codes bit-packed: 1, 2, 4 and 8 bits exactly; 3 bits ten to an int32 (3.2 bits, padded to
-ten groups); 5 and 6 bits one per uint8. See :func:`hqq_bits`.
+ten groups); 5 and 6 bits one per uint8. See :func:`hqq_bits`. The ``hqq`` method passes its
+``scale_format`` as ``scale_dtype`` to :func:`hqq_fake_quantize`, so the scale and zero point
+the weights are computed with are exactly the fp16/bf16/fp32 values whose bits are counted.
 
 Caveat of the library: its inverse scale is clamped to 2e4 and set to 1 for groups whose
 range is below 1e-4, so HQQ is not scale-invariant for weights of magnitude ~1e-4 and below.
@@ -130,15 +132,21 @@ def hqq_fake_quantize(
     *,
     axis: int = 1,
     compute_dtype: torch.dtype = torch.float32,
+    scale_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """HQQ-quantize then dequantize a weight in Linear layout (out, in); same shape and dtype.
 
     Exactly ``HQQLinear(linear, BaseQuantizeConfig(nbits=bits, group_size=group_size,
     axis=axis), compute_dtype=compute_dtype, device=<weight's device>,
     del_orig=False).dequantize()`` cast back to ``weight.dtype``. ``compute_dtype`` is the
-    dtype HQQ keeps scales and zero points in (float16 is what HQQ deploys; float32 keeps
-    the fake-quantized values free of that extra rounding). The input is not modified.
-    Raises ``ValueError`` with :func:`supported`'s reason for a combination hqq cannot do.
+    dtype HQQ keeps scales and zero points in and dequantizes in (HQQLinear's default,
+    float16, is what HQQ deploys). ``scale_dtype``: round the scale and zero point to this
+    dtype before dequantizing, with the arithmetic still in ``compute_dtype`` -- HQQ's
+    stored values for ``compute_dtype=scale_dtype`` bit for bit (hqq casts them with
+    ``.to(compute_dtype)``; its optimizer runs in float32 on the CPU whatever the compute
+    dtype), without float16 rounding in the dequantization itself. ``None``: as computed.
+    The input is not modified. Raises ``ValueError`` with :func:`supported`'s reason for a
+    combination hqq cannot do.
     """
     if weight.dim() != 2:
         raise ValueError(f"hqq: weight must be 2-D (out, in); got shape {tuple(weight.shape)}")
@@ -158,6 +166,9 @@ def hqq_fake_quantize(
             device=str(weight.device),
             del_orig=False,
         )
+        if scale_dtype is not None:
+            for key in ("scale", "zero"):
+                layer.meta[key] = layer.meta[key].to(scale_dtype).to(compute_dtype)
         return layer.dequantize().to(weight.dtype)
 
 

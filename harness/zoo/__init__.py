@@ -2,20 +2,34 @@
 
 ``kbit-zoo zoo=<family>`` builds a family from ``conf/zoo/<family>.yaml``;
 ``resolve_model("zoo:<family>/<size>", zoo_dir)`` finds a built model for ``kbit-run``.
-See docs/zoo.md.
+See docs/zoo.md. The names below are imported on first use (PEP 562), so that checking a
+``kbit-zoo`` command line (``harness.zoo.cli``) does not wait for ``transformers``.
 """
 
-from harness.zoo.build import ZooModelNotBuiltError, build_family, family_sizes
-from harness.zoo.config import FamilyConfig, ZooConfigError, family_names, load_family_config
-from harness.zoo.resolve import resolve_model
+from __future__ import annotations
 
-__all__ = [
-    "FamilyConfig",
-    "ZooConfigError",
-    "ZooModelNotBuiltError",
-    "build_family",
-    "family_names",
-    "family_sizes",
-    "load_family_config",
-    "resolve_model",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "FamilyConfig": "harness.zoo.config",
+    "ZooConfigError": "harness.zoo.config",
+    "family_names": "harness.zoo.config",
+    "load_family_config": "harness.zoo.config",
+    "ZooModelNotBuiltError": "harness.zoo.build",
+    "build_family": "harness.zoo.build",
+    "family_sizes": "harness.zoo.build",
+    "resolve_model": "harness.zoo.resolve",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -32,22 +32,21 @@ from transformers import AutoModelForCausalLM
 import harness
 from harness.files import atomic_write
 from harness.models import count_params
-from harness.names import did_you_mean
 from harness.zoo.card import write_card
 from harness.zoo.config import (
     FamilyConfig,
     SizeConfig,
-    ZooConfigError,
-    default_zoo_dir,
     family_hash,
     load_family_config,
     size_hash,
     stable_hash,
     token_label,
+    zoo_dir_path,
 )
 from harness.zoo.corpus import corpus_hash, corpus_name, load_corpus, training_text
 from harness.zoo.evalsets import write_eval_sets
 from harness.zoo.model import build_config
+from harness.zoo.request import BuildRequest, check_request
 from harness.zoo.tokenizer import get_tokenizer, token_stream, tokenizer_key
 from harness.zoo.train import TrainPlan, train, val_windows
 
@@ -85,10 +84,16 @@ class FamilyPaths:
         )
 
 
-def family_paths(cfg: FamilyConfig, zoo_dir: str | Path | None) -> FamilyPaths:
-    """Hash a family without training anything (the corpus is read, not tokenized)."""
-    zoo = Path(zoo_dir) if zoo_dir is not None else default_zoo_dir()
-    c_hash = corpus_hash(cfg.corpus)
+def family_paths(
+    cfg: FamilyConfig, zoo_dir: str | Path | None, c_hash: str | None = None
+) -> FamilyPaths:
+    """Hash a family without training anything (the corpus is read, not tokenized).
+
+    ``zoo_dir`` goes through :func:`harness.zoo.config.zoo_dir_path` (``~`` and ``$VAR``
+    expanded); ``c_hash``, when the caller has it, saves reading the corpus again.
+    """
+    zoo = zoo_dir_path(zoo_dir)
+    c_hash = c_hash or corpus_hash(cfg.corpus)
     t_key = tokenizer_key(cfg.tokenizer, c_hash, cfg.max_train_chars)
     return FamilyPaths(cfg, zoo, c_hash, t_key, family_hash(cfg, c_hash, t_key))
 
@@ -96,19 +101,6 @@ def family_paths(cfg: FamilyConfig, zoo_dir: str | Path | None) -> FamilyPaths:
 def family_sizes(name: str) -> list[str]:
     """Size names of a shipped family, smallest first as listed in its YAML."""
     return [s.name for s in load_family_config(name).sizes]
-
-
-def _check_writable(zoo_dir: Path) -> None:
-    try:
-        zoo_dir.mkdir(parents=True, exist_ok=True)
-        probe = zoo_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ZooConfigError(
-            f"zoo config field zoo_dir={str(zoo_dir)!r} is not writable ({err.strerror}); "
-            "set zoo_dir=... or KBIT_ZOO_DIR to a writable folder"
-        ) from err
 
 
 def _pick_device(device: str) -> torch.device:
@@ -277,22 +269,17 @@ def build_family(
     ``corpus`` overrides the config's corpus; ``sizes`` restricts the build to some sizes;
     ``threads`` sets torch's CPU threads for the build (on a busy machine 1 thread is often
     much faster than 2 oversubscribed ones). A second call with the same config returns at
-    once ("cached").
+    once ("cached"). Every input is checked first (:func:`check_request`): a bad one raises
+    :class:`ZooConfigError` and nothing is written.
     """
-    cfg = load_family_config(name_or_cfg)
-    if corpus is not None:
-        cfg.corpus = str(corpus)
-        load_family_config(cfg)  # validate the override
-    zoo = Path(zoo_dir) if zoo_dir is not None else default_zoo_dir()
-    _check_writable(zoo)
-    fp = family_paths(cfg, zoo)
+    return build(check_request(name_or_cfg, zoo_dir, corpus, device, sizes, threads))
+
+
+def build(request: BuildRequest) -> list[Path]:
+    """Train the sizes of a checked request (:func:`check_request`) not built yet."""
+    cfg, sizes, threads = request.family, request.sizes, request.threads
+    fp = family_paths(cfg, request.zoo_dir, request.corpus_hash)
     todo = [s for s in cfg.sizes if sizes is None or s.name in sizes]
-    for name in sizes or []:
-        if name not in [s.name for s in cfg.sizes]:
-            known = [s.name for s in cfg.sizes]
-            raise ZooConfigError(
-                f"size {name!r} is not in family {cfg.name}: {known}" + did_you_mean(name, known)
-            )
     fp.folder.mkdir(parents=True, exist_ok=True)
     missing = [s for s in todo if not fp.is_built(s)]
     for s in todo:
@@ -304,7 +291,7 @@ def build_family(
             torch.set_num_threads(threads)
         try:
             prep = _Prepared(fp)
-            dev = _pick_device(device)
+            dev = _pick_device(request.device)
             for s in missing:
                 _build_size(fp, prep, s, dev)
                 _write_manifest(fp)

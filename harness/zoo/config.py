@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.names import did_you_mean
+from harness.files import PathError, user_path
+from harness.names import closest, did_you_mean
 
 # Bump when the build changes its output for an unchanged config (forces a rebuild).
 ZOO_FORMAT_VERSION = 3
@@ -113,7 +115,7 @@ class FamilyConfig:
 
 
 class ZooConfigError(ValueError):
-    """A family config or its inputs are invalid; the message names the field."""
+    """A family config or its inputs are invalid; the message is one line naming the field."""
 
 
 def family_names() -> list[str]:
@@ -121,56 +123,170 @@ def family_names() -> list[str]:
     return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
 
 
+# The nested schemas of a family, for the key check below.
+_NESTED: dict[str, type] = {
+    "tokenizer": TokenizerConfig,
+    "budget": BudgetConfig,
+    "optimizer": OptimizerConfig,
+    "eval_sets": EvalSetsConfig,
+}
+_KEYS_LISTED = 8  # a schema with more keys shows only the closest ones (FamilyConfig has 17)
+
+
+def _shown(value: Any) -> str:
+    """``repr`` of a value; a list or mapping cut so that a refusal stays one short line
+    (a path or a name is never cut: it is what the user must find)."""
+    text = repr(value)
+    return text if isinstance(value, str) or len(text) <= 60 else text[:57] + "..."
+
+
+def check_keys(raw: Any, schema: type | None = None, prefix: str = "") -> None:
+    """Refuse a key the schema lacks, naming it and the closest allowed keys.
+
+    ``schema`` None is the family (:class:`FamilyConfig`); nested keys are checked too. Why
+    not OmegaConf's own error: it spans several lines, and for the family (17 keys) a full
+    list makes a line of 300 characters; the closest few and the docs say more.
+    """
+    schema = schema or FamilyConfig
+    if not isinstance(raw, dict):
+        return
+    names = [f.name for f in fields(schema)]
+    for key, value in raw.items():
+        if key not in names:
+            if len(names) <= _KEYS_LISTED:
+                listed = f"allowed keys: {', '.join(names)}"
+            else:
+                near = closest(str(key), names, n=3, cutoff=0.4)
+                listed = (f"the closest allowed keys: {', '.join(near)}" if near
+                          else f"allowed: the {len(names)} keys") + " (all: docs/zoo.md)"  # fmt: skip
+            raise ZooConfigError(
+                f"zoo config field {prefix}{key}={_shown(value)} is not a setting of a zoo "
+                f"family; {listed}{did_you_mean(str(key), names)}"
+            )
+        if schema is FamilyConfig and key == "sizes" and isinstance(value, list):
+            for i, size in enumerate(value):
+                check_keys(size, SizeConfig, f"sizes[{i}].")
+        elif schema is FamilyConfig and key in _NESTED:
+            check_keys(value, _NESTED[key], f"{key}.")
+
+
+def _one_line(err: Exception) -> str:
+    """OmegaConf's error (several lines: message, key, type) as one line with what is allowed."""
+    from harness.refusals import input_error_line
+
+    line = input_error_line(err) or str(err).strip().splitlines()[0]
+    return f"zoo config field {line}"
+
+
+def _path_field(value: str | None, field_name: str) -> str | None:
+    """A path field through :func:`harness.files.user_path` (``$VAR`` then ``~`` expanded).
+
+    An empty value means the field's default (null), as an empty ``KBIT_CORPUS_DIR`` does.
+    """
+    if value is None or not str(value).strip():
+        return None
+    try:
+        return str(user_path(str(value), field_name))
+    except PathError as err:
+        raise ZooConfigError(f"zoo config field {err}") from None
+
+
 def load_family_config(name_or_cfg: str | Path | dict | DictConfig | FamilyConfig) -> FamilyConfig:
     """Load and validate a family: a shipped name, a YAML path, a dict/DictConfig, or a config.
 
     Environment interpolations (``${oc.env:KBIT_CORPUS_DIR,null}``) are resolved here, so the
-    corpus override reaches both ``kbit-zoo`` and ``resolve_model`` the same way.
+    corpus override reaches both ``kbit-zoo`` and ``resolve_model`` the same way; path fields
+    (``corpus``, ``tokenizer.path``) are expanded by :func:`harness.files.user_path`. Every
+    error is a :class:`ZooConfigError` of one line naming the field.
     """
-    if isinstance(name_or_cfg, FamilyConfig):
-        cfg = OmegaConf.structured(name_or_cfg)
-    else:
-        if isinstance(name_or_cfg, str | Path) and str(name_or_cfg).endswith((".yaml", ".yml")):
-            raw = OmegaConf.load(name_or_cfg)
-        elif isinstance(name_or_cfg, str | Path):
-            path = CONF_DIR / f"{name_or_cfg}.yaml"
-            if not path.is_file():
-                known = family_names()
-                raise ZooConfigError(
-                    f"zoo family {str(name_or_cfg)!r} not found in {CONF_DIR}; known: {known}"
-                    + did_you_mean(str(name_or_cfg), known)
-                )
-            raw = OmegaConf.load(path)
+    try:
+        if isinstance(name_or_cfg, FamilyConfig):
+            cfg = OmegaConf.structured(name_or_cfg)
         else:
-            raw = OmegaConf.create(name_or_cfg)
-        try:
+            if isinstance(name_or_cfg, str | Path) and str(name_or_cfg).endswith((".yaml", ".yml")):
+                raw = OmegaConf.load(name_or_cfg)
+            elif isinstance(name_or_cfg, str | Path):
+                path = CONF_DIR / f"{name_or_cfg}.yaml"
+                if not path.is_file():
+                    known = family_names()
+                    raise ZooConfigError(
+                        f"zoo family {str(name_or_cfg)!r} not found in {CONF_DIR}; known: "
+                        f"{known}" + did_you_mean(str(name_or_cfg), known)
+                    )
+                raw = OmegaConf.load(path)
+            else:
+                raw = OmegaConf.create(name_or_cfg)
+            if not isinstance(raw, DictConfig):
+                raise ZooConfigError(
+                    f"zoo config {_shown(name_or_cfg)} is not a mapping; allowed: the fields "
+                    "of a family (docs/zoo.md)"
+                )
+            check_keys(OmegaConf.to_container(raw, resolve=False))
             cfg = OmegaConf.merge(OmegaConf.structured(FamilyConfig), raw)
-        except Exception as err:  # omegaconf names the offending key
-            raise ZooConfigError(f"invalid zoo family config: {err}") from err
-    obj: FamilyConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        obj: FamilyConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except ZooConfigError:
+        raise
+    except OSError as err:
+        raise ZooConfigError(f"zoo config {str(name_or_cfg)!r}: {err.strerror}") from err
+    except Exception as err:  # OmegaConf names the offending key and type
+        from omegaconf.errors import OmegaConfBaseException
+
+        if not isinstance(err, OmegaConfBaseException):
+            raise
+        raise ZooConfigError(_one_line(err)) from err
     obj.sizes = [s if isinstance(s, SizeConfig) else SizeConfig(**s) for s in obj.sizes]
+    obj.corpus = _path_field(obj.corpus, "corpus")
+    obj.tokenizer.path = _path_field(obj.tokenizer.path, "tokenizer.path")
     validate(obj)
     return obj
 
 
 def _require(ok: bool, field_name: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ZooConfigError(f"zoo config field {field_name}={value!r} is invalid: {allowed}")
+        raise ZooConfigError(f"zoo config field {field_name}={_shown(value)}; allowed: {allowed}")
+
+
+def _count(value: Any, field_name: str, minimum: int = 1, nullable: bool = False) -> None:
+    """An integer count (layers, tokens, items, ...) of at least ``minimum``."""
+    if value is None and nullable:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    _require(ok, field_name, value, f"an integer >= {minimum}" + (" or null" if nullable else ""))
+
+
+def _number(value: Any, field_name: str, low: float, high: float = math.inf, *,
+            low_open: bool = True, high_open: bool = True, what: str = "a number") -> None:  # fmt: skip
+    """A finite number in an interval (open or closed at either end)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low)
+    ok = ok and (value < high if high_open else value <= high)
+    span = f"{'>' if low_open else '>='} {low:g}" if high == math.inf else (
+        f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")  # fmt: skip
+    _require(ok, field_name, value, f"{what} {span}")
 
 
 def validate(cfg: FamilyConfig) -> None:
-    """Check everything that can be checked before reading the corpus; name the field."""
+    """Check everything that can be checked before reading the corpus; name the field.
+
+    Every size, count and rate must make sense before a build starts: a non-positive value
+    would otherwise fail deep inside training (or, like ``grad_clip=0``, train nothing).
+    """
+    from harness.config import ConfigError, plain_name
     from harness.zoo.model import ARCHITECTURES
 
+    try:  # the folder prefix <family>-<hash>/ and the <family> of zoo:<family>/<size>
+        plain_name("name", cfg.name)
+    except ConfigError as err:
+        raise ZooConfigError(f"zoo config field {err}") from None
     if cfg.architecture not in ARCHITECTURES:
         known = sorted(ARCHITECTURES)
         raise ZooConfigError(
-            f"zoo config field architecture={cfg.architecture!r} is unknown; known: {known}"
+            f"zoo config field architecture={cfg.architecture!r} is unknown; allowed: {known}"
             + did_you_mean(cfg.architecture, known)
         )
-    _require(bool(cfg.sizes), "sizes", cfg.sizes, "need at least one size")
+    _require(bool(cfg.sizes), "sizes", cfg.sizes, "a list of at least one size")
     names = [s.name for s in cfg.sizes]
-    _require(len(set(names)) == len(names), "sizes[].name", names, "names must be unique")
+    _require(len(set(names)) == len(names), "sizes[].name", names, "names that differ")
     for i, s in enumerate(cfg.sizes):
         _require(
             s.name.replace("-", "").replace("_", "").isalnum(),
@@ -179,49 +295,79 @@ def validate(cfg: FamilyConfig) -> None:
             "letters, digits, '-' and '_' only",
         )
         for key in ("layers", "width", "heads"):
-            _require(getattr(s, key) >= 1, f"sizes[{i}].{key}", getattr(s, key), "must be >= 1")
+            _count(getattr(s, key), f"sizes[{i}].{key}")
         _require(
             s.width % s.heads == 0,
             f"sizes[{i}].width",
             s.width,
-            f"must be divisible by sizes[{i}].heads={s.heads}",
+            f"a multiple of sizes[{i}].heads={s.heads}",
         )
-        _require(s.ffn is None or s.ffn >= 1, f"sizes[{i}].ffn", s.ffn, "must be >= 1 or null")
+        _count(s.ffn, f"sizes[{i}].ffn", nullable=True)
+        if s.lr is not None:
+            _number(s.lr, f"sizes[{i}].lr", 0, what="null (optimizer.lr) or a number")
     tok = cfg.tokenizer
     _require(tok.kind in ("bpe", "file"), "tokenizer.kind", tok.kind, "one of 'bpe', 'file'")
     if tok.kind == "bpe":
         _require(
-            tok.vocab_size >= 260,
+            isinstance(tok.vocab_size, int) and tok.vocab_size >= 260,
             "tokenizer.vocab_size",
             tok.vocab_size,
-            "a byte-level BPE needs >= 260 (256 bytes + special tokens)",
+            "an integer >= 260 (a byte-level BPE needs 256 bytes + special tokens)",
         )
     else:
         _require(
             bool(tok.path) and Path(str(tok.path)).is_file(),
             "tokenizer.path",
             tok.path,
-            "must be an existing tokenizers JSON file when tokenizer.kind=file",
+            "an existing tokenizers JSON file when tokenizer.kind=file",
         )
-    _require(0 < cfg.heldout_fraction < 1, "heldout_fraction", cfg.heldout_fraction, "in (0, 1)")
-    _require(cfg.min_heldout_docs >= 1, "min_heldout_docs", cfg.min_heldout_docs, "must be >= 1")
-    _require(cfg.context >= 8, "context", cfg.context, "must be >= 8 tokens")
-    _require(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
+    _number(cfg.heldout_fraction, "heldout_fraction", 0, 1, what="a fraction")
+    _count(cfg.min_heldout_docs, "min_heldout_docs")
+    _count(cfg.max_train_chars, "max_train_chars", nullable=True)
+    _count(cfg.context, "context", minimum=8)
+    _count(cfg.batch_size, "batch_size")
+    _count(cfg.eval_every, "eval_every")
+    budget = cfg.budget
     _require(
-        cfg.budget.kind in ("fixed", "proportional"),
+        budget.kind in ("fixed", "proportional"),
         "budget.kind",
-        cfg.budget.kind,
+        budget.kind,
         "one of 'fixed', 'proportional'",
     )
-    _require(cfg.optimizer.lr > 0, "optimizer.lr", cfg.optimizer.lr, "must be > 0")
+    _count(budget.tokens, "budget.tokens")
+    _number(budget.tokens_per_param, "budget.tokens_per_param", 0)
+    _count(budget.min_tokens, "budget.min_tokens", minimum=0)
+    _count(budget.max_tokens, "budget.max_tokens", minimum=max(1, budget.min_tokens),
+           nullable=True)  # fmt: skip
+    opt = cfg.optimizer
+    _number(opt.lr, "optimizer.lr", 0)
+    betas = list(opt.betas)
     _require(
-        cfg.eval_sets.mc_choices >= 2,
-        "eval_sets.mc_choices",
-        cfg.eval_sets.mc_choices,
-        "must be >= 2",
+        len(betas) == 2
+        and all(isinstance(b, int | float) and math.isfinite(b) and 0 <= b < 1 for b in betas),
+        "optimizer.betas",
+        betas,
+        "two numbers in [0, 1), e.g. [0.9, 0.95]",
     )
+    _number(opt.weight_decay, "optimizer.weight_decay", 0, low_open=False)
+    _number(opt.warmup_frac, "optimizer.warmup_frac", 0, 1, low_open=False, what="a fraction")
+    _number(opt.min_lr_ratio, "optimizer.min_lr_ratio", 0, 1, low_open=False, high_open=False,
+            what="a fraction")  # fmt: skip
+    _number(opt.grad_clip, "optimizer.grad_clip", 0, what="a gradient-norm bound")
+    ev = cfg.eval_sets
+    for key in ("heldout_chars", "mc_items", "mc_context_chars", "lastword_items",
+                "lastword_words", "val_tokens"):  # fmt: skip
+        _count(getattr(ev, key), f"eval_sets.{key}")
+    _count(ev.mc_choices, "eval_sets.mc_choices", minimum=2)
     if cfg.corpus is not None:
-        _require(Path(cfg.corpus).is_dir(), "corpus", cfg.corpus, "must be a folder of .txt files")
+        folder = Path(cfg.corpus)
+        _require(
+            folder.is_dir(),
+            "corpus",
+            cfg.corpus,
+            "a folder of .txt files, or null (the packaged corpus); "
+            + ("this is a file" if folder.exists() else "no such folder"),
+        )
     marks = list(cfg.checkpoints)
     _require(
         all(isinstance(t, int) and t > 0 for t in marks) and marks == sorted(set(marks)),
@@ -234,7 +380,7 @@ def validate(cfg: FamilyConfig) -> None:
             marks[-1] < cfg.budget.tokens,
             "checkpoints",
             marks,
-            f"each must be below budget.tokens={cfg.budget.tokens} (the end of training is "
+            f"each below budget.tokens={cfg.budget.tokens} (the end of training is "
             "always kept as the size itself)",
         )
     labels = [token_label(t) for t in marks]
@@ -242,7 +388,7 @@ def validate(cfg: FamilyConfig) -> None:
         len(set(labels)) == len(labels),
         "checkpoints",
         marks,
-        f"their labels {labels} must differ (labels round to k/M/G)",
+        f"token counts whose labels differ ({labels} must differ; labels round to k/M/G)",
     )
 
 
@@ -293,7 +439,26 @@ def size_hash(fam_hash: str, size: SizeConfig) -> str:
     return stable_hash({"family": fam_hash, "size": asdict(size)})
 
 
+def zoo_dir_path(zoo_dir: str | os.PathLike | None) -> Path:
+    """The folder a ``zoo_dir`` value means (None = :func:`default_zoo_dir`).
+
+    ``$VAR`` and ``~`` are expanded by :func:`harness.files.user_path`, so the folder checked
+    is the folder written (``zoo_dir=~/z`` is ``$HOME/z``, never a literal ``./~``).
+    """
+    if zoo_dir is None:
+        return default_zoo_dir()
+    try:
+        return user_path(zoo_dir, "zoo_dir")
+    except PathError as err:
+        raise ZooConfigError(str(err)) from None
+
+
 def default_zoo_dir() -> Path:
     """Same default as conf/config.yaml's zoo_dir: $KBIT_ZOO_DIR or ~/.cache/kbit/zoo."""
     env = os.environ.get(ZOO_DIR_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "kbit" / "zoo"
+    if not env:
+        return Path.home() / ".cache" / "kbit" / "zoo"
+    try:
+        return user_path(env, ZOO_DIR_ENV)
+    except PathError as err:
+        raise ZooConfigError(str(err)) from None

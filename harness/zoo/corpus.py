@@ -72,7 +72,8 @@ def corpus_folder(corpus: str | Path | None) -> Path:
     folder = Path(corpus) if corpus is not None else PACKAGED_CORPUS
     if not folder.is_dir():
         raise ZooConfigError(
-            f"zoo config field corpus={str(folder)!r} is not a folder of .txt files"
+            f"zoo config field corpus={str(folder)!r} is not a folder; allowed: a folder of "
+            ".txt files, or null (the packaged corpus)"
         )
     return folder
 
@@ -82,7 +83,7 @@ def _nonempty_files(folder: Path) -> list[tuple[str, bytes]]:
     if len(files) < 2:
         raise ZooConfigError(
             f"zoo config field corpus={str(folder)!r} has {len(files)} non-empty .txt file(s); "
-            "need at least 2 (documents are files; some are held out for validation)"
+            "allowed: a folder of at least 2 (documents are files; some are held out)"
         )
     return files
 

@@ -2,18 +2,21 @@
 
 All builders take the same size fields (layers, width, heads, FFN width), so a family differs
 only in size, and switch off dropout so that training is deterministic and matches the
-models' evaluation behaviour.
+models' evaluation behaviour. ``transformers`` is imported by the builders, not here, so that
+checking a family's ``architecture`` (``kbit-zoo`` refusing a bad value) does not load it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-
-from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig, PretrainedConfig
+from typing import TYPE_CHECKING
 
 from harness.zoo.config import SizeConfig
 
-ConfigBuilder = Callable[[SizeConfig, int, int, int, int], PretrainedConfig]
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+ConfigBuilder = Callable[[SizeConfig, int, int, int, int], "PretrainedConfig"]
 
 
 def _ffn(size: SizeConfig) -> int:
@@ -22,6 +25,8 @@ def _ffn(size: SizeConfig) -> int:
 
 def _gpt_neox(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) -> PretrainedConfig:
     # Pythia's shape: parallel residual, rotary on a quarter of each head, untied head.
+    from transformers import GPTNeoXConfig
+
     return GPTNeoXConfig(
         vocab_size=vocab, hidden_size=size.width, num_hidden_layers=size.layers,
         num_attention_heads=size.heads, intermediate_size=_ffn(size),
@@ -32,6 +37,8 @@ def _gpt_neox(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) ->
 
 
 def _gpt2(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) -> PretrainedConfig:
+    from transformers import GPT2Config
+
     return GPT2Config(
         vocab_size=vocab, n_embd=size.width, n_layer=size.layers, n_head=size.heads,
         n_inner=_ffn(size), n_positions=context, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -40,6 +47,8 @@ def _gpt2(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) -> Pre
 
 
 def _opt(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) -> PretrainedConfig:
+    from transformers import OPTConfig
+
     return OPTConfig(
         vocab_size=vocab, hidden_size=size.width, num_hidden_layers=size.layers,
         num_attention_heads=size.heads, ffn_dim=_ffn(size), max_position_embeddings=context,
@@ -50,6 +59,8 @@ def _opt(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) -> Pret
 
 
 def _llama(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) -> PretrainedConfig:
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=vocab, hidden_size=size.width, num_hidden_layers=size.layers,
         num_attention_heads=size.heads, num_key_value_heads=size.heads,

@@ -96,6 +96,28 @@ def register_method(
     return wrap
 
 
+def check_rounding(settings: Any, request: QuantRequest) -> None:
+    """Refuse, before any model loads, what kbit's block-wise rounding refuses for ``request``.
+
+    Why a probe rather than a list of rules: the rounding kernels are the authority on what
+    they accept (a scale format that stores no mean with ``centering``, an element format with
+    a codebook that is not its grid, a data-dependent codebook with ``mx``, ...). Running them
+    on a small probe tensor laid out in the request's blocks raises exactly their one-line
+    refusal now instead of after the model has loaded, and cannot drift from them. Costs about
+    a millisecond; a sweep's validator runs it once per distinct quantization.
+    """
+    del settings  # the rounding does not depend on a method's own settings
+    from harness.quantize.blockwise import fake_quantize
+
+    size = request.block_size if request.block_size is not None else 64
+    probe = torch.linspace(-1.0, 1.0, min(4 * size, 1 << 16))
+    fake_quantize(
+        probe, request.dtype, request.bits, request.block_size,
+        scale_format=request.scale_format, centering=request.centering,
+        **(request.dtype_overrides or {}),
+    )  # fmt: skip
+
+
 def methods() -> dict[str, MethodEntry]:
     """All registered methods by name (the built-in modules imported on first use)."""
     for module in BUILTIN_METHOD_MODULES:
@@ -134,6 +156,7 @@ __all__ = [
     "BUILTIN_METHOD_MODULES",
     "MethodEntry",
     "QuantRequest",
+    "check_rounding",
     "get_method",
     "make_settings",
     "methods",

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from harness.quantize.methods import QuantRequest, register_method
+from harness.quantize.methods import QuantRequest, check_rounding, register_method
 from harness.quantize.model import QuantizeReport, new_report, quantize_each
 
 
@@ -17,7 +17,7 @@ class BlockwiseSettings:
     name: str = "blockwise"
 
 
-@register_method("blockwise", BlockwiseSettings)
+@register_method("blockwise", BlockwiseSettings, validate=check_rounding)
 def blockwise(model: nn.Module, request: QuantRequest) -> QuantizeReport:
     """Every selected weight, each value to the nearest code of its block's scaled codebook."""
     return quantize_each(model, request, new_report(request, "blockwise"))

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from harness.quantize.gptq import gptq_quantize_model
-from harness.quantize.methods import QuantRequest, register_method
+from harness.quantize.gptq import check_scale_format, gptq_quantize_model
+from harness.quantize.methods import QuantRequest, check_rounding, register_method
 from harness.quantize.model import (
     QuantizeReport,
     linear_layout,
@@ -52,7 +52,15 @@ class GPTQSettings:
                              "folder, or hub:<dataset>[/<config>]")  # fmt: skip
 
 
-@register_method("gptq", GPTQSettings, needs_calibration=True)
+def check_request(settings: GPTQSettings, request: QuantRequest) -> None:
+    """What GPTQ cannot do, refused before any model loads: the element-grid scale formats
+    (mx, nvfp4; its rounding step is kbit's normalised nearest code), then everything kbit's
+    block-wise rounding refuses (GPTQ rounds with it, and rounds embeddings/head with it)."""
+    check_scale_format(request.scale_format)
+    check_rounding(settings, request)
+
+
+@register_method("gptq", GPTQSettings, needs_calibration=True, validate=check_request)
 def gptq(model: nn.Module, request: QuantRequest) -> QuantizeReport:
     """GPTQ every selected weight, decoder layer by decoder layer, from the pristine weights."""
     modules = selected_modules(model, request)

@@ -8,8 +8,10 @@ which is the point: a method from a library is one settings class and one functi
 What it supports: the ``int`` data type (HQQ's own asymmetric integer grid with a zero point),
 bits 2, 3, 4, 5, 6, 8, block sizes that are multiples of 8 (or null: one group per row), with
 ``centering=false`` (the zero point plays that role). The scale and the zero point are stored in
-``scale_format`` (fp16 as HQQ deploys them), so the bit count is k per weight plus two
-``scale_format`` values per block (``harness.quantize.hqq.hqq_bits``).
+``scale_format`` (fp16 as HQQ deploys them: its default ``compute_dtype``): HQQ's optimised
+values are rounded to it before the weights are dequantized (in float32), so the weights use
+exactly what is counted: k bits per weight plus two ``scale_format`` values per block
+(``harness.quantize.hqq.hqq_bits``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from harness.quantize.model import (
 )
 
 DTYPES = ("int",)  # HQQ's grid is its own asymmetric integer grid
-SCALE_FORMATS = ("fp16", "bf16", "fp32")  # how the scale and zero point are stored
+# how the scale and zero point are stored (and rounded to before dequantizing)
+SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SCALE_FORMATS = tuple(SCALE_DTYPES)
 
 
 @dataclass
@@ -77,7 +81,10 @@ def hqq(model: nn.Module, request: QuantRequest) -> QuantizeReport:
             problem = supported(request.bits, request.block_size, rows.shape[1], rows.shape[0])
             if problem:
                 raise ValueError(f"{name}: {problem}")
-            quantized = hqq_fake_quantize(rows, request.bits, request.block_size)
+            quantized = hqq_fake_quantize(
+                rows, request.bits, request.block_size,
+                scale_dtype=SCALE_DTYPES[request.scale_format],
+            )  # fmt: skip
             linear_layout(module.weight, module).copy_(quantized.reshape(original.shape))
             report.tensors.append(tensor_entry(name, original))
     return report

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from harness.models import proxy_pairs
-from harness.quantize.methods import QuantRequest, register_method
+from harness.quantize.methods import QuantRequest, check_rounding, register_method
 from harness.quantize.model import (
     QuantizeReport,
     linear_layout,
@@ -50,7 +50,7 @@ def outlier_columns(sources: list[torch.Tensor], fraction: float) -> torch.Tenso
     return torch.topk(score, k).indices.sort().values
 
 
-@register_method("proxy", ProxySettings)
+@register_method("proxy", ProxySettings, validate=check_rounding)
 def proxy(model: nn.Module, request: QuantRequest) -> QuantizeReport:
     """Block-wise, with each pair's target keeping its outlier input columns in 16 bit."""
     modules = selected_modules(model, request)
