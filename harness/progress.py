@@ -44,7 +44,9 @@ __all__ = [
     "finish",
     "format_eta",
     "job_log_file",
+    "new_records",
     "start",
+    "store_snapshot",
     "verbose_requested",
     "watch_store",
     "watching",
@@ -201,6 +203,33 @@ def finish() -> SweepProgress | None:
 
 # ----------------------------------------------------------------------------- watching the store
 CellKey = tuple[Any, str, str]  # (results_dir, sweep, cell_id)
+Snapshot = dict[Path, dict[str, int]]  # sweep folder -> {cell file name: inode}
+
+
+def _folders(cells: Sequence[CellKey]) -> dict[Path, set[str]]:
+    folders: dict[Path, set[str]] = {}
+    for results_dir, sweep, cell_id in cells:
+        folders.setdefault(Path(results_dir) / str(sweep), set()).add(f"{cell_id}.parquet")
+    return folders
+
+
+def store_snapshot(cells: Sequence[CellKey]) -> Snapshot:
+    """The cells' files as they are now (one listing per sweep folder): the baseline a watch
+    compares against. Take it *before* submitting, so a cell that a fast job writes while
+    the rest is still being submitted counts as new."""
+    return {folder: _inodes(folder, names) for folder, names in _folders(cells).items()}
+
+
+def new_records(cells: Sequence[CellKey], baseline: Snapshot) -> set[CellKey]:
+    """The cells whose file is new or replaced since ``baseline`` (:func:`store_snapshot`)."""
+    now = store_snapshot(cells)
+    fresh = set()
+    for key in cells:
+        folder, name = Path(key[0]) / str(key[1]), f"{key[2]}.parquet"
+        inode = now.get(folder, {}).get(name)
+        if inode is not None and baseline.get(folder, {}).get(name) != inode:
+            fresh.add(key)
+    return fresh
 
 
 def watch_store(
@@ -208,22 +237,25 @@ def watch_store(
     progress: SweepProgress,
     poll_s: float = 10.0,
     until: Callable[[], bool] | threading.Event | None = None,
+    baseline: Snapshot | None = None,
 ) -> Counter[str]:
     """Report cells to ``progress`` as their files appear in the store; returns the statuses.
 
     For launchers whose jobs run elsewhere (``hydra/launcher=slurm|local``). Returns when every
     cell has a new record, or when ``until`` (a callable, or a ``threading.Event``) says stop,
-    after one last look. A cell counts once, when its file is new or replaced since the watch
-    began (a retried cell's old ``failed`` file is not its result). Cheap at 20,000 cells: each
-    poll lists each sweep folder once and reads only files that changed (an atomic write
-    replaces the file, so its inode from the listing is enough: no stat per cell).
+    after one last look. A cell counts once, when its file is new or replaced since
+    ``baseline`` (:func:`store_snapshot`, taken before the jobs were submitted; default: when
+    the watch begins), so a retried cell's old ``failed`` file is not its result and a cell
+    finished before the watch began is not lost. Cheap at 20,000 cells: each poll lists each
+    sweep folder once and reads only files that changed (an atomic write replaces the file, so
+    its inode from the listing is enough: no stat per cell).
     """
     from harness.records import cell_status
 
-    folders: dict[Path, set[str]] = {}
-    for results_dir, sweep, cell_id in cells:
-        folders.setdefault(Path(results_dir) / str(sweep), set()).add(f"{cell_id}.parquet")
-    seen = {folder: _inodes(folder, names) for folder, names in folders.items()}
+    folders = _folders(cells)
+    if baseline is None:
+        baseline = store_snapshot(cells)
+    seen = {folder: dict(baseline.get(folder, {})) for folder in folders}
     statuses: Counter[str] = Counter()
     stop = _stopper(until)
 

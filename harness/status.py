@@ -144,10 +144,17 @@ def _read_outcome(path: Path) -> tuple[str, str, str | None]:
 
 def _count_live(result: SweepStatus, folder: Path) -> None:
     """Move cells held by live jobs from failed / pending to running / queued."""
-    from harness.cluster.claims import SchedulerUnavailable, held_cells
+    from harness.cluster.claims import (
+        SchedulerUnavailable,
+        ended_task_errors,
+        held_cells,
+        read_claims,
+        scheduler_states,
+    )
 
-    try:
-        held = held_cells(folder.parent, folder.name, forget=False)
+    try:  # the scheduler is asked once, for the live holds and for the ended tasks' errors
+        states = scheduler_states() if read_claims(folder.parent, folder.name) else {}
+        held = held_cells(folder.parent, folder.name, states, forget=False)
     except SchedulerUnavailable as err:
         result.scheduler_note = f"{result.sweep}: queued/running unknown ({err})"
         return
@@ -166,6 +173,10 @@ def _count_live(result: SweepStatus, folder: Path) -> None:
         else:
             result.queued += 1
     result.pending_ids = sorted(pending)
+    # a task that died before its cells wrote anything: its log's error line, not "pending" alone
+    for cid, line in ended_task_errors(folder.parent, folder.name, states).items():
+        if cid in pending:
+            result.errors[cid] = f"(no record) {line}"
 
 
 def _count_problem(result: SweepStatus, path: Path, reason: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -40,3 +41,21 @@ def plan_bench():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """Undo what a test's in-process ``kbit-run``/CLI did to the root logger.
+
+    Hydra's job logging (and ``logging.basicConfig`` in a CLI) binds a handler to the
+    ``sys.stderr`` of the moment, pytest's capture stream; a later test would then log into a
+    closed stream and see "--- Logging error ---" on its stderr. pytest's own handlers are
+    left alone.
+    """
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in before and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+    root.setLevel(level)

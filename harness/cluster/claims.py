@@ -6,12 +6,18 @@ At submission, the launcher writes one *claim file* per array into the sweep fol
 
     RESULTS_DIR/<sweep>/.jobs/<array job id>.json
     {"job_id": "1234", "launcher": "slurm", "submitted_at": "...",
-     "tasks": [["<cell id>", ...], ...]}          # index = array task id
+     "tasks": [["<cell id>", ...], ...],         # index = array task id
+     "logs": "<submitit folder, %j = the job id>"}  # where each task's log is
 
 A cell is *held* while the array task that claims it is pending or running in the
 scheduler's view (``squeue``); a task that ended (done, failed, cancelled, timed out) holds
 nothing, and its cells without an ok record are run by the next launch. The scheduler is the
 truth, not a lease file a killed job could leave behind.
+
+A task that ended without writing some of its cells' records (it died before kbit's code ran,
+or could not write) left its reason only in its log: :func:`ended_task_errors` reads the
+error line from the logs of ended tasks, for ``kbit-status --errors`` (text only; the job's
+result pickle is never loaded by a reader of the store).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import getpass
 import json
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -63,8 +70,10 @@ def write_claims(
     job_id: str,
     tasks: Sequence[Sequence[str]],
     launcher: str = "slurm",
+    logs: str | os.PathLike | None = None,
 ) -> Path:
-    """Record that array ``job_id``'s task i holds the cells ``tasks[i]`` (atomically)."""
+    """Record that array ``job_id``'s task i holds the cells ``tasks[i]`` (atomically);
+    ``logs`` is the submitit folder of the tasks (``%j`` standing for the task's job id)."""
     path = claims_dir(results_dir, sweep) / f"{job_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {
@@ -73,6 +82,8 @@ def write_claims(
         "submitted_at": datetime.now(timezone.utc).isoformat(),
         "tasks": [list(cells) for cells in tasks],
     }
+    if logs is not None:
+        body["logs"] = str(logs)
     atomic_write(path, json.dumps(body))
     return path
 
@@ -181,3 +192,56 @@ def live_tasks(job_ids: Iterable[str], states: dict[str, str]) -> list[str]:
         for key, state in states.items()
         if key.split("_")[0] in ids and state.rstrip("+") in LIVE_STATES
     )
+
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Refused|Cells)\b.*")
+MAX_LOG_CHARS = 20_000  # the tail of a log that is searched for the error line
+
+
+def trace_error_line(text: str) -> str | None:
+    """The error line of a traceback or a job log: its last ``SomethingError: ...`` line."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if _ERROR_LINE.match(ln):
+            return ln if len(ln) <= 500 else ln[:497] + "..."
+    return None
+
+
+def task_log(logs: str, job_id: str, index: int, n_tasks: int) -> Path:
+    """The stderr log submitit writes for array task ``index`` of ``job_id``."""
+    task = job_id if n_tasks == 1 else f"{job_id}_{index}"  # a one-task array is a plain job
+    return Path(logs.replace("%j", task)) / f"{task}_0_log.err"
+
+
+def ended_task_errors(
+    results_dir: str | os.PathLike, sweep: str, states: dict[str, str]
+) -> dict[str, str]:
+    """cell id -> the error line in the log of the ended task that held it (cells of tasks
+    still live, or whose log shows no error, are left out). A caller keeps the cells that
+    have no record: a cell with a record said what happened itself."""
+    errors: dict[str, str] = {}
+    for path in sorted(claims_dir(results_dir, sweep).glob("*.json")):
+        try:
+            body = json.loads(path.read_text())
+            job_id, tasks, logs = str(body["job_id"]), list(body["tasks"]), body.get("logs")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not logs:
+            continue
+        for index, cells in enumerate(tasks):
+            state = states.get(f"{job_id}_{index}") or states.get(job_id)
+            if state is not None and state.rstrip("+") in LIVE_STATES:
+                continue
+            log_path = task_log(str(logs), job_id, index, len(tasks))
+            try:
+                with open(log_path, "rb") as fh:
+                    fh.seek(0, os.SEEK_END)
+                    fh.seek(max(0, fh.tell() - MAX_LOG_CHARS))
+                    text = fh.read().decode(errors="replace")
+            except OSError:
+                continue
+            line = trace_error_line(text)
+            if line:
+                errors.update({str(cid): f"{line} (job {job_id}_{index}, {log_path})"
+                               for cid in cells})  # fmt: skip
+    return errors

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,14 +82,59 @@ def check_launcher(launcher: Any) -> None:
 
 
 def cell_meta(cfg: Any, resolved: Any) -> dict[str, Any]:
-    """What packing needs of a cell, taken while the planner has its composed config."""
+    """What packing needs of a cell, taken while the planner has its composed config, and
+    what a failed record written in its job says of it when the cell cannot start there
+    (``record``: :data:`harness.cluster.launcher.RECORD_FIELDS`)."""
+    device_class = str(getattr(resolved, "device_class", None) or "cpu")
+    compute_dtype = str(getattr(resolved, "compute_dtype", None) or "float32")
     return {
         "model": str(cfg.model),
         "zoo_dir": str(cfg.get("zoo_dir") or ""),
         "trust_remote_code": bool(cfg.get("trust_remote_code", False)),
-        "device_class": str(getattr(resolved, "device_class", None) or "cpu"),
-        "compute_dtype": str(getattr(resolved, "compute_dtype", None) or "float32"),
+        "device": str(cfg.get("device") or "auto"),  # as configured: "auto" or explicit
+        "device_class": device_class,
+        "compute_dtype": compute_dtype,
         "tokens": cell_tokens(cfg),
+        "record": _record_fields(cfg, device_class, compute_dtype),
+    }
+
+
+def _record_fields(cfg: Any, device_class: str, compute_dtype: str) -> dict[str, Any]:
+    """The identity fields of a cell's record, as plain values (best effort: a field the
+    config does not have is left out, and the record keeps its default)."""
+
+    def name_of(value: Any) -> Any:
+        return value.get("name") if hasattr(value, "get") else value
+
+    fields: dict[str, Any] = {"device_class": device_class, "compute_dtype": compute_dtype}
+    try:
+        bits = int(cfg.get("bits"))
+        baseline = bits == 16
+        dtype, method = cfg.get("dtype"), cfg.get("method")
+        fields.update(
+            model=str(cfg.get("model")), bits=bits, centering=bool(cfg.get("centering")),
+            scale_format=str(cfg.get("scale_format") or "fp16"),
+            method="none" if baseline else str(name_of(method) or ""),
+            dtype="none" if baseline else str(name_of(dtype) or ""),
+            dtype_family="none" if baseline else str(
+                (dtype.get("family") if hasattr(dtype, "get") else "") or ""),
+            block_size=None if baseline else cfg.get("block_size"),
+        )  # fmt: skip
+        if cfg.get("model_family"):
+            fields["model_family"] = str(cfg.get("model_family"))
+    except (TypeError, ValueError, AttributeError, KeyError):
+        pass
+    return fields
+
+
+def planned_cell(cell: Any) -> dict[str, Any]:
+    """Where a planned cell's record goes, and what its job writes there if the cell cannot
+    start (:func:`harness.cluster.launcher.record_unrun_cell`)."""
+    return {
+        **dict(cell.meta.get("record") or {}),
+        "results_dir": str(cell.results_dir),
+        "sweep": str(cell.sweep),
+        "cell_id": str(cell.cell_id),
     }
 
 
@@ -153,9 +199,59 @@ class _ParamCounts:
         return self.counts[key]
 
 
+def _is_hub_model(spec: str) -> bool:
+    """A hub id (not a ``zoo:`` model, not a local folder): planning validated that a local
+    spec exists, so a spec that is no path here names a hub model."""
+    if spec.startswith("zoo:"):
+        return False
+    return not Path(os.path.expanduser(os.path.expandvars(spec))).exists()
+
+
+def cpu_plan_problem(cells: Sequence[Any], settings: Settings, launcher: Any) -> str | None:
+    """Why Slurm jobs would run hub models on CPUs without anyone asking for it, or None.
+
+    Why: a GPU sweep launched without GPU resources (no ``hydra.launcher.gpus_per_node``, no
+    ``hydra.sweeper.resources``) resolves ``device=auto`` to ``cpu`` and plans thousands of
+    float32 CPU jobs that ask for the model's size in host memory and run for days: the plan
+    looks valid and is useless. A hub model on CPUs is fine when asked for: ``device=cpu``
+    set for the cells, or ``hydra.sweeper.resources.device=cpu``.
+    """
+    if getattr(launcher, "_EXECUTOR", "") != "slurm":
+        return None
+    if settings.resources is not None and settings.resources.device == "cpu":
+        return None
+    hub: dict[str, bool] = {}
+    affected: Counter[str] = Counter()
+    for cell in cells:
+        meta = cell.meta
+        if meta.get("device_class") != "cpu" or meta.get("device", "auto") != "auto":
+            continue
+        model = str(meta["model"])
+        if model not in hub:
+            hub[model] = _is_hub_model(model)
+        if hub[model]:
+            affected[model] += 1
+    if not affected:
+        return None
+    first = next(iter(affected))
+    return (
+        f"model={first} (a hub model; {len(affected)} model(s), {sum(affected.values())} cells) "
+        "would run on CPUs in float32 Slurm jobs: device=auto resolved to cpu because neither "
+        "hydra.launcher.gpus_per_node nor hydra.sweeper.resources asks for GPUs; allowed: GPU "
+        "jobs (hydra.launcher.gpus_per_node=1, or a hydra.sweeper.resources rule), or CPUs on "
+        "purpose (device=cpu, or hydra.sweeper.resources.device=cpu)"
+    )
+
+
 def plan_jobs(cells: Sequence[Any], settings: Settings, launcher: Any) -> list[Any]:
-    """Pack ``cells`` into :class:`harness.cluster.launcher.JobSpec`, with their resources."""
+    """Pack ``cells`` into :class:`harness.cluster.launcher.JobSpec`, with their resources.
+
+    Raises :class:`JobsError` for a plan nobody asked for (:func:`cpu_plan_problem`)."""
     from harness.cluster.launcher import JobSpec
+
+    problem = cpu_plan_problem(cells, settings, launcher)
+    if problem:
+        raise JobsError(problem)
 
     measured: dict[tuple[str, str], dict[str, float]] = {}
     params_of = _ParamCounts()
@@ -190,6 +286,7 @@ def plan_jobs(cells: Sequence[Any], settings: Settings, launcher: Any) -> list[A
                 label=label,
                 minutes=job.minutes,
                 model=job.model,
+                planned=[planned_cell(c) for c in job.cells],
             )
         )
     return specs
@@ -259,9 +356,15 @@ def describe_jobs(specs: Sequence[Any], launcher: Any) -> str:
     for group in classes.values():
         models = Counter(s.model for s in group)
         hours = sum(s.minutes for s in group) / 60.0
+        numerics = Counter(
+            f"{p.get('device_class', '?')}/{p.get('compute_dtype', '?')}"
+            for s in group
+            for p in s.planned
+        )
         lines.append(
             f"  - {group[0].label}: {len(group)} jobs, {sum(len(s.cells) for s in group)} cells, "
-            f"~{hours:.1f} job-hours expected; models: {_short_list(models)}"
+            f"~{hours:.1f} job-hours expected; numerics: {_short_list(numerics)}; "
+            f"models: {_short_list(models)}"
         )
     return "\n".join(lines)
 
@@ -272,11 +375,23 @@ def _short_list(counts: Counter, shown: int = 4) -> str:
     return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def launch(launcher: Any, specs: Sequence[Any], todo: Sequence[Any]) -> None:
-    """Submit ``specs``; wait with a progress line when the launcher waits, else return."""
+def launch(
+    launcher: Any, specs: Sequence[Any], todo: Sequence[Any], done: int = 0, held: int = 0
+) -> None:
+    """Submit ``specs``; wait with a progress line when the launcher waits, else return.
+
+    ``done`` cells of the sweep were ok before this launch and ``held`` are left to live jobs
+    of an earlier launch: the progress line counts the whole sweep (``done + held + todo``)
+    and ends on the same count as the summary. After the jobs ended, a cell without a new
+    record gets a ``failed`` record holding its job's error line (its result, else its log),
+    so a job that died before its cells could write anything is visible in the store.
+    """
+    from harness import progress
     from harness.cluster.launcher import SubmissionError
     from harness.sweep import SweepError, report_outcome
 
+    keys = [(c.results_dir, c.sweep, c.cell_id) for c in todo]
+    baseline = progress.store_snapshot(keys) if launcher.waits else None
     try:
         submission = launcher.launch_packed(specs)
     except SubmissionError as err:
@@ -301,12 +416,47 @@ def launch(launcher: Any, specs: Sequence[Any], todo: Sequence[Any]) -> None:
             status,
         )
         return
-    from harness import progress
-
-    keys = [(c.results_dir, c.sweep, c.cell_id) for c in todo]
-    line = progress.start(total=len(todo), name=", ".join(sorted({c.sweep for c in todo})))
+    name = ", ".join(sorted({c.sweep for c in todo}))
+    line = progress.start(total=len(todo) + done + held, already_done=done, name=name)
     try:
-        progress.watch_store(keys, line, launcher.poll_s, until=launcher.finished(submission))
+        until = launcher.finished(submission)
+        progress.watch_store(keys, line, launcher.poll_s, until=until, baseline=baseline)
+        missing = set(keys) - progress.new_records(keys, baseline or {})
+        errors = record_job_errors(specs, submission, missing, line) if missing else Counter()
     finally:
         progress.finish()
-    report_outcome(todo)
+    report_outcome(todo, done_before=done, held=held, job_errors=errors)
+
+
+def record_job_errors(
+    specs: Sequence[Any], submission: Any, missing: set[tuple[str, str, str]], line: Any = None
+) -> Counter[str]:
+    """For every ended job that left cells without a new record: its error line (logged once
+    per job), and a ``failed`` record holding it for each such cell (counted on ``line``).
+
+    Why the launcher: a job that could not start (an import error before kbit's code ran, a
+    node failure) or could not write (a full disk) has no other way to be seen; its error is
+    in its result or log, which the store's readers (``kbit-status --errors``) do not read.
+    Returns error line -> cells.
+    """
+    from harness.cluster.launcher import job_error_line, record_unrun_cell
+
+    errors: Counter[str] = Counter()
+    for spec, job in zip(specs, submission.jobs, strict=True):
+        cells = [p for p in spec.planned if (p["results_dir"], p["sweep"], p["cell_id"]) in missing]
+        if not cells or job is None:
+            continue
+        why = job_error_line(job)
+        job_id = getattr(job, "job_id", "?")
+        where = getattr(getattr(job, "paths", None), "stderr", "")
+        written = 0
+        for planned in cells:
+            text = f"{why} (job {job_id} ended without this cell's record)"
+            if record_unrun_cell(planned, text, f"job log: {where}", str(job_id)) is not None:
+                written += 1
+                if line is not None:
+                    line.cell_finished("failed")
+        log.error("job %s: %d cell(s) without a record (%d failed record(s) written now): %s",
+                  job_id, len(cells), written, why)  # fmt: skip
+        errors[why] += len(cells)
+    return errors

@@ -17,20 +17,33 @@ and change three things:
   ``hydra.launcher.wait=true`` keeps waiting, with one progress line, for scripts.
 
 Hydra's plain ``launch(job_overrides)`` still works: one cell per task.
+
+A cell that cannot even start inside its job (its config does not compose there, a data type
+family registered only in the launching process, an import error, an exception while
+validating it) has no record of its own. The job then writes a ``failed`` record for it under
+its planned id (:func:`record_unrun_cell`, from the plan the launcher handed the job), runs the
+rest of its chunk, and ends with an error (:class:`UnrunCells`: a non-zero exit, no "completed
+successfully" in its log). A launcher that waits reads the error line of every job that left a
+cell without a record (:func:`job_error_line`: its result, else its log) and writes the
+failed records itself where the job could not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher.config import (
     BaseQueueConf,
     LocalQueueConf,
@@ -39,7 +52,7 @@ from hydra_plugins.hydra_submitit_launcher.config import (
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf
 
-from harness.cluster.claims import write_claims
+from harness.cluster.claims import trace_error_line, write_claims
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +93,9 @@ class JobSpec:
     label: str = ""  # e.g. "1 GPU, 32 GB, 8 CPU, 2h00" (for the plan printed before submitting)
     minutes: float = 0.0  # expected wall time of its cells
     model: str = ""  # the one model its cells share
+    # per cell: where its record goes and what a failed record says when the cell cannot run
+    # in the job ({"results_dir", "sweep", "cell_id", and record fields such as "model"})
+    planned: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -115,18 +131,26 @@ class _PackedMixin:
         chunk: list[list[str]],
         first_num: int,
         singleton_state: dict[type, Singleton],
+        planned: Sequence[dict[str, Any]] | None = None,
     ) -> list[JobReturn]:
         """Run the cells of one packed job, one Hydra job each, in this process.
 
         A cell's failure is recorded by the cell itself (its ``failed`` record); the chunk
         goes on. On a requeue the same chunk starts again and cells already ok are skipped
-        by the runner after their validation.
+        by the runner after their validation. A cell that raised before writing any record
+        (composition, validation, an import inside the job) gets a ``failed`` record under
+        its planned id (``planned[i]``) here; after the chunk the job raises
+        :class:`UnrunCells`, so it does not end as "completed successfully".
         """
-        results = []
+        started = time.monotonic()
+        limit_threads(self.params.get("cpus_per_task"))
+        results, unrun = [], []
         for offset, overrides in enumerate(chunk):
             num = first_num + offset
-            results.append(
-                BaseSubmititLauncher.__call__(
+            target = planned[offset] if planned and offset < len(planned) else None
+            before = _record_inode(target)
+            try:
+                ret = BaseSubmititLauncher.__call__(
                     self,  # type: ignore[arg-type]
                     list(overrides),
                     "hydra.sweep.dir",
@@ -134,6 +158,27 @@ class _PackedMixin:
                     f"job_id_for_{num}",
                     singleton_state,
                 )
+            except Exception as err:  # composing the cell's config in this process
+                ret = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
+                ret.return_value = err
+            results.append(ret)
+            if ret.status != JobStatus.FAILED:
+                continue
+            err = ret._return_value
+            line = error_line(err)
+            log.error("cell %d of this job could not run: %s", offset, line, exc_info=err)
+            if target is not None and _record_inode(target) not in (before, None):
+                unrun.append((line, "its own record"))  # the cell wrote one, then raised
+                continue
+            written = record_unrun_cell(target, line, err) if target else None
+            unrun.append((line, written))
+        log.info("job: %d cell(s) in %.1f s (process up %.1f s before the first cell)",
+                  len(chunk), time.monotonic() - started, _process_age(started))  # fmt: skip
+        if unrun:
+            recorded = sum(w is not None for _, w in unrun)
+            raise UnrunCells(
+                f"{len(unrun)} of {len(chunk)} cell(s) of this job could not run ({recorded} "
+                f"failed record(s) written): {unrun[0][0]}"
             )
         return results
 
@@ -221,6 +266,7 @@ class _PackedMixin:
                 [specs[i].cells for i in indices],
                 [nums[i] for i in indices],
                 [state] * len(indices),
+                [specs[i].planned for i in indices],
             )
         except Exception as err:  # sbatch's refusal, as submitit raises it
             queued = [a for a, _, _ in submission.arrays]
@@ -246,7 +292,8 @@ class _PackedMixin:
                 tasks = per_folder.setdefault((results_dir, sweep), [[] for _ in specs])
                 tasks[task].append(cid)
         for (results_dir, sweep), tasks in per_folder.items():
-            write_claims(results_dir, sweep, array_id, tasks, launcher=self._EXECUTOR)
+            logs = self.params.get("submitit_folder")
+            write_claims(results_dir, sweep, array_id, tasks, launcher=self._EXECUTOR, logs=logs)
 
     def finished(self, submission: Submission) -> Any:
         """A check ``() -> bool``: have all of ``submission``'s jobs ended? (asks at most
@@ -264,6 +311,165 @@ class _PackedMixin:
 
     def _all_ended(self, submission: Submission, jobs: list[Any]) -> bool:
         return all(job.done() for job in jobs)
+
+
+def limit_threads(cpus: Any) -> int | None:
+    """Run torch (and OpenMP/MKL) on as many threads as the job has CPUs; returns the count.
+
+    Why: torch starts one thread per core of the machine, not per CPU the scheduler gave the
+    job; jobs side by side on one node (submitit's local processes always, Slurm without CPU
+    binding) would each use every core and slow each other down. The job's CPUs are
+    ``SLURM_CPUS_PER_TASK`` (the resource rule's value on Slurm), else the launcher's
+    ``cpus_per_task``. A user's ``OMP_NUM_THREADS`` wins.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    raw = os.environ.get("SLURM_CPUS_PER_TASK") or cpus
+    try:
+        n = int(raw)
+    except (TypeError, ValueError):
+        return None
+    if n < 1:
+        return None
+    os.environ["OMP_NUM_THREADS"] = str(n)  # before torch is imported: every pool follows it
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    return n
+
+
+def _record_inode(planned: dict[str, Any] | None) -> int | None:
+    """The inode of a planned cell's record file (None: no file, or no plan)."""
+    if planned is None:
+        return None
+    try:
+        from harness.records import cell_path
+
+        return cell_path(planned["results_dir"], planned["sweep"], planned["cell_id"]).stat().st_ino
+    except Exception:  # no file, or a path that cannot be built: no record to keep
+        return None
+
+
+def _process_age(now: float) -> float:
+    """Seconds this process ran before ``now`` (a ``time.monotonic`` value); 0 if unknown."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        start = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start / ticks - (time.monotonic() - now))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[Callable[[], str]]:
+    """File descriptor 2 goes to a temporary file for the duration (what child processes such
+    as ``sbatch`` write there too); yields a function returning what was written so far."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+
+        def text() -> str:
+            tmp.flush()
+            tmp.seek(0)
+            return tmp.read().decode(errors="replace")
+
+        try:
+            yield text
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+class UnrunCells(RuntimeError):
+    """Raised by a job after its chunk when some of its cells could not run (the job fails)."""
+
+
+def error_line(err: BaseException) -> str:
+    """``Type: first line`` of an exception, as a failed record's first line shows it."""
+    try:
+        from harness.refusals import input_error_line
+
+        line = input_error_line(err)
+    except Exception:  # the import itself may be what fails in a broken job
+        line = None
+    if line is None:
+        text = (str(err).strip().splitlines() or [""])[0] or type(err).__name__
+        line = f"{type(err).__name__}: {text}"
+    return line if len(line) <= 500 else line[:497] + "..."
+
+
+# record fields a planned cell may carry into a failed record written without its config
+RECORD_FIELDS = (
+    "model", "model_family", "method", "dtype", "dtype_family", "bits", "block_size",
+    "scale_format", "centering", "device_class", "compute_dtype",
+)  # fmt: skip
+
+
+def record_unrun_cell(
+    planned: dict[str, Any], line: str, err: Any = None, job_id: str | None = None
+) -> Path | None:
+    """Write the ``failed`` record of a planned cell that has none (never over an ok one).
+
+    Why here and not in the cell: the cell never got far enough to write its own (its
+    config, its validation or an import failed in this process). The record holds the
+    planned id, what the plan knew of the cell, and the error line first. Returns the path,
+    or None when nothing could be written (the reason is logged).
+    """
+    try:
+        import socket
+        import traceback
+        from datetime import datetime, timezone
+
+        from harness.provenance import job_identity
+        from harness.records import STATUS_FAILED, STATUS_OK, Record, cell_path, cell_status
+        from harness.records import write_cell as write
+
+        path = cell_path(planned["results_dir"], planned["sweep"], planned["cell_id"])
+        if cell_status(path) == STATUS_OK:
+            return path
+        detail = ""
+        if isinstance(err, BaseException):
+            tb = traceback.format_exception(type(err), err, err.__traceback__)[-6:]
+            detail = "\n" + "".join(tb)
+        elif err:
+            detail = "\n" + str(err)[-3000:]
+        fields = {k: planned[k] for k in RECORD_FIELDS if planned.get(k) is not None}
+        record = Record(
+            **fields, sweep=str(planned["sweep"]), cell_id=str(planned["cell_id"]),
+            status=STATUS_FAILED, error=f"{line}{detail}", job_id=job_id or job_identity(),
+            hostname=socket.gethostname(), created_at=datetime.now(timezone.utc).isoformat(),
+        )  # fmt: skip
+        return write([record], path)
+    except Exception as exc:  # the caller reports the cell as unrecorded
+        log.error("no failed record could be written for cell %s: %s",
+                  planned.get("cell_id"), error_line(exc))  # fmt: skip
+        return None
+
+
+def job_error_line(job: Any) -> str:
+    """Why a submitit job left cells without a record: its error, from its result pickle, else
+    from its error log; a short reason when neither says (e.g. killed by the scheduler)."""
+    try:
+        paths = job.paths
+        if paths.result_pickle.exists():
+            from submitit.core import utils
+
+            outcome, value = utils.pickle_load(paths.result_pickle)
+            if outcome == "error":
+                return trace_error_line(value) or (str(value).strip().splitlines() or ["?"])[-1]
+            return "the job ended without an error, but wrote no record for these cells"
+        for log_path in (paths.stderr, paths.stdout):
+            if log_path.exists():
+                text = log_path.read_text(errors="replace")[-20000:]
+                line = trace_error_line(text)
+                if line:
+                    return line
+        state = getattr(job, "state", "UNKNOWN")
+        return f"the job ended ({state}) without a result or an error line in {paths.stderr}"
+    except Exception as exc:  # reading a job's files must not stop the report
+        return f"the job's result could not be read ({error_line(exc)})"
 
 
 def _slices(n: int, limit: int | None) -> list[range]:
@@ -292,6 +498,26 @@ class PackedSlurmLauncher(_PackedMixin, BaseSubmititLauncher):
 
     def _array_limit(self) -> int | None:
         return self.limits().max_array_size
+
+    def _submit(
+        self,
+        executor: Any,
+        specs: Sequence[JobSpec],
+        indices: list[int],
+        nums: list[int],
+        state: Any,
+        submission: Submission,
+    ) -> list[Any]:
+        """Submit one array with ``sbatch``'s own stderr captured: a refusal is then kbit's
+        one line (which quotes the scheduler), not sbatch's lines printed beside it; what
+        sbatch says about an accepted array is logged as a warning."""
+        with _captured_stderr() as captured:
+            try:
+                return super()._submit(executor, specs, indices, nums, state, submission)
+            finally:
+                said = " ".join(captured().split())
+                if said and not sys.exc_info()[0]:
+                    log.warning("sbatch: %s", said[:400])
 
     def _all_ended(self, submission: Submission, jobs: list[Any]) -> bool:
         """One ``squeue`` for every array (submitit's per-job ``sacct`` polling lags a minute)."""
