@@ -23,10 +23,11 @@ import dataclasses
 import logging
 import os
 import stat
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -356,7 +357,18 @@ def is_regular_file(path: str | os.PathLike) -> str | None:
 # Without these two a file says nothing about any cell: it cannot be a cell file.
 _REQUIRED_COLUMNS = ("cell_id", "status")
 _MAX_REASON = 300  # characters of one problem line
+T = TypeVar("T")
 _MAX_SCAN_THREADS = 8  # footer reads are file opens and small reads: threads overlap them
+
+
+def map_files(func: Callable[[Path], T], paths: Sequence[Path]) -> list[T]:
+    """``[func(p) for p in paths]``, on a few threads when there are many files: reading a
+    cell file is mostly opening it and small reads, which threads overlap (the GIL is free)."""
+    workers = min(_MAX_SCAN_THREADS, os.cpu_count() or 1, max(1, len(paths) // 64))
+    if workers <= 1:
+        return [func(p) for p in paths]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(func, paths, chunksize=32))
 
 
 @dataclass
@@ -421,12 +433,7 @@ def scan_store(results_dir: str | os.PathLike, sweep: str | None = None) -> Stor
     opening and I/O, so scanning tens of thousands of cells takes seconds.
     """
     paths, odd = cell_entries(results_dir, sweep)
-    workers = min(_MAX_SCAN_THREADS, os.cpu_count() or 1, max(1, len(paths) // 64))
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            found = list(pool.map(cell_file_problem, paths, chunksize=64))
-    else:
-        found = [cell_file_problem(p) for p in paths]
+    found = map_files(cell_file_problem, paths)
     scan = StoreScan(files=[], problems=list(odd))
     for path, problem in zip(paths, found, strict=True):
         if problem is None:

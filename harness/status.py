@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from harness.records import (
     STATUS_OK,
     cell_entries,
     cell_stats,
+    map_files,
     reason_line,
     schema_problem,
     summarize_cell,
@@ -92,12 +92,7 @@ def sweep_status(folder: Path) -> SweepStatus:
             _count(result, cid, entry.state, entry.error)
         else:
             unread.append(folder / name)
-    workers = min(_MAX_READ_THREADS, os.cpu_count() or 1, max(1, len(unread) // 64))
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            outcomes = list(pool.map(_read_outcome, unread, chunksize=32))
-    else:
-        outcomes = [_read_outcome(p) for p in unread]
+    outcomes = map_files(_read_outcome, unread)
     for path, (state, text, problem) in zip(unread, outcomes, strict=True):
         if problem:
             _count_problem(result, path, problem)
@@ -108,9 +103,6 @@ def sweep_status(folder: Path) -> SweepStatus:
     result.pending = len(result.pending_ids)
     _count_live(result, folder)
     return result
-
-
-_MAX_READ_THREADS = 8  # file opens and small reads: threads overlap them
 
 
 def _count(result: SweepStatus, cell_id: str, state: str, error: str) -> None:
