@@ -30,8 +30,14 @@ from analysis.figures import (
     scaling_figure,
 )
 from analysis.heldout import heldout_figures
-from analysis.load import ACC_COLUMN, LEGACY_HINT, Results, load_results
-from analysis.stats import ppl_acc_correlation
+from analysis.load import ACC_COLUMN, LEGACY_HINT, Results, fill_config_defaults, load_results
+from analysis.selection import half_scores, same_examples
+from analysis.stats import (
+    PAPER_PPL_ACC_R,
+    correlation_caveat,
+    ppl_acc_correlation,
+    stable_cells,
+)
 from analysis.tables import (
     SELECTIONS,
     best_config_table,
@@ -40,7 +46,9 @@ from analysis.tables import (
     default_budgets,
     main_curves,
     to_markdown,
+    with_window_stderr,
 )
+from harness.records import BASELINE_BITS
 from harness.store_cli import (
     OneLineParser,
     StoreRefusal,
@@ -64,7 +72,7 @@ def ppl_columns(cells: pd.DataFrame) -> list[str]:
 
 
 def auto_ppl_cap(cells: pd.DataFrame, ppl_column: str | None) -> float:
-    """The paper's cap (100), or 4x the worst 16-bit baseline when baselines exceed it.
+    """The paper's cap (100), or 4x the worst 16-bit baseline when that baseline exceeds 100.
 
     Why: the cap marks quantization that broke the model. Tiny models (the zoo) have baseline
     perplexities above 100, and a fixed cap would mark every cell of them unstable.
@@ -79,6 +87,10 @@ def auto_ppl_cap(cells: pd.DataFrame, ppl_column: str | None) -> float:
 
 
 def _write_table(frame: pd.DataFrame, out: Path, name: str) -> list[Path]:
+    """``name.csv`` and ``name.md``; nothing (one INFO line) for a table without rows."""
+    if frame.empty:
+        log.info("skipped %s.csv, %s.md: no rows", name, name)
+        return []
     csv, md = out / f"{name}.csv", out / f"{name}.md"
     frame.to_csv(csv, index=False)
     md.write_text(to_markdown(frame))
@@ -121,6 +133,25 @@ def build_figure(
     return builders[name]()
 
 
+def accuracy_curves(
+    cells: pd.DataFrame,
+    per_sample: pd.DataFrame | None,
+    selection: str = "split",
+    method: str = "blockwise",
+) -> pd.DataFrame:
+    """The accuracy main curves, every point of a family on the same examples.
+
+    :func:`analysis.tables.main_curves` reports a selected configuration on held-out half B
+    and a group with nothing to choose (the 16-bit baseline) on all examples;
+    :func:`analysis.selection.same_examples` moves the latter to half B wherever the family
+    holds a half-B point, so that a figure or table never sets a point on half of the
+    examples beside its baseline on all of them.
+    """
+    curves = main_curves(cells, ACC_COLUMN, per_sample, selection, method=method)
+    scores = half_scores(per_sample) if per_sample is not None else None
+    return same_examples(curves, scores, ACC_COLUMN)
+
+
 def main_curves_for(
     cells: pd.DataFrame,
     ppl_column: str | None,
@@ -128,7 +159,7 @@ def main_curves_for(
     selection: str = "split",
 ) -> dict[str, pd.DataFrame]:
     """The accuracy and perplexity main curves, with one selection for both figures."""
-    curves = {"acc": main_curves(cells, ACC_COLUMN, per_sample, selection)}
+    curves = {"acc": accuracy_curves(cells, per_sample, selection)}
     if ppl_column and ppl_column in cells.columns:
         # NaN perplexity stays on its curve as inf, so the figure can mark it unstable.
         filled = cells.assign(**{ppl_column: cells[ppl_column].fillna(np.inf)})
@@ -150,6 +181,73 @@ def default_jobs() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
+def _plain_at_k(cells: pd.DataFrame, k: int, y: str | None) -> pd.DataFrame:
+    """Cells at k with a ``y`` value, config defaults filled, ``_dtype`` = name + overrides."""
+    if y is None or y not in cells.columns:
+        return cells.iloc[0:0]
+    sub = fill_config_defaults(cells[(cells["bits"] == k) & cells[y].notna()])
+    return sub.assign(_dtype=sub["dtype"].astype(str) + "|" + sub["dtype_overrides"].astype(str))
+
+
+def figure_skip_reason(
+    name: str,
+    cells: pd.DataFrame,
+    k: int,
+    ppl_column: str | None,
+    curves: dict[str, pd.DataFrame],
+) -> str | None:
+    """Why figure ``name`` would have nothing to compare, or None when it has something.
+
+    Why before drawing: a figure with no cell to draw (no perplexity task, nothing at k,
+    no family with both a curve and its baseline) is not written, and the command says why
+    in one line. These checks are necessary conditions only: what a figure compares (two
+    lines, or a line and its 16-bit baseline) is decided by the figure function itself,
+    which returns None when its cells compare nothing (:func:`make_figures` then names
+    that), so the rule lives in one place (:mod:`analysis.figures`).
+    """
+    if name in ("scaling_acc", "scaling_ppl"):
+        y = ACC_COLUMN if name == "scaling_acc" else ppl_column
+        if y is None:
+            return "the store has no perplexity task"
+        frame = curves.get("acc" if name == "scaling_acc" else "ppl")
+        if frame is None or frame.empty:
+            return f"no plain block-wise or 16-bit cell has {y}"
+        base = frame["bits"] == BASELINE_BITS
+        if not set(frame.loc[base, "model_family"]) & set(frame.loc[~base, "model_family"]):
+            return f"no family has both a k curve and a 16-bit baseline with {y}"
+        return None
+    y = ppl_column if name.startswith("method_ppl_k") else ACC_COLUMN
+    if y is None:
+        return "the store has no perplexity task"
+    sub = _plain_at_k(cells, k, y)
+    if sub.empty:
+        return f"no cell at k={k} has {y}"
+    plain = sub[(sub["method"] == "blockwise") & ~sub["centering"].astype(bool)]
+    if name.startswith(("block_size_k", "dtype_k")):
+        if plain.empty:
+            return f"no plain block-wise cell at k={k}"
+    elif name.startswith("proxy_centering_k"):
+        special = (sub["method"] == "proxy") | sub["centering"].astype(bool)
+        if not special.any():
+            return f"no proxy or centered cell at k={k}"
+        both = sub[sub["method"].isin(["blockwise", "proxy"])]
+        kinds = both["method"].astype(str) + both["centering"].astype(bool).map(str)
+        kinds = kinds + both["outlier_fraction"].map(str).where(both["method"] == "proxy", "")
+        if kinds.nunique() < 2:
+            return (
+                f"only one kind of cell at k={k} (nothing to set the proxy/centered cells against)"
+            )
+    elif name.startswith(("method_k", "method_ppl_k")):
+        others = sub[~sub["method"].isin(["proxy", "none"]) & ~sub["centering"].astype(bool)]
+        if others.empty:
+            return f"no cell of a method other than proxy at k={k}"
+    return None
+
+
+def _files_text(name: str) -> str:
+    return ", ".join(f"{name}.{fmt}" for fmt in FORMATS)
+
+
 def make_figures(
     cells: pd.DataFrame,
     out: Path,
@@ -162,8 +260,13 @@ def make_figures(
 ) -> list[Path]:
     """Build and save the figures that the data support; returns the files written.
 
+    A figure with nothing to compare (:func:`figure_skip_reason`), or one its figure
+    function declines (returns None), is not written; one INFO line names its files and why
+    (``skipped dtype_k3.png, dtype_k3.pdf: only one data type at k=3``).
+
     ``per_sample`` (:meth:`Results.per_sample`) lets the scaling figures use the
-    selection-corrected main curves (:func:`analysis.tables.main_curves`).
+    selection-corrected main curves (:func:`analysis.tables.main_curves`), every point of a
+    panel on the same examples as its baseline (:func:`accuracy_curves`).
 
     Why processes: matplotlib draws each figure once per format, single-threaded, and drawing
     is nearly all of kbit-plot's time. Each (figure, format) pair is an independent job, so
@@ -174,8 +277,16 @@ def make_figures(
     if jobs < 1:
         raise ValueError(f"jobs={jobs}: must be >= 1")
     curves = main_curves_for(cells, ppl_column, per_sample, selection)
-    names = [n.format(k=k) for n in FIGURE_NAMES]
+    names = []
+    for name in (n.format(k=k) for n in FIGURE_NAMES):
+        reason = figure_skip_reason(name, cells, k, ppl_column, curves)
+        if reason is None:
+            names.append(name)
+        else:
+            log.info("skipped %s: %s", _files_text(name), reason)
     work = [(n, fmt, cells, out, k, ppl_column, cap, curves) for n in names for fmt in FORMATS]
+    if not work:
+        return []
     if jobs == 1:
         results = [_render(job) for job in work]
     else:
@@ -185,7 +296,12 @@ def make_figures(
     for (name, fmt, *_), saved in zip(work, results, strict=True):
         if saved is None:
             if fmt == FORMATS[0]:
-                log.info("figure %s: no matching cells; skipped", name)
+                log.info(
+                    "skipped %s: nothing to compare at k=%d (neither two lines nor a line and "
+                    "its 16-bit baseline)",
+                    _files_text(name),
+                    k,
+                )
             continue
         paths += saved
     return paths
@@ -198,6 +314,40 @@ def problems_frame(results: Results) -> pd.DataFrame:
     )
 
 
+def _bit_optimal(curves: pd.DataFrame, budgets: np.ndarray, out: Path, name: str) -> list[Path]:
+    """One bit-optimal table, or nothing (one INFO line) when it would compare nothing."""
+    ks = sorted(int(k) for k in curves["bits"].unique()) if not curves.empty else []
+    if len(ks) < 2:
+        what = f"only k={ks[0]}" if ks else f"no cell has {ACC_COLUMN}"
+        log.info("skipped %s.csv, %s.md: %s (nothing to compare)", name, name, what)
+        return []
+    return _write_table(bit_optimal_table(curves, budgets), out, name)
+
+
+def correlation_lines(cells: pd.DataFrame, cap: float) -> list[str]:
+    """The ``stats.md`` lines of the perplexity-accuracy correlation, each ppl task one,
+    followed by a plain-language caveat where r's sign differs from the paper's
+    (:func:`analysis.stats.correlation_caveat`)."""
+    lines = []
+    for col in ppl_columns(cells):
+        r, n = ppl_acc_correlation(cells, col, ACC_COLUMN, cap=cap)
+        lines.append(
+            f"- Pearson r({col}, {ACC_COLUMN}) = {r:.3f} over {n} stable cells "
+            f"(ppl <= {cap:g}); the paper reports {PAPER_PPL_ACC_R:g}"
+        )
+        stable = stable_cells(cells, col, cap)
+        se_col = f"{ACC_COLUMN}:stderr"
+        caveat = correlation_caveat(
+            r,
+            n,
+            acc=stable[ACC_COLUMN],
+            acc_stderr=stable[se_col] if se_col in stable.columns else None,
+        )
+        if caveat:
+            lines.append(f"  - {caveat}")
+    return lines
+
+
 def make_tables(
     results: Results,
     out: Path,
@@ -208,8 +358,10 @@ def make_tables(
 ) -> list[Path]:
     """bit_optimal_k, best_config, cells, failed_cells, skipped_files (.md + .csv), stats.md.
 
-    The bit-optimal table rests on the selection-corrected main curves and the best-config
-    table on held-out accuracies when ``per_sample`` is given (docs/analysis.md).
+    The bit-optimal table rests on the selection-corrected main curves (every point of a
+    family on the same examples: :func:`accuracy_curves`) and the best-config table on
+    held-out accuracies when ``per_sample`` is given (docs/analysis.md). A table without
+    rows, or a bit-optimal table of a single k, is not written (one INFO line each).
     """
     cells = results.cells
     paths = _write_table(cell_table(cells), out, "cells")
@@ -218,26 +370,21 @@ def make_tables(
     if results.problems:
         paths += _write_table(problems_frame(results), out, "skipped_files")
     if ACC_COLUMN not in cells.columns:
-        log.warning("no %s measurements: bit-optimal and best-config tables skipped", ACC_COLUMN)
+        for name in ("bit_optimal_k", "best_config"):
+            log.info("skipped %s.csv, %s.md: no cell has %s", name, name, ACC_COLUMN)
+        log.info("skipped stats.md: no cell has %s", ACC_COLUMN)
         return paths
-    curves = main_curves(cells, ACC_COLUMN, per_sample, selection)
+    curves = accuracy_curves(cells, per_sample, selection)
     budgets = default_budgets(curves)
-    paths += _write_table(bit_optimal_table(curves, budgets), out, "bit_optimal_k")
+    paths += _bit_optimal(curves, budgets, out, "bit_optimal_k")
     others = sorted(set(cells["method"]) - {"blockwise", "proxy", "none"})
     for method in others:  # every other method's own curves (e.g. gptq, hqq), same budgets
-        mcurves = main_curves(cells, ACC_COLUMN, per_sample, selection, method=method)
-        table = bit_optimal_table(mcurves, budgets)
-        paths += _write_table(table, out, f"bit_optimal_k_{method}")
+        mcurves = accuracy_curves(cells, per_sample, selection, method=method)
+        paths += _bit_optimal(mcurves, budgets, out, f"bit_optimal_k_{method}")
     paths += _write_table(
         best_config_table(cells, budgets, per_sample=per_sample), out, "best_config"
     )
-    lines = ["# Statistics", ""]
-    for col in ppl_columns(cells):
-        r, n = ppl_acc_correlation(cells, col, ACC_COLUMN, cap=cap)
-        lines.append(
-            f"- Pearson r({col}, {ACC_COLUMN}) = {r:.3f} over {n} stable cells "
-            f"(ppl <= {cap:g}); the paper reports -0.94"
-        )
+    lines = ["# Statistics", "", *correlation_lines(cells, cap)]
     lines.append(f"- main curves: selection={selection} ({_SELECTION_DOC[selection]})")
     if results.failed.shape[0]:
         lines.append(f"- {len(results.failed)} failed cell(s) dropped (failed_cells.md)")
@@ -254,7 +401,8 @@ def make_tables(
 
 
 _SELECTION_DOC = {
-    "split": "configuration chosen on half A of the examples, accuracy on held-out half B",
+    "split": "configuration chosen on half A of the examples, accuracy on held-out half B; "
+    "in a family where a choice was made, every point is on half B, baselines included",
     "fixed": "configuration chosen by coverage, then label; no accuracy used",
 }
 
@@ -290,8 +438,10 @@ ADVISE = "kbit-advise"
 def plot_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kbit-plot``: figures (PNG+PDF) and tables (.md+.csv) into --out.
 
-    Exit 0 when written; 2 on refused input (one line: RESULTS_DIR, --sweep, an empty store,
-    an option value; nothing read or written); 1 when the store holds no ok cell."""
+    Exit 0 when at least one figure was written; 2 on refused input (one line: RESULTS_DIR,
+    --sweep, an empty store, an option value; nothing read or written); 1 when the store holds
+    no ok cell (nothing written), or when no figure at all could be drawn (the tables are
+    still written; one line on stderr says so, the INFO lines before it say why)."""
     p = OneLineParser(prog=PLOT, description=plot_main.__doc__.splitlines()[0])
     _common_args(p)
     p.add_argument(
@@ -311,7 +461,8 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
         type=positive_float("--ppl-cap"),
         default=None,
         help=f"perplexity above this is unstable: clipped and marked (default: {DEFAULT_PPL_CAP:g} "
-        "as in the paper, raised to 4x the worst 16-bit baseline for small models)",
+        "as in the paper; 4x the highest 16-bit baseline perplexity when that is above it, "
+        "as for small models)",
     )
     p.add_argument(
         "--jobs",
@@ -347,14 +498,21 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cap = args.ppl_cap if args.ppl_cap is not None else auto_ppl_cap(results.cells, ppl_column)
     per_sample = results.per_sample() if args.selection == "split" else None
-    paths = make_figures(
-        results.cells, out, args.k, ppl_column, cap, args.jobs, per_sample, args.selection
-    )
+    # per-window NLL gives the perplexity intervals of the figures that take only the cells
+    windows = per_sample if per_sample is not None else results.per_sample()
+    cells = with_window_stderr(results.cells, windows)
+    paths = make_figures(cells, out, args.k, ppl_column, cap, args.jobs, per_sample, args.selection)
     paths += make_tables(results, out, ppl_column, cap, per_sample, args.selection)
     paths += heldout_figures(results, out, task=args.ppl_task)  # [] without per-window NLL
     if args.report:
         paths += write_findings(claims_report(results, nll_task=args.ppl_task), out)
     log.info("wrote %d file(s) to %s", len(paths), out)
+    if not any(p.suffix.lstrip(".") in FORMATS for p in paths):
+        sys.stderr.write(
+            f"{PLOT}: no figure could be drawn from {len(results.cells)} ok cell(s) (why: the "
+            f"'skipped' lines above); wrote {len(paths)} table/report file(s) to {str(out)!r}\n"
+        )
+        return 1
     return 0
 
 

@@ -14,25 +14,49 @@ pyplot: no display, no global backend switch, nothing kept alive between calls.
    README's demo figure), in :mod:`analysis.heldout` with its findings and tables.
 
 Cells that differ in any result-determining field never share a line: data-type overrides are
-part of every data-type name (``float{exponent_bits=3}``), and numerics / data digest
-(``cuda/bfloat16``, ``data=ab12``) are added to a line's label whenever the cells drawn hold
-more than one value of them.
+part of every data-type name (``float{exponent_bits=3}``), numerics / data digest
+(``cuda/bfloat16``, ``data=ab12``) are added to a line's label whenever the cells of *its
+panel* hold more than one value of them (a value shared by the whole panel goes into the
+panel's title when other panels differ), and any other field that still tells two cells of one
+line apart is named in the label (``scale_format=bf16``).
+
+Every figure compares, so every point carries a 95% interval, and each figure says which
+(:func:`analysis.tables.interval`, the one place the rule lives): accuracies +- 1.96 of the
+recorded lm-eval stderr (on held-out half B where the point is reported there); perplexity
+``exp(mean NLL +- t * se)`` with ``se`` from batch means of contiguous per-window NLL
+(:func:`analysis.tables.window_stderr`). A panel is drawn only when something in it compares
+(a scaling panel needs a k line and the 16-bit baseline; the other figures two lines); a figure
+with no such panel is not built (the function returns None). The log2 x axis labels at least
+three ticks whenever the data span a quarter of an octave (:class:`Pow2Locator`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, Locator, LogLocator, NullFormatter
 
 from analysis.load import ACC_COLUMN, fill_config_defaults
-from analysis.tables import main_curves, overrides_text, variant_labels
+from analysis.tables import (
+    ESTIMATE_HELDOUT,
+    INTERVAL_LEVEL,
+    QUANT_CONFIG,
+    VARIANT_COLUMNS,
+    config_keys,
+    interval,
+    main_curves,
+    measure_stderr,
+    overrides_text,
+    point_stderr,
+    variant_labels,
+)
 from harness.records import BASELINE_BITS
 
 log = logging.getLogger(__name__)
@@ -62,27 +86,64 @@ def _ylabel(y: str) -> str:
     return "mean zero-shot accuracy" if y == ACC_COLUMN else y
 
 
-def _panels(families: Sequence[str], title: str) -> tuple[Figure, list]:
+def _panels(families: Sequence[str], title: str, caption: str = "") -> tuple[Figure, list]:
     n = max(len(families), 1)
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
-    width, height = 4.4 * ncols, 3.5 * nrows + 0.4
+    width, height = 4.4 * ncols, 3.5 * nrows + 0.75
     # Fixed margins in inches instead of a layout engine: constrained layout measured every
     # text twice per save and took ~40% of the plotting time; the panels here are uniform.
     fig = Figure(figsize=(width, height))
     grid = dict(left=0.75 / width, right=1 - 0.2 / width, bottom=0.6 / height,
-                top=1 - 0.75 / height, wspace=0.35, hspace=0.5)  # fmt: skip
+                top=1 - 1.1 / height, wspace=0.35, hspace=0.5)  # fmt: skip
     axes = fig.subplots(nrows, ncols, squeeze=False, gridspec_kw=grid).ravel().tolist()
     for ax in axes[n:]:
         ax.set_visible(False)
-    fig.suptitle(title, y=1 - 0.12 / height, va="top")
+    # a long title on one narrow panel shrinks to fit (~11 characters an inch at 12 pt)
+    size = min(12.0, max(8.0, 12.0 * 11 * width / max(len(title), 1)))
+    fig.suptitle(title, y=1 - 0.1 / height, va="top", fontsize=size)
+    if caption:  # what the bars are, wrapped to the figure's width (~15 characters an inch)
+        text = "\n".join(textwrap.wrap(caption, width=int(15 * width)))
+        fig.text(0.5, 1 - 0.4 / height, text, ha="center", va="top", fontsize=7.5,
+                 color="0.25")  # fmt: skip
     return fig, axes[:n]
 
 
+MIN_X_TICKS = 3
+_POW2_STEPS = (16.0, 8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125)  # octaves between labelled ticks
+
+
+class Pow2Locator(Locator):
+    """Ticks at powers of two, ``2^(j * step)``: the widest step that puts at least
+    :data:`MIN_X_TICKS` ticks in view (whole octaves where the data span them, then halves,
+    quarters and eighths), so that a narrow span (a family of three small models) still reads.
+    """
+
+    def __call__(self) -> np.ndarray:
+        lo, hi = self.axis.get_view_interval()
+        return self.tick_values(lo, hi)
+
+    def tick_values(self, vmin: float, vmax: float) -> np.ndarray:
+        lo, hi = sorted((float(vmin), float(vmax)))
+        if not (lo > 0 and np.isfinite(hi)):
+            return np.array([])
+        a, b = math.log2(lo), math.log2(hi)
+        ticks = np.array([])
+        for step in _POW2_STEPS:
+            ticks = np.arange(math.ceil(a / step - 1e-9), math.floor(b / step + 1e-9) + 1) * step
+            if ticks.size >= MIN_X_TICKS:
+                break
+        return 2.0**ticks
+
+
 def pow2_label(x: float, _pos: int) -> str:
-    """'2^30' as plain text: mathtext tick labels cost a third of the plotting time."""
+    """'2^30', '2^20.5', '2^20.25' as plain text (mathtext tick labels cost a third of the
+    plotting time); '' for a value that is not a power of two on an eighth-octave grid."""
     e = math.log2(x) if x > 0 else float("nan")
-    return f"2^{round(e)}" if abs(e - round(e)) < 1e-9 else ""
+    q = round(e * 8) / 8
+    if not abs(e - q) < 1e-9:
+        return ""
+    return f"2^{round(q)}" if q == round(q) else f"2^{q:g}"
 
 
 def _log_y(ax) -> None:
@@ -92,17 +153,83 @@ def _log_y(ax) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _finish_axis(ax, family: str, ylabel: str) -> None:
+def _finish_axis(ax, title: str, ylabel: str) -> None:
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(Pow2Locator())
     ax.xaxis.set_major_formatter(FuncFormatter(pow2_label))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.tick_params(axis="x", labelsize=8)
     ax.set_xlabel("total model bits (log2)")
     ax.set_ylabel(ylabel)
-    ax.set_title(str(family))
+    ax.set_title(str(title), fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, frameon=False)
+
+
+def interval_caption(y: str, estimate: str = "", drawn: bool = True) -> str:
+    """What the bars are, in words (each figure states it under its title); ``drawn``
+    False: no point had an interval, and the caption says why instead."""
+    pct = round(100 * INTERVAL_LEVEL)
+    if not drawn:
+        what = ("no intervals: no per-window NLL given (analysis.tables.with_window_stderr)"
+                if y.endswith(":ppl") else "no intervals: no stderr recorded")  # fmt: skip
+    elif y.endswith(":ppl"):
+        what = (f"bars: {pct}% CI of exp(mean NLL), t over batch means of contiguous text "
+                "windows")  # fmt: skip
+    else:
+        what = f"bars: {pct}% CI, normal approx. from lm-eval's stderr"
+    if estimate:
+        what += f"; accuracy and its stderr (lm-eval's rule) on {estimate}"
+    return what
+
+
+def _draw_points(ax, x, y, low, high, label: str, style: dict) -> None:
+    """A line, and an error bar (no caps) on every point that has an interval (NaN: none).
+
+    The bars are a separate ``errorbar(fmt="none")`` (an ErrorbarContainer holding only a
+    LineCollection), so the axes' lines stay one per legend entry.
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    style = {"lw": 1.4, "ms": 4, **style}
+    ax.plot(x, y, label=label, **style)
+    low, high = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+    if not (np.isfinite(low) & np.isfinite(high)).any():
+        return
+    yerr = np.vstack([np.clip(y - low, 0, None), np.clip(high - y, 0, None)])
+    ax.errorbar(x, y, yerr=yerr, fmt="none", ecolor=style["color"], elinewidth=0.9,
+                capsize=0, alpha=0.8)  # fmt: skip
+
+
+def _panel_variants(frame: pd.DataFrame, panel: str = "model_family") -> tuple[pd.Series, dict]:
+    """(label suffix per row naming what differs *within* its panel, title suffix per panel).
+
+    A panel whose cells share one numerics / data value while the figure holds several gets
+    that value in its title, so nothing is lost from the figure while every legend names only
+    what tells its own lines apart.
+    """
+    frame = fill_config_defaults(frame)
+    within = pd.Series("", index=frame.index, dtype=object)
+    titles = {}
+    overall = variant_labels(frame, frame)
+    for fam, rows in frame.groupby(panel, sort=False):
+        within.loc[rows.index] = variant_labels(rows, rows)
+        shared = overall.loc[rows.index].unique()
+        titles[fam] = str(shared[0]) if len(shared) == 1 and shared[0] else ""
+    return within, titles
+
+
+def _title(fam: str, titles: dict) -> str:
+    extra = titles.get(fam, "")
+    return f"{fam} ({extra})" if extra else str(fam)
+
+
+def _baselines(cells: pd.DataFrame, y: str) -> pd.DataFrame:
+    """The 16-bit baselines with a ``y`` value: every hue figure's reference points."""
+    if y not in cells.columns:
+        return cells.iloc[0:0]
+    return fill_config_defaults(cells[(cells["bits"] == BASELINE_BITS) & cells[y].notna()])
 
 
 def _hue_lines(
@@ -113,27 +240,68 @@ def _hue_lines(
     ylabel: str,
     hue_fmt=str,
     log_y: bool = False,
+    titles: dict | None = None,
+    baselines: pd.DataFrame | None = None,
 ) -> Figure | None:
-    """One panel per family, one line per value of ``hue`` (points joined by total bits)."""
+    """One panel per family, one line per value of ``hue`` (points joined by total bits),
+    each point with its interval; the family's 16-bit baselines (``baselines``, on the same
+    numerics and data as the lines) as black stars. A panel is drawn only where something
+    compares: two lines, or a line and a baseline; None when no family has that.
+    ``titles``: panel title suffix per family."""
     cells = cells[cells[y].notna()] if y in cells.columns else cells.iloc[0:0]
     if cells.empty:
         return None
-    families = sorted(cells["model_family"].unique())
+    base = baselines if baselines is not None else cells.iloc[0:0]
+    if not base.empty:  # a baseline measured like some line of its panel
+        vk = _variant_key(base).to_numpy()
+        line_keys = set(zip(cells["model_family"], _variant_key(cells), strict=True))
+        keep = [(f, v) in line_keys for f, v in zip(base["model_family"], vk, strict=True)]
+        base = base[np.asarray(keep, dtype=bool)]
+    n_lines = cells.groupby("model_family")[hue].nunique()
+    has_base = set(base["model_family"])
+    families = sorted(f for f, n in n_lines.items() if n >= 2 or (n >= 1 and f in has_base))
+    if not families:
+        log.info("%s: no panel has two lines or a line and a baseline; skipped", title)
+        return None
+    cells = cells[cells["model_family"].isin(families)]
+    both = pd.concat([cells, base], ignore_index=False)
+    se, df = measure_stderr(both, y)
+    low, high = interval(both[y], se, df, log_scale=y.endswith(":ppl"))
+    cells = cells.assign(_low=low[: len(cells)], _high=high[: len(cells)])
+    base = base.assign(_low=low[len(cells) :], _high=high[len(cells) :])
     hues = sorted(cells[hue].dropna().unique(), key=lambda v: (isinstance(v, str), v))
-    fig, axes = _panels(families, title)
+    titles = titles or {}
+    drawn = bool(np.isfinite(low).any())
+    fig, axes = _panels(families, title, interval_caption(y, drawn=drawn))
     for ax, fam in zip(axes, families, strict=True):
         sub = cells[cells["model_family"] == fam]
         for i, h in enumerate(hues):
             line = sub[sub[hue] == h].sort_values("total_model_bits")
             if line.empty:
                 continue
-            ax.plot(
-                line["total_model_bits"], line[y], label=hue_fmt(h), lw=1.4, ms=4, **line_style(i)
-            )
+            _draw_points(ax, line["total_model_bits"], line[y], line["_low"], line["_high"],
+                         hue_fmt(h), line_style(i))  # fmt: skip
+        b = base[base["model_family"] == fam].sort_values("total_model_bits")
+        if not b.empty:
+            suffix = variant_labels(b, sub)
+            for text, rows in b.groupby(suffix, sort=True):
+                _draw_marks(ax, rows["total_model_bits"], rows[y], rows["_low"], rows["_high"],
+                            _line_label("16-bit baseline", str(text)))  # fmt: skip
         if log_y:
             _log_y(ax)
-        _finish_axis(ax, fam, ylabel)
+        _finish_axis(ax, _title(fam, titles), ylabel)
     return fig
+
+
+def _draw_marks(ax, x, y, low, high, label: str) -> None:
+    """Unjoined black stars with error bars: a reference, not a curve of the comparison."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ax.scatter(x, y, marker="*", s=45, color=BASELINE_COLOR, label=label, zorder=4)
+    low, high = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+    if (np.isfinite(low) & np.isfinite(high)).any():
+        yerr = np.vstack([np.clip(y - low, 0, None), np.clip(high - y, 0, None)])
+        ax.errorbar(x, y, yerr=yerr, fmt="none", ecolor=BASELINE_COLOR, elinewidth=0.9,
+                    capsize=0, alpha=0.8)  # fmt: skip
 
 
 def scaling_figure(
@@ -145,7 +313,8 @@ def scaling_figure(
     """The bit-level scaling figure: a line per k, a panel per family, baseline in black.
 
     ``curves``: from :func:`analysis.tables.main_curves` (with per-example results for the
-    selection-corrected accuracies); computed from ``cells`` without them if not given.
+    selection-corrected accuracies and their half-B intervals); computed from ``cells``
+    without them if not given. None when no family has both a k line and a baseline.
     """
     curves = main_curves(cells, y) if curves is None else curves
     if curves.empty:
@@ -158,35 +327,79 @@ def _line_label(name: str, variant: str) -> str:
     return f"{name} {variant}" if variant else name
 
 
-def _draw_scaling(curves: pd.DataFrame, y: str, ylabel: str) -> Figure:
-    families = sorted(curves["model_family"].unique())
-    if "variant" not in curves.columns:
-        curves = curves.assign(variant="")
-    variants = sorted(curves["variant"].unique())
+def _variant_key(frame: pd.DataFrame) -> pd.Series:
+    """The raw numerics/data values of each row: what a line may never cross."""
+    frame = fill_config_defaults(frame)
+    key = frame[VARIANT_COLUMNS[0]].map(str)
+    for col in VARIANT_COLUMNS[1:]:
+        key = key + "\x1f" + frame[col].map(str)
+    return key
+
+
+def _comparing_families(curves: pd.DataFrame) -> list:
+    """Families whose panel holds a baseline and at least one quantized point."""
+    base = curves["bits"] == BASELINE_BITS
+    has_base = set(curves.loc[base, "model_family"])
+    has_k = set(curves.loc[~base, "model_family"])
+    return sorted(has_base & has_k)
+
+
+def _draw_scaling(
+    curves: pd.DataFrame, y: str, ylabel: str, cap: float | None = None
+) -> Figure | None:
+    """The scaling figure from main curves; ``cap``: perplexity above it (or non-finite) is
+    drawn at the cap with a cross, without an interval, and counted in the legend."""
+    families = _comparing_families(curves)
+    if not families:
+        log.info("scaling figure %s: no family has both a k line and a 16-bit baseline", y)
+        return None
+    curves = curves[curves["model_family"].isin(families)]
+    curves = fill_config_defaults(curves).assign(_vkey=_variant_key(curves))
+    within, titles = _panel_variants(curves)
+    se, df = point_stderr(curves)
+    raw = curves[y].to_numpy(dtype=float)
+    unstable = np.zeros(raw.shape, bool)
+    if cap is not None:
+        unstable = ~np.isfinite(raw) | (raw > cap)
+        curves = curves.assign(**{y: np.where(unstable, cap, raw)})
+        se = se.where(~unstable, np.nan)
+    low, high = interval(curves[y], se, df, log_scale=y.endswith(":ppl"))
+    curves = curves.assign(_within=within, _low=low, _high=high, _unstable=unstable)
+    vkeys = sorted(curves["_vkey"].unique())
     ks = sorted(int(k) for k in curves["bits"].unique() if k != BASELINE_BITS)
-    fig, axes = _panels(families, f"Bit-level scaling: {ylabel}")
+    held = set(curves.get("estimate", pd.Series(dtype=object)))
+    drawn = bool(np.isfinite(low).any())
+    caption = interval_caption(y, ESTIMATE_HELDOUT if ESTIMATE_HELDOUT in held else "", drawn)
+    if len(held) > 1:
+        caption += " (some points: all examples)"
+    fig, axes = _panels(families, f"Bit-level scaling: {ylabel}", caption)
     for ax, fam in zip(axes, families, strict=True):
-        for vi, variant in enumerate(variants):
-            sub = curves[(curves["model_family"] == fam) & (curves["variant"] == variant)]
+        panel = curves[curves["model_family"] == fam]
+        for vi, vkey in enumerate(vkeys):
+            sub = panel[panel["_vkey"] == vkey]
+            if sub.empty:
+                continue
+            variant = str(sub["_within"].iloc[0])
             for i, k in enumerate(ks):
                 line = sub[sub["bits"] == k].sort_values("total_model_bits")
                 if not line.empty:
-                    label = _line_label(f"{k}-bit", variant)
-                    style = line_style(i + vi * len(ks))
-                    ax.plot(line["total_model_bits"], line[y], label=label, lw=1.4, ms=4, **style)
+                    _draw_points(ax, line["total_model_bits"], line[y], line["_low"],
+                                 line["_high"], _line_label(f"{k}-bit", variant),
+                                 line_style(i + vi * len(ks)))  # fmt: skip
             base = sub[sub["bits"] == BASELINE_BITS].sort_values("total_model_bits")
             if not base.empty:
-                ax.plot(
-                    base["total_model_bits"],
-                    base[y],
-                    color=BASELINE_COLOR,
-                    ls=["--", ":", "-."][vi % 3],
-                    marker=["*", "p", "h"][vi % 3],
-                    lw=1.4,
-                    ms=6,
-                    label=_line_label("16-bit baseline", variant),
-                )
-        _finish_axis(ax, fam, ylabel)
+                style = {"color": BASELINE_COLOR, "ls": ["--", ":", "-."][vi % 3],
+                         "marker": ["*", "p", "h"][vi % 3], "ms": 6}  # fmt: skip
+                _draw_points(ax, base["total_model_bits"], base[y], base["_low"], base["_high"],
+                             _line_label("16-bit baseline", variant), style)  # fmt: skip
+        bad = panel[panel["_unstable"]]
+        if not bad.empty:
+            ax.scatter(bad["total_model_bits"], bad[y], marker="x", s=60, zorder=5,
+                       color=OKABE_ITO[3],
+                       label=f"unstable (> {cap:g} or NaN): {len(bad)}")  # fmt: skip
+        if y.endswith(":ppl"):
+            _log_y(ax)
+        _finish_axis(ax, _title(fam, titles), ylabel)
     return fig
 
 
@@ -200,6 +413,8 @@ def perplexity_figure(
 
     ``curves``: :func:`analysis.tables.main_curves` of ``ppl_column`` (NaN filled with inf so
     a diverged cell stays on its curve, marked); computed from ``cells`` if not given.
+    Intervals need per-window NLL: given to ``main_curves`` (``per_sample``) or as
+    ``<task>:nll:stderr`` columns of ``cells`` (:func:`analysis.tables.with_window_stderr`).
     """
     if ppl_column not in cells.columns:
         log.info("perplexity figure: no %s column; skipped", ppl_column)
@@ -209,25 +424,7 @@ def perplexity_figure(
         curves = main_curves(filled, ppl_column)
     if curves.empty:
         return None
-    raw = curves[ppl_column].to_numpy(dtype=float)
-    unstable = ~np.isfinite(raw) | (raw > cap)
-    curves = curves.assign(**{ppl_column: np.where(unstable, cap, raw)})
-    fig = _draw_scaling(curves, ppl_column, f"{ppl_column} (capped at {cap:g})")
-    for ax, fam in zip(fig.axes, sorted(curves["model_family"].unique()), strict=False):
-        bad = curves[unstable & (curves["model_family"] == fam).to_numpy()]
-        if not bad.empty:
-            ax.scatter(
-                bad["total_model_bits"],
-                bad[ppl_column],
-                marker="x",
-                s=60,
-                zorder=5,
-                color=OKABE_ITO[3],
-                label=f"unstable (> {cap:g} or NaN): {len(bad)}",
-            )
-        _log_y(ax)
-        ax.legend(fontsize=7, frameon=False)
-    return fig
+    return _draw_scaling(curves, ppl_column, f"{ppl_column} (capped at {cap:g})", cap=cap)
 
 
 def _most_common(frame: pd.DataFrame, column: str):
@@ -255,13 +452,17 @@ def _common_within(rows: pd.DataFrame, frame: pd.DataFrame, column: str):
 
 
 def _at_k(cells: pd.DataFrame, k: int, y: str) -> pd.DataFrame:
-    """Cells at k with a ``y`` value, plus ``_dtype`` (name with overrides) and ``_variant``."""
+    """Cells at k with a ``y`` value, plus ``_dtype`` (name with overrides), ``_variant``
+    (numerics / data where they differ within the cell's family panel) and ``_cfg``."""
     if y not in cells.columns:
-        return cells.iloc[0:0].assign(_dtype=[], _variant=[])
+        return cells.iloc[0:0].assign(_dtype=[], _variant=[], _cfg=[])
     sub = fill_config_defaults(cells[(cells["bits"] == k) & cells[y].notna()])
+    if sub.empty:
+        return sub.assign(_dtype=[], _variant=[], _cfg=[])
     return sub.assign(
         _dtype=sub["dtype"].astype(str) + sub["dtype_overrides"].map(overrides_text),
-        _variant=variant_labels(sub),
+        _variant="",
+        _cfg=config_keys(sub),
     )
 
 
@@ -269,48 +470,90 @@ def _match(frame: pd.DataFrame, column: str, value) -> pd.Series:
     return frame[column].isna() if pd.isna(value) else frame[column] == value
 
 
-def _with_variant(names: pd.Series, sub: pd.DataFrame) -> pd.Series:
-    """Line names with the numerics / data suffix where the cells drawn hold two values."""
-    return names.where(sub["_variant"] == "", names + " " + sub["_variant"])
+def _shown(value) -> str:
+    if isinstance(value, str):
+        return overrides_text(value) or value if value.startswith("{") else value
+    if pd.isna(value):
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _with_variant(names: pd.Series, sub: pd.DataFrame) -> tuple[pd.Series, dict]:
+    """Line names that never merge cells differing in a result-determining field.
+
+    Numerics / data digest are added where the line's family panel holds two values of them
+    (:func:`_panel_variants`; a value shared by the panel goes to its title: the second item
+    returned, per family); any configuration field that still varies among the cells of one
+    (panel, name) (e.g. the scale format) is named as ``field=value``.
+    """
+    within, titles = _panel_variants(sub)
+    names = names.where(within == "", names + " " + within)
+    groups = sub.assign(_name=names).groupby(["model_family", "_name"], sort=False)
+    for _, rows in groups:
+        if rows["_cfg"].nunique() < 2:
+            continue
+        varying = [c for c in [*QUANT_CONFIG, *VARIANT_COLUMNS]
+                   if c in rows.columns and rows[c].map(str).nunique() > 1]  # fmt: skip
+        extra = rows[varying].apply(
+            lambda r, cols=varying: " ".join(f"{c}={_shown(r[c])}" for c in cols), axis=1
+        )
+        names.loc[rows.index] = names.loc[rows.index] + " " + extra
+    return names, titles
 
 
 def block_size_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figure | None:
-    """Block-size effect at fixed k (plain block-wise, the most common data type and scale)."""
+    """Block-size effect at fixed k (plain block-wise; the data type and scale format with the
+    most block sizes measured)."""
     sub = _at_k(cells, k, y)
     sub = sub[(sub["method"] == "blockwise") & ~sub["centering"].astype(bool)]
     if sub.empty:
         return None
-    dtype = _most_common(sub, "_dtype")
-    scale = _common_within(sub[sub["_dtype"] == dtype], sub, "scale_format")
+    # the data type and scale with the most block sizes (something to compare), then the
+    # most cells, then by name: a fixed rule, no accuracy used
+    per = sub.groupby(["_dtype", "scale_format"], dropna=False)["block_size"]
+    rank = pd.DataFrame({"n_bs": per.nunique(dropna=False), "n": per.size()}).reset_index()
+    rank = rank.sort_values(["n_bs", "n", "_dtype", "scale_format"],
+                            ascending=[False, False, True, True])  # fmt: skip
+    dtype, scale = rank.iloc[0]["_dtype"], rank.iloc[0]["scale_format"]
     sub = sub[(sub["_dtype"] == dtype) & (sub["scale_format"] == scale)]
     if sub.empty:
         return None
     bs = sub["block_size"].map(lambda b: "per tensor" if pd.isna(b) else f"block {int(b)}")
     order = sub["block_size"].fillna(-1).map(lambda b: f"{b:020.0f}")  # per tensor first
-    sub = sub.assign(_line=_with_variant(order + "|" + bs, sub))
+    names, titles = _with_variant(order + "|" + bs, sub)
     return _hue_lines(
-        sub,
+        sub.assign(_line=names),
         y,
         "_line",
         f"Block size at k={k} ({dtype}, {scale} scales)",
         _ylabel(y),
         hue_fmt=lambda h: h.split("|", 1)[1],
+        titles=titles,
+        baselines=_baselines(cells, y),
     )
 
 
 def dtype_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figure | None:
-    """Data-type comparison at fixed k (plain block-wise, the most common block size)."""
+    """Data-type comparison at fixed k (plain block-wise, the block size with the most data
+    types measured)."""
     sub = _at_k(cells, k, y)
     sub = sub[(sub["method"] == "blockwise") & ~sub["centering"].astype(bool)]
     if sub.empty:
         return None
-    bs = _most_common(sub, "block_size")
+    # the block size with the most data types (something to compare), then the most cells,
+    # then the smallest: a fixed rule, no accuracy used
+    per = sub.groupby("block_size", dropna=False)["_dtype"]
+    rank = pd.DataFrame({"n_dt": per.nunique(), "n": per.size()}).reset_index()
+    rank = rank.sort_values(["n_dt", "n", "block_size"], ascending=[False, False, True],
+                            na_position="last")  # fmt: skip
+    bs = rank.iloc[0]["block_size"]
     sub = sub[_match(sub, "block_size", bs)]
     if sub.empty:
         return None
-    sub = sub.assign(_line=_with_variant(sub["_dtype"], sub))
+    names, titles = _with_variant(sub["_dtype"], sub)
     bs_txt = "per tensor" if pd.isna(bs) else f"block {int(bs)}"
-    return _hue_lines(sub, y, "_line", f"Data types at k={k} ({bs_txt})", _ylabel(y))
+    return _hue_lines(sub.assign(_line=names), y, "_line", f"Data types at k={k} ({bs_txt})",
+                      _ylabel(y), titles=titles, baselines=_baselines(cells, y))  # fmt: skip
 
 
 def proxy_centering_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figure | None:
@@ -331,12 +574,13 @@ def proxy_centering_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> 
     proxy = sub["method"] == "proxy"
     variant = np.where(proxy, "proxy " + sub["outlier_fraction"].map("{:g}".format), "blockwise")
     centered = np.where(sub["centering"].astype(bool), ", centered", "")
-    names = pd.Series(variant, index=sub.index) + centered
-    sub = sub.assign(_line=_with_variant(names, sub))
+    names, titles = _with_variant(pd.Series(variant, index=sub.index) + centered, sub)
+    sub = sub.assign(_line=names)
     sub = sub.sort_values("total_model_bits").drop_duplicates(["model_family", "_line", "model"])
     bs_txt = "per tensor" if pd.isna(bs) else f"block {int(bs)}"
     title = f"Proxy quantization and centering at k={k} ({dtype}, {bs_txt})"
-    return _hue_lines(sub, y, "_line", title, _ylabel(y))
+    return _hue_lines(sub, y, "_line", title, _ylabel(y), log_y=y.endswith(":ppl"),
+                      titles=titles, baselines=_baselines(cells, y))  # fmt: skip
 
 
 def method_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figure | None:
@@ -362,12 +606,13 @@ def method_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figure | 
     # a method's settings are named only where its cells differ in them (labels stay short)
     varied = settings.groupby(sub["method"]).transform("nunique") > 1
     names = sub["method"].astype(str) + settings.map(overrides_text).where(varied, "")
-    sub = sub.assign(_line=_with_variant(names, sub))
+    names, titles = _with_variant(names, sub)
+    sub = sub.assign(_line=names)
     sub = sub.sort_values("total_model_bits").drop_duplicates(["model_family", "_line", "model"])
     bs_txt = "per tensor" if pd.isna(bs) else f"block {int(bs)}"
     log_y = y.endswith(":ppl")
     return _hue_lines(sub, y, "_line", f"Methods at k={k} ({dtype}, {bs_txt})", _ylabel(y),
-                      log_y=log_y)  # fmt: skip
+                      log_y=log_y, titles=titles, baselines=_baselines(cells, y))  # fmt: skip
 
 
 def save_figure(

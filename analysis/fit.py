@@ -348,7 +348,7 @@ def write_outputs(report: FitReport, out: str | Path) -> list[Path]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="kbit-fit", description=fit_main.__doc__.splitlines()[0])
+    p = OneLineParser(prog="kbit-fit", description=" ".join(fit_main.__doc__.split()))
     p.add_argument("results_dir", metavar="RESULTS_DIR", help="the result store")
     p.add_argument("--sweep", action="append", help="only this sweep (repeatable)")
     p.add_argument("--out", default="fit", help="output folder (default: ./fit)")

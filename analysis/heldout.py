@@ -38,7 +38,14 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from analysis.figures import BASELINE_COLOR, FORMATS, line_style, pow2_label, save_figure
+from analysis.figures import (
+    BASELINE_COLOR,
+    FORMATS,
+    Pow2Locator,
+    line_style,
+    pow2_label,
+    save_figure,
+)
 from analysis.load import Results, fill_config_defaults, training_tokens
 from analysis.stats import DEFAULT_LEVEL, DEFAULT_N_BOOT, bootstrap_mean_ci, paired_bootstrap_diff
 from analysis.tables import (
@@ -309,6 +316,7 @@ def _bars(ax, x, y, low, high, style: dict, label: str | None, ms: float = 4) ->
 
 def _log2_x(ax, xlabel: str) -> None:
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(Pow2Locator())  # >= 3 labelled ticks on a narrow span
     ax.xaxis.set_major_formatter(FuncFormatter(pow2_label))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.tick_params(labelsize=8)

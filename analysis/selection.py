@@ -10,20 +10,31 @@ chosen is unbiased for that choice's accuracy.
 Halves: *half A* is the even positions (0, 2, 4, ...) of every task's ``per_sample`` list,
 *half B* the odd positions. Every cell of a store evaluates the same examples in the same
 order, so position i is the same example in every cell (the paired design is kept).
+
+Points shown together rest on the same examples (:func:`same_examples`): once any point of a
+panel is reported on half B, every point of it is, baselines included. A point on all examples
+drawn next to one on half B would differ by the sampling noise of the half (0.18 against 0.14
+for one cell of a zoo store), which reads like an effect of k.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from harness.records import MEAN_ZEROSHOT_TASK
 
+log = logging.getLogger(__name__)
+
 HALF_A = "half A (even example positions)"
 HALF_B = "half B (odd example positions)"
 SCORE_COLUMNS = ["acc_a", "acc_b"]
+# What a main-curve point rests on (the ``estimate`` column of analysis.tables.main_curves).
+ESTIMATE_ALL = "all examples"
+ESTIMATE_HELDOUT = f"held-out {HALF_B}"
 
 
 def split_halves(samples: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
@@ -100,3 +111,57 @@ def rank_heldout(ranked: pd.DataFrame, scores: pd.DataFrame | None) -> tuple[pd.
         ["acc_a", "total_model_bits", "key"], ascending=[False, True, True], ignore_index=True
     )
     return order, "split"
+
+
+def same_examples(
+    curves: pd.DataFrame,
+    scores: pd.DataFrame | None,
+    y: str,
+    panel: Sequence[str] = ("model_family",),
+) -> pd.DataFrame:
+    """``curves`` with every accuracy of a panel on the same examples as its held-out points.
+
+    ``curves``: rows with ``key``, ``y`` and ``estimate`` (:func:`analysis.tables.main_curves`);
+    ``scores``: :func:`half_scores` of the same store. Within each ``panel`` group (one figure
+    panel, or one family's rows of a table) that holds a point reported on held-out half B,
+    every point reported on all examples (a 16-bit baseline, a k with one candidate
+    configuration) is replaced by its own half-B accuracy, and its ``estimate`` says so. Half B
+    played no part in any choice, so it stays an unbiased estimate for those points too; only
+    the noise grows, and it is the same noise the selected points carry.
+
+    Perplexity curves are left as they are: perplexity is never split, so they hold no
+    half-B point. A point with no half-B score
+    (no per-example results) cannot move: it keeps its all-examples value, with one warning
+    per panel naming how many points differ. Idempotent.
+    """
+    if scores is None or curves.empty or "estimate" not in curves.columns:
+        return curves
+    held = curves["estimate"] == ESTIMATE_HELDOUT
+    if not held.any():
+        return curves
+    cols = [c for c in panel if c in curves.columns]
+    in_split_panel = (
+        held.groupby([curves[c] for c in cols], dropna=False).transform("any")
+        if cols
+        else pd.Series(True, index=curves.index)
+    )
+    move = in_split_panel & (curves["estimate"] == ESTIMATE_ALL)
+    if not move.any():
+        return curves
+    acc_b = curves["key"].map(scores["acc_b"]) if "acc_b" in scores else np.nan
+    acc_b = pd.Series(acc_b, index=curves.index, dtype=float)
+    ok = move & acc_b.notna()
+    out = curves.copy()
+    out.loc[ok, y] = acc_b[ok]
+    out.loc[ok, "estimate"] = ESTIMATE_HELDOUT
+    stuck = move & ~ok
+    if stuck.any():
+        where = ", ".join(sorted({str(v) for v in curves.loc[stuck, cols[0]]}) if cols else ["all"])
+        log.warning(
+            "%d point(s) without per-example results stay on all examples beside points on "
+            "held-out %s (%s): they are not on the same examples",
+            int(stuck.sum()),
+            HALF_B,
+            where,
+        )
+    return out

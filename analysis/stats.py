@@ -1,5 +1,9 @@
 """Uncertainty for accuracies and their differences; perplexity-accuracy correlation.
 
+The correlation comes with :func:`correlation_caveat`: a plain-language note whenever its sign
+is not the paper's (r = -0.94: lower perplexity, higher accuracy), so a reader of ``stats.md``
+is told what a positive r on a store means and what it does not.
+
 Mean zero-shot accuracy is a macro mean over tasks, so the bootstrap is *stratified by task*:
 each replicate resamples the examples of every task independently (with replacement) and
 averages the per-task means. A *paired* bootstrap resamples the same example indices for both
@@ -19,6 +23,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
+PAPER_PPL_ACC_R = -0.94  # Dettmers & Zettlemoyer (2022): perplexity vs mean zero-shot accuracy
+FEW_CELLS = 10  # below this many stable cells, r moves a lot with one cell
 DEFAULT_N_BOOT = 10_000
 DEFAULT_LEVEL = 0.95
 _MAX_DISTINCT = 64  # above this many distinct values, resample indices in chunks instead
@@ -163,6 +169,64 @@ def ppl_acc_correlation(
     """
     if ppl_column not in cells or acc_column not in cells:
         return float("nan"), 0
+    stable = stable_cells(cells, ppl_column, cap)
+    return pearson_r(stable[ppl_column], stable[acc_column])
+
+
+def stable_cells(cells: pd.DataFrame, ppl_column: str, cap: float | None = None) -> pd.DataFrame:
+    """The cells whose perplexity is finite and at most ``cap``: what r is computed over."""
     ppl = cells[ppl_column].to_numpy(dtype=float)
     keep = np.isfinite(ppl) & ((ppl <= cap) if cap is not None else True)
-    return pearson_r(ppl[keep], cells[acc_column].to_numpy(dtype=float)[keep])
+    return cells[keep]
+
+
+def correlation_caveat(
+    r: float,
+    n: int,
+    acc: Sequence[float] | None = None,
+    acc_stderr: Sequence[float] | None = None,
+    paper_r: float = PAPER_PPL_ACC_R,
+) -> str:
+    """A plain-language caveat for a perplexity-accuracy r, or ``""`` when none is needed.
+
+    Needed when r could not be computed, or when its sign differs from ``paper_r`` (r = 0
+    included). ``acc``: the accuracies r was computed over, and ``acc_stderr`` their standard
+    errors (either may be None): when given, the caveat states the accuracy range and how
+    many typical standard errors it spans, the fact that most often explains a positive r
+    (models near chance: accuracy differences are noise, perplexity still moves).
+    Agreement in sign gets no caveat, whatever n is: ``stats.md`` states n beside r.
+    """
+    if not np.isfinite(r):
+        return (
+            f"r could not be computed: it needs at least 3 stable cells with both numbers "
+            f"and some spread in each (here {n} cell(s)). Nothing can be concluded about the "
+            "relation of perplexity and accuracy from this store."
+        )
+    if np.sign(r) == np.sign(paper_r):
+        return ""
+    facts = []
+    if acc is not None:
+        a = np.asarray(acc, dtype=float)
+        a = a[np.isfinite(a)]
+        if a.size:
+            spread = float(a.max() - a.min())
+            text = f"accuracy here spans {a.min():.3f} to {a.max():.3f}"
+            se = np.asarray(acc_stderr if acc_stderr is not None else [], dtype=float)
+            se = se[np.isfinite(se) & (se > 0)]
+            if se.size:
+                text += f", {spread / float(np.median(se)):.1f} times its typical standard error"
+                text += f" ({float(np.median(se)):.3f})"
+            facts.append(text)
+    if n < FEW_CELLS:
+        facts.append(f"only {n} cells: one cell can flip the sign")
+    fact_text = f" ({'; '.join(facts)})" if facts else ""
+    return (
+        f"Caveat: the sign is the opposite of the paper's ({paper_r:+.2f}): on this store, "
+        "cells with higher perplexity have higher zero-shot accuracy, not lower. This does "
+        "not mean that quantization or a worse language model improves accuracy, nor that "
+        "the paper's relation is wrong. The usual reasons are models near chance on the "
+        "zero-shot tasks, where accuracy differences are noise while perplexity still moves; "
+        "too few cells or models; or zero-shot tasks that do not match the perplexity text"
+        f"{fact_text}. Do not use perplexity as a proxy for accuracy on this store; compare "
+        "accuracies with their intervals (kbit-plot --report, kbit-advise)."
+    )

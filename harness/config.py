@@ -84,8 +84,15 @@ class EvalConfig:
     name: str = MISSING  # the conf/eval entry's name
     perplexity: list[PerplexitySpec] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)  # lm-eval task names
-    mean_of: list[str] = field(default_factory=list)  # -> the derived zeroshot_mean row
-    limit: float | None = None  # examples per task: N >= 1, or a fraction in (0, 1); null = all
+    # tasks averaged into the derived zeroshot_mean row (acc): null = every task of eval.tasks
+    # (a row whenever a task ran), a list = those tasks, [] = no mean row (mean_tasks)
+    mean_of: list[str] | None = None
+    # smoke tests only: examples per task and perplexity windows per set (the first ones):
+    # N >= 1, or a fraction in (0, 1); null = all. n_samples records what was scored.
+    limit: float | None = None
+    # whether ``limit`` also caps the perplexity windows (true); false: every window is scored
+    # (sweeps whose held-out analyses rest on the whole text limit only their tasks)
+    limit_perplexity: bool = True
     batch_size: int = 8  # windows (perplexity) and requests (lm-eval) per forward
     num_fewshot: int = 0
     bootstrap_iters: int = 1000  # lm-eval bootstrap for non-mean metrics
@@ -237,6 +244,14 @@ def eval_limit(value: float | None) -> int | float | None:
     return int(value) if value is not None and value >= 1 else value
 
 
+def mean_tasks(tasks: Any, mean_of: Any) -> list[str]:
+    """The tasks of the ``zeroshot_mean`` row: ``mean_of`` as listed, or every one of ``tasks``
+    when ``mean_of`` is null (so a cell has a mean whenever a task ran without listing them
+    twice); ``[]``: no mean row. The cell id hashes this list (``harness.identity``), so
+    ``mean_of: null`` and the same tasks listed by hand are one cell."""
+    return list(tasks) if mean_of is None else list(mean_of)
+
+
 def check_limit(value: Any) -> None:
     """``eval.limit``: null, a count N >= 1 (integral), or a fraction in (0, 1) (lm-eval's rule)."""
     if value is None:
@@ -277,11 +292,11 @@ def _check_eval(ev: DictConfig) -> None:
     dupes = sorted({t for t in tasks if tasks.count(t) > 1})
     if dupes:
         raise ConfigError(f"eval.tasks={tasks}: {dupes} listed twice; allowed: each task once")
-    missing = [t for t in ev.mean_of if t not in tasks]
+    missing = [t for t in mean_tasks(tasks, ev.mean_of) if t not in tasks]
     if missing:
         raise ConfigError(
             f"eval.mean_of={list(ev.mean_of)}: {missing} not in eval.tasks={tasks}; "
-            "allowed: a subset of eval.tasks"
+            "allowed: null (every task), a subset of eval.tasks, or [] (no mean)"
         )
     if not tasks and not ev.perplexity:
         raise ConfigError("eval: no perplexity set and no task; allowed: at least one of them")

@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import device_problem
+from harness.config import device_problem, mean_tasks
 from harness.records import BASELINE_BITS
 
 NON_RESULT_FIELDS = (
@@ -197,6 +197,8 @@ def identity_data(
     data = dict(data)
     for key in NON_RESULT_FIELDS:
         data.pop(key, None)
+    if isinstance(data.get("eval"), dict):
+        data["eval"] = _eval_identity(data["eval"])
     if data.get("bits") == BASELINE_BITS:
         for key in QUANT_FIELDS:
             data.pop(key, None)
@@ -207,6 +209,26 @@ def identity_data(
         source, version = resolved.calibration
         data["calibration"] = [content_identity(source), version]
     return data
+
+
+def _eval_identity(ev: dict[str, Any]) -> dict[str, Any]:
+    """The ``eval`` node as the id hashes it (``limit: null`` cells keep their older ids).
+
+    * ``mean_of: null`` (every task) is hashed as the task list it stands for, so it is the
+      same cell as the same tasks listed by hand (the shipped eval configs before null).
+    * a non-null ``limit`` applies to perplexity windows too (it used to cap only the zero-shot
+      examples), so a limited cell with perplexity sets gets a new id (``limit_scope``) instead
+      of resuming from values measured on every window. ``limit: null`` cells, and limited
+      cells with ``limit_perplexity: false`` (every window scored, as before), are unchanged:
+      ``limit_perplexity`` itself is never hashed, only what it changes.
+    """
+    ev = dict(ev)
+    limit_perplexity = ev.pop("limit_perplexity", True)
+    if "mean_of" in ev and ev["mean_of"] is None:
+        ev["mean_of"] = mean_tasks(ev.get("tasks") or [], None)
+    if ev.get("limit") is not None and ev.get("perplexity") and limit_perplexity:
+        ev["limit_scope"] = "tasks+perplexity"
+    return ev
 
 
 def identity_hash(identity: dict[str, Any]) -> str:

@@ -14,6 +14,13 @@ Two halves:
     external jobs (Slurm, local processes) runs :func:`watch_store` / :func:`watching`, which
     read the store.
 
+``StepProgress``
+    One quiet line for a long step inside a cell (perplexity windows): ``perplexity
+    wikitext2: 120/330 windows, ETA 0:01:05``, redrawn in place on a TTY (at most every
+    :data:`REDRAW_S`) and erased when the step ends; elsewhere (a job log, a pipe) a plain
+    line at most every :data:`LOG_INTERVAL_S`, so a short step writes nothing and a log file
+    never gets carriage-return bars.
+
 ``cell_output``
     While a cell of a multirun runs: library progress bars (lm-eval's request bars, tokenizing,
     ``datasets``' split generation, transformers' weight loading), prints, Python warnings and
@@ -38,6 +45,7 @@ from typing import Any, TextIO
 
 __all__ = [
     "LOG_INTERVAL_S",
+    "StepProgress",
     "SweepProgress",
     "cell_output",
     "current",
@@ -53,6 +61,7 @@ __all__ = [
 ]
 
 LOG_INTERVAL_S = 30.0  # a non-TTY progress line at most this often (and once at the end)
+REDRAW_S = 0.2  # a TTY step line is redrawn at most this often
 VERBOSE_ENV = "KBIT_VERBOSE"
 KBIT_LOGGERS = ("harness", "hydra_plugins.kbit_sweeper", "__main__")  # warnings reach the terminal
 STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
@@ -169,6 +178,64 @@ class SweepProgress:
             self.stream.write(text)
             self.stream.flush()
         except (OSError, ValueError):  # a closed terminal must not fail the sweep
+            pass
+
+
+class StepProgress:
+    """The quiet progress line of one long step of a cell (see the module docstring).
+
+    ``label`` names the step (``perplexity wikitext2``), ``total`` its units (``unit``, e.g.
+    windows). ``stream`` defaults to ``sys.stderr`` *as it is now*: inside a multirun cell
+    (:func:`cell_output`) that is the cell's log file, which gets plain lines only. Use as a
+    context manager, calling :meth:`advance` after each batch.
+    """
+
+    def __init__(self, label: str, total: int, unit: str = "steps",
+                 stream: TextIO | None = None) -> None:  # fmt: skip
+        self.label, self.total, self.unit = str(label), int(total), str(unit)
+        self.stream: Any = stream if stream is not None else sys.stderr
+        self.tty = _isatty(self.stream)
+        self.done = 0
+        self.started = time.monotonic()
+        self.last_emit = self.started
+        self._drawn = False
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = (time.monotonic() if now is None else now) - self.started
+        eta = elapsed / self.done * (self.total - self.done) if self.done else None
+        return (f"{self.label}: {self.done}/{self.total} {self.unit}, "
+                f"ETA {format_eta(eta)}")  # fmt: skip
+
+    def advance(self, n: int = 1) -> None:
+        """``n`` more units done; redraws (TTY) or prints (non-TTY) when it is time."""
+        self.done += int(n)
+        now = time.monotonic()
+        if self.tty:
+            if now - self.last_emit >= REDRAW_S or self.done >= self.total:
+                self._write("\r\x1b[K" + self.line(now))
+                self._drawn = True
+                self.last_emit = now
+        elif now - self.last_emit >= LOG_INTERVAL_S:
+            self._write(self.line(now) + "\n")
+            self.last_emit = now
+
+    def close(self) -> None:
+        """Erase the TTY line (the step's result is reported elsewhere)."""
+        if self._drawn:
+            self._write("\r\x1b[K")
+            self._drawn = False
+
+    def __enter__(self) -> StepProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # a closed terminal must not fail the cell
             pass
 
 

@@ -41,6 +41,14 @@ def target_overrides(argv: list[str]) -> list[str]:
     return [a for a in argv if "_target_" in a]
 
 
+def target_refusal_line(override: str) -> str:
+    """The one line that refuses ``override`` (a :func:`target_overrides` hit): ``kbit-run``
+    prints it after its prefix and :func:`harness.api.run` raises it, word for word."""
+    return (f"{override!r}: a _target_ (an import path Hydra would call) in an override's key "
+            "or value is not allowed; allowed: the config fields of conf/config.yaml and the "
+            "launcher settings")  # fmt: skip
+
+
 # OmegaConf's type errors, and what a user may write instead
 _TYPE_WORDS = {"valid bool": "true or false", "to Integer": "an integer",
                "to Float": "a number", "not a valid int": "an integer"}  # fmt: skip

@@ -17,6 +17,9 @@ validate        :func:`validate_cell`: every value rule, the results folder, the
 run             :func:`run_cell`; a failure here (OOM, an lm-eval exception) writes ONE
                 ``failed`` record holding the error; a NaN/inf in any evaluation writes
                 ``failed`` rows for the tasks it touched (never an ``ok`` accuracy).
+report          a single run prints the cell's results table on stdout, read back from its file
+                (``harness.report``; also for a cell already done); a sweep prints its launched
+                cells' table (``harness.sweep.report_outcome``)
 exit            0 when the cell is ok (or already done), 1 when it failed or its file could not
                 be written (one line, ``cannot write the cell file ...``), 2 when refused.
 ==============  ===============================================================================
@@ -50,12 +53,13 @@ from harness.config import (
     check_bits,
     check_cell,
     eval_limit,
+    mean_tasks,
     method_settings,
     register_schema,
     with_user_paths,
 )
 from harness.evaluate.datasets import check_text_file, resolve_text_path
-from harness.evaluate.tasks import check_files, check_task_names
+from harness.evaluate.tasks import check_context, check_files, check_task_names
 from harness.evaluate.zeroshot import split_tasks
 from harness.files import user_path, writable_dir_problem
 from harness.identity import (
@@ -70,7 +74,7 @@ from harness.identity import (
     resolve,
 )
 from harness.models import LoadedModel, guess_family, load_model
-from harness.overrides import check_format_config
+from harness.overrides import check_format_config, conf_dir
 from harness.provenance import device_name, provenance_fields
 from harness.quantize.methods import settings_dict
 from harness.records import (
@@ -92,6 +96,7 @@ from harness.refusals import (
     input_error_line,
     one_line_errors,
     target_overrides,
+    target_refusal_line,
 )
 from harness.training_tokens import train_tokens
 
@@ -143,6 +148,10 @@ def _check_eval(cfg: DictConfig, model_dir: Path | None) -> None:
     check_task_names(tasks, root, model_dir)
     local, _ = split_tasks(tasks, root, model_dir)
     check_files(local, root, model_dir)
+    # a task of the model folder (the zoo's) must fit the model's context, else it is refused
+    # here rather than scored cut; a data-root task longer than the context is truncated on
+    # the left by lm-eval, as for hub tasks, and summarised once per task (zeroshot.py)
+    check_context(local, root, model_dir, eval_limit(ev.limit), roots=("model",))
 
 
 def _check_data_root(cfg: DictConfig) -> None:
@@ -465,6 +474,12 @@ def _nonfinite_row(row: dict[str, Any], what: str) -> dict[str, Any]:
             "error": f"NonFiniteError: {what}"}  # fmt: skip
 
 
+def perplexity_limit(ev: DictConfig) -> int | float | None:
+    """The perplexity windows a cell scores: ``eval.limit`` when ``eval.limit_perplexity``
+    (the default), else every window (None)."""
+    return eval_limit(ev.limit) if ev.get("limit_perplexity", True) else None
+
+
 def _perplexity_rows(
     cfg: DictConfig, loaded: LoadedModel, resolved: Resolved
 ) -> tuple[list, float]:
@@ -473,8 +488,11 @@ def _perplexity_rows(
     rows, forward_s = [], 0.0
     for entry in cfg.eval.perplexity:
         text = load_text(entry.name, entry.get("path"), cfg.data_root, loaded.path)
+        # one quiet progress line on stderr (a multirun cell's stderr is its job log file)
         res = perplexity_details(loaded.model, loaded.tokenizer, text, entry.seqlen,
-                                 entry.max_tokens, cfg.eval.batch_size, progress=False)  # fmt: skip
+                                 entry.max_tokens, cfg.eval.batch_size, progress=True,
+                                 limit=perplexity_limit(cfg.eval),
+                                 label=f"perplexity {entry.name}")  # fmt: skip
         forward_s += res.forward_s
         source, version = resolved.sources[f"ppl:{entry.name}"]
         bad = res.nonfinite or not math.isfinite(res.nll)
@@ -508,11 +526,12 @@ def _zeroshot_rows(cfg: DictConfig, loaded: LoadedModel, resolved: Resolved) -> 
                 f"task {name}: {tr.nonfinite} of the log-likelihoods of {tr.n} examples are NaN/inf"
             )
             rows.append(_nonfinite_row(row, what) if tr.nonfinite else row)
-    if ev.mean_of:
-        mean, stderr, n = mean_accuracy(zs.tasks, list(ev.mean_of))
+    mean_of = mean_tasks(ev.tasks, ev.mean_of)  # null: every task that ran
+    if mean_of:
+        mean, stderr, n = mean_accuracy(zs.tasks, mean_of)
         row = dict(task=MEAN_ZEROSHOT_TASK, metric="acc", value=mean, stderr=stderr, n_samples=n,
-                   data_source=" + ".join(resolved.sources[t][0] for t in ev.mean_of))  # fmt: skip
-        bad = [t for t in ev.mean_of if zs.tasks[t].nonfinite]
+                   data_source=" + ".join(resolved.sources[t][0] for t in mean_of))  # fmt: skip
+        bad = [t for t in mean_of if zs.tasks[t].nonfinite]
         rows.append(
             _nonfinite_row(row, f"{MEAN_ZEROSHOT_TASK}: tasks {bad} are non-finite") if bad else row
         )
@@ -662,13 +681,19 @@ def run_and_record(cfg: DictConfig, model_cache: ModelCache | None = None) -> st
 
     A cell that cannot run raises :class:`ConfigError` and writes nothing.
     """
+    return record_cell(cfg, model_cache)[0]
+
+
+def record_cell(cfg: DictConfig, model_cache: ModelCache | None = None) -> tuple[str, Path]:
+    """:func:`run_and_record`, also returning the cell file's path (status ``skipped`` when
+    the file already held an ok cell): what a single run prints its results table from."""
     cfg = with_user_paths(cfg)
     resolved = validate_cell(cfg)
     cid = cell_id(cfg, resolved)
     path = cell_path(cfg.results_dir, cfg.sweep, cid)
     if cell_status(path) == STATUS_OK:
         log.info("cell %s already done (%s); skipping", cid, path)
-        return "skipped"
+        return "skipped", path
     start = time.perf_counter()
     try:
         records = run_cell(cfg, model_cache, resolved)
@@ -684,27 +709,32 @@ def run_and_record(cfg: DictConfig, model_cache: ModelCache | None = None) -> st
     if errors:
         log.error("cell %s failed: %s", cid, "; ".join(errors))
     log.info("cell %s: %s -> %s", cid, status, path)
-    return status
+    return status, path
 
 
 def _hydra_task(cfg: DictConfig) -> None:
-    """One cell as Hydra runs it. In a multirun the cell's progress bars, prints and INFO lines
-    go to its job log file (``harness.progress.cell_output``; ``KBIT_VERBOSE=1`` or
+    """One cell as Hydra runs it. A single run prints the cell's results table on stdout
+    (``harness.report.print_results``). In a multirun the cell's progress bars, prints and INFO
+    lines go to its job log file (``harness.progress.cell_output``; ``KBIT_VERBOSE=1`` or
     ``hydra.verbose=true`` keeps them on the terminal) and the sweep's progress line counts it.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from harness import progress
+    from harness.report import print_results
 
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    if not multirun:
+    if not multirun:  # a single cell ends with its results table (also when already done)
         try:
-            _OUTCOMES.append(run_and_record(cfg, _MODEL_CACHE))
+            status, path = record_cell(cfg, _MODEL_CACHE)
+            _OUTCOMES.append(status)
         except CellWriteError as err:  # reported by main() in one line, exit 1
             log.error("%s", err)
             _WRITE_ERRORS.append(str(err))
             _OUTCOMES.append(STATUS_FAILED)
+            return
+        print_results([path])
         return
     status = STATUS_FAILED
     try:
@@ -729,9 +759,7 @@ def main() -> None:
     _WRITE_ERRORS.clear()
     bad = target_overrides(sys.argv[1:])
     if bad:
-        sys.stderr.write(f"kbit-run: {bad[0]!r}: a _target_ (an import path Hydra would call) "
-                         "in an override's key or value is not allowed; allowed: the config "
-                         "fields of conf/config.yaml and the launcher settings\n")  # fmt: skip
+        sys.stderr.write(f"kbit-run: {target_refusal_line(bad[0])}\n")
         sys.exit(EXIT_REFUSED)
     try:
         sys.argv = [sys.argv[0], *prepare_command_line(sys.argv[1:])]
@@ -741,7 +769,7 @@ def main() -> None:
             raise
         sys.stderr.write(f"kbit-run: {(str(err).strip().splitlines() or [repr(err)])[0]}\n")
         sys.exit(EXIT_REFUSED)
-    conf = Path(__file__).resolve().parents[1] / "conf"  # absolute: relative means a package
+    conf = conf_dir()  # absolute: a relative config_path means a package to Hydra
     try:
         with one_line_errors():
             hydra.main(config_path=str(conf), config_name="config", version_base="1.3")(

@@ -923,6 +923,9 @@ class KbitSweeper(BasicSweeper):
         if jobs:
             log.info(packed.describe_jobs(jobs, self.launcher))
         if self.dry_run:
+            script = packed.sbatch_preview(self.launcher, jobs) if jobs else None
+            if script:  # exactly what sbatch would get for the first job (docs/sweeps.md)
+                log.info(script)
             log.info("dry run (hydra.sweeper.dry_run=true): nothing launched or written")
             return []
         sweep_dir = Path(self.config.hydra.sweep.dir)
@@ -1003,8 +1006,14 @@ def report_outcome(
     (``done_before`` ok before this launch + the launched cells that finished, of all cells
     including ``held`` ones left to live jobs of an earlier launch). ``job_errors`` (error
     line -> cells) are the errors of jobs that left cells without a record of their own.
+    Before them, the launched cells' results table on stdout (``harness.report``: a row per
+    task when few, a line per cell when many, at most 40 lines).
     """
-    statuses = [cell_status(cell_path(c.results_dir, c.sweep, c.cell_id)) for c in launched]
+    from harness.report import print_results
+
+    paths = [cell_path(c.results_dir, c.sweep, c.cell_id) for c in launched]
+    statuses = [cell_status(p) for p in paths]
+    print_results(paths)  # the launched cells' results table, on stdout
     outcome = Counter(statuses)
     ok, failed = outcome[STATUS_OK], outcome[STATUS_FAILED]
     missing = len(launched) - ok - failed

@@ -372,9 +372,15 @@ def _multirun(model: Path, text: Path, results: Path, data_root: Path, **env: st
 
 @pytest.mark.slow
 def test_in_process_multirun_keeps_the_terminal_quiet(tiny_model, eval_text, data_root, tmp_path):
+    from harness.report import read_cells_frame, results_table
+
     rc, out = _multirun(tiny_model, eval_text, tmp_path / "quiet", data_root)
     assert rc == 0, out[-3000:]
     lines = [line for line in out.replace("\r", "\n").splitlines() if line.strip()]
+    cells = sorted((tmp_path / "quiet" / "watch").glob("*.parquet"))
+    table = set(results_table(read_cells_frame(cells)).splitlines())  # the results, on stdout
+    assert len(cells) == 4 and table and table <= set(lines), out  # the sweep ends with them
+    lines = [line for line in lines if line not in table]
     assert len(lines) <= 6, out
     assert "it/s]" not in out and "%|" not in out, out  # no progress bar
     assert "[INFO]" not in out and "#0 :" not in out, out  # no per-cell or per-job lines

@@ -77,3 +77,15 @@ def mc_accuracy(folder: Path, limit: int | None = None) -> tuple[float, int]:
         ]
         correct += int(max(range(len(scores)), key=scores.__getitem__) == it["gold"])
     return correct / len(items), len(items)
+
+
+def point_env_at_zoo(monkeypatch: pytest.MonkeyPatch, zoo_dir: Path) -> None:
+    """Make ``zoo:nano/<size>`` (in this process and in the subprocesses it starts) resolve
+    to the ``nano_zoo`` fixture's build: its zoo folder, and the corpus it was built from
+    (the corpus is part of the family's fingerprint, so a different one is another build)."""
+    monkeypatch.setenv("KBIT_ZOO_DIR", str(zoo_dir))
+    corpus = corpus_for_tests()
+    if corpus is None:
+        monkeypatch.delenv("KBIT_CORPUS_DIR", raising=False)
+    else:
+        monkeypatch.setenv("KBIT_CORPUS_DIR", corpus)

@@ -7,8 +7,10 @@ Called by the sweeper (:class:`harness.sweep.KbitSweeper`) after every cell is v
    with each cell's expected cost from the store or an estimate;
 3. each job gets its resources from the per-model rule (:mod:`harness.cluster.resources`) when
    ``hydra.sweeper.resources`` is set, else the launcher's settings;
-4. the plan is logged (cells, jobs, arrays, resources per class) and the launcher submits it;
-   on Slurm the command then returns, unless ``hydra.launcher.wait=true``.
+4. the plan is logged (cells, jobs, arrays, resources per class, and a total of job-hours and
+   GPU-hours, expected and at the time limits) and the launcher submits it; on Slurm the
+   command then returns, unless ``hydra.launcher.wait=true``. A dry run logs, instead of
+   submitting, the first job's sbatch script as submitit writes it (:func:`sbatch_preview`).
 """
 
 from __future__ import annotations
@@ -243,13 +245,41 @@ def cpu_plan_problem(cells: Sequence[Any], settings: Settings, launcher: Any) ->
     )
 
 
+def gpu_flags_problem(settings: Settings, launcher: Any) -> str | None:
+    """Why a resource rule and the launcher's own GPU request would both ask for GPUs, or None.
+
+    Why: the rule (``hydra.sweeper.resources``) sets each job's ``--gpus-per-node`` from its
+    model; a ``gres: gpu:...`` or ``gpus_per_task`` in the launcher profile would add a second,
+    fixed request to the same sbatch script, which Slurm refuses or honours over the rule (a
+    176B model on one GPU). ``gpus_per_node`` is fine: the rule's value replaces it per job.
+    """
+    rule = settings.resources
+    if rule is None or rule.device == "cpu":
+        return None
+    params = getattr(launcher, "params", {}) or {}
+    asks = {
+        "gres": "gpu" in str(params.get("gres") or ""),
+        "gpus_per_task": _count(params.get("gpus_per_task"), 0) > 0,
+    }
+    for key, set_too in asks.items():
+        if set_too:
+            return (
+                f"hydra.launcher.{key}={params[key]!r} asks for GPUs beside the resource rule "
+                "(hydra.sweeper.resources), which sets --gpus-per-node per model; allowed: "
+                f"hydra.launcher.{key}=null with a rule (choose the GPU type with "
+                "hydra.sweeper.resources.gpu_type or hydra.launcher.constraint), or "
+                "hydra.sweeper.resources=null to use the launcher's GPUs for every job"
+            )
+    return None
+
+
 def plan_jobs(cells: Sequence[Any], settings: Settings, launcher: Any) -> list[Any]:
     """Pack ``cells`` into :class:`harness.cluster.launcher.JobSpec`, with their resources.
 
     Raises :class:`JobsError` for a plan nobody asked for (:func:`cpu_plan_problem`)."""
     from harness.cluster.launcher import JobSpec
 
-    problem = cpu_plan_problem(cells, settings, launcher)
+    problem = cpu_plan_problem(cells, settings, launcher) or gpu_flags_problem(settings, launcher)
     if problem:
         raise JobsError(problem)
 
@@ -366,7 +396,90 @@ def describe_jobs(specs: Sequence[Any], launcher: Any) -> str:
             f"~{hours:.1f} job-hours expected; numerics: {_short_list(numerics)}; "
             f"models: {_short_list(models)}"
         )
+    lines.append(_total_line(specs, launcher))
     return "\n".join(lines)
+
+
+def job_gpus(params: dict[str, Any]) -> int:
+    """GPUs one job holds, from submitit's Slurm settings: ``gpus_per_node`` x ``nodes``, else
+    ``gpus_per_task`` x tasks, else a ``gpu[:type]:N`` gres (0 when none asks for GPUs)."""
+    nodes = _count(params.get("nodes"), 1)
+    if _count(params.get("gpus_per_node"), 0):
+        return _count(params.get("gpus_per_node"), 0) * nodes
+    if _count(params.get("gpus_per_task"), 0):
+        return (
+            _count(params.get("gpus_per_task"), 0) * _count(params.get("tasks_per_node"), 1) * nodes
+        )
+    for item in str(params.get("gres") or "").split(","):
+        parts = item.strip().split(":")
+        if parts[0] == "gpu":
+            return (_count(parts[-1], 1) if len(parts) > 1 else 1) * nodes
+    return 0
+
+
+def _count(value: Any, default: int) -> int:
+    """A count as submitit takes it (an int, or a string such as "2" or "a100:2")."""
+    if value is None or isinstance(value, bool):
+        return default
+    try:
+        return int(str(value).rsplit(":", 1)[-1])
+    except ValueError:
+        return default
+
+
+def _total_line(specs: Sequence[Any], launcher: Any) -> str:
+    """The plan's bottom line: what the grid costs in GPU-hours.
+
+    Why two numbers: the expected GPU-hours (each job's expected hours x its GPUs) are what
+    the grid should use; the reserved ones (each job's time limit x its GPUs) are what Slurm
+    holds while the jobs run and what an allocation is checked against before they start.
+    """
+    base = dict(getattr(launcher, "params", {}) or {})
+    expected = reserved = job_hours = 0.0
+    for spec in specs:
+        params = {**base, **spec.resources}
+        gpus = job_gpus(params)
+        hours = spec.minutes / 60.0
+        limit = float(params.get("timeout_min") or 0) / 60.0
+        job_hours += hours
+        expected += hours * gpus
+        reserved += limit * gpus
+    cells = sum(len(s.cells) for s in specs)
+    return (
+        f"  total: {len(specs)} jobs, {cells} cells, ~{_hours(job_hours)} job-hours, "
+        f"~{_hours(expected)} GPU-hours expected (each job's expected hours x its GPUs); "
+        f"{_hours(reserved)} GPU-hours at the time limits (each job's limit x its GPUs: what "
+        "Slurm reserves)"
+    )
+
+
+def _hours(value: float) -> str:
+    """Hours with one decimal, two below 1 h (a small test grid is not all ``0.0``)."""
+    return f"{value:.1f}" if value >= 1 or value == 0 else f"{value:.2f}"
+
+
+def sbatch_preview(launcher: Any, specs: Sequence[Any]) -> str | None:
+    """The sbatch script of the first job of the first array, as submitit would submit it,
+    with a header line; None for a launcher that submits no batch script (local processes).
+
+    A launcher that cannot build its executor here (no ``srun`` on this machine) gives a
+    one-line note instead: the plan is still valid, only the script cannot be shown.
+    """
+    script = getattr(launcher, "sbatch_script", None)
+    if not specs or not callable(script):
+        return None
+    try:
+        text = script(specs)
+    except Exception as err:  # submitit's executor needs Slurm's commands on this machine
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"sbatch script: not shown ({type(err).__name__}: {first})"
+    if text is None:
+        return None
+    first = specs[0]
+    return (
+        f"sbatch script of the first array ({first.label}; its first job: {first.model}, "
+        f"{len(first.cells)} cells), as submitit submits it:\n{text.rstrip()}"
+    )
 
 
 def _short_list(counts: Counter, shown: int = 4) -> str:

@@ -16,6 +16,10 @@ and change three things:
 * on Slurm the launch returns once everything is queued (``wait: false``, the default);
   ``hydra.launcher.wait=true`` keeps waiting, with one progress line, for scripts.
 
+Its schema adds ``srun_args`` (submitit's arguments for the job's ``srun`` line, e.g. a
+container runtime), which hydra-submitit-launcher's lacks, and :meth:`sbatch_script` gives the
+batch script of the first array as submitit would submit it (shown by a dry run).
+
 Hydra's plain ``launch(job_overrides)`` still works: one cell per task.
 
 A cell that cannot even start inside its job (its config does not compose there, a data type
@@ -64,6 +68,10 @@ class PackedSlurmConf(SlurmQueueConf):
     _target_: str = "hydra_plugins.kbit_launcher.PackedSlurmLauncher"
     wait: bool = False  # true: block until every job ended (with a progress line), as scripts want
     poll_s: float = 15.0  # seconds between looks at the scheduler and the store while waiting
+    # arguments added to the job's ``srun`` line before its Python (submitit's ``srun_args``;
+    # hydra-submitit-launcher's schema lacks it): srun options (["--cpu-bind=none"]) or a
+    # container runtime ([apptainer, exec, --nv, IMAGE]). An empty list adds nothing.
+    srun_args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -233,23 +241,43 @@ class _PackedMixin:
         for spec in specs:
             nums.append(num)
             num += len(spec.cells)
+        submission = Submission(jobs=[None] * len(specs))
+        for resources, indices in self.arrays(specs):
+            executor.update_parameters(**self._parameters(resources))
+            jobs = self._submit(executor, specs, indices, nums, state, submission)
+            for i, job in zip(indices, jobs, strict=True):
+                submission.jobs[i] = job
+            array_id = str(jobs[0].job_id).split("_")[0]
+            label = specs[indices[0]].label
+            submission.arrays.append((array_id, len(indices), label))
+            self._claim(array_id, [specs[i] for i in indices])
+        return submission
+
+    def arrays(self, specs: Sequence[JobSpec]) -> list[tuple[dict[str, Any], list[int]]]:
+        """The arrays :meth:`launch_packed` submits, in order: (resources, indices of ``specs``).
+
+        One array per resource class (first seen first) and ``MaxArraySize`` slice; the dry
+        run shows the first one's sbatch script from the same list.
+        """
         groups: OrderedDict[tuple, list[int]] = OrderedDict()
         for index, spec in enumerate(specs):
             groups.setdefault(tuple(sorted(spec.resources.items())), []).append(index)
-        submission = Submission(jobs=[None] * len(specs))
         limit = self._array_limit()
-        for key, members in groups.items():
-            executor.update_parameters(**self._parameters(dict(key)))
-            for part in _slices(len(members), limit):
-                indices = [members[i] for i in part]
-                jobs = self._submit(executor, specs, indices, nums, state, submission)
-                for i, job in zip(indices, jobs, strict=True):
-                    submission.jobs[i] = job
-                array_id = str(jobs[0].job_id).split("_")[0]
-                label = specs[indices[0]].label
-                submission.arrays.append((array_id, len(indices), label))
-                self._claim(array_id, [specs[i] for i in indices])
-        return submission
+        return [
+            (dict(key), [members[i] for i in part])
+            for key, members in groups.items()
+            for part in _slices(len(members), limit)
+        ]
+
+    def sbatch_script(self, specs: Sequence[JobSpec]) -> str | None:
+        """The batch script of the first array :meth:`launch_packed` would submit, as submitit
+        writes it (None for a launcher without one, e.g. local processes).
+
+        Why submitit's own text: what a user checks before spending GPU-hours (partition,
+        account, ``--gpus-per-node``, time limit, setup lines, the ``srun`` line) must be what
+        ``sbatch`` receives, not a template that may drift from it. Nothing is written.
+        """
+        return None
 
     def _submit(
         self,
@@ -498,6 +526,23 @@ class PackedSlurmLauncher(_PackedMixin, BaseSubmititLauncher):
 
     def _array_limit(self) -> int | None:
         return self.limits().max_array_size
+
+    def sbatch_script(self, specs: Sequence[JobSpec]) -> str | None:
+        """The batch script of the first array, from submitit's Slurm executor set up exactly
+        as :meth:`launch_packed` sets it up (the launcher's settings, the first array's
+        resources, its task count as ``--array``); submitit builds an array's script the same
+        way (a copy of the executor with ``map_count``) when it submits one."""
+        if not specs:
+            return None
+        resources, indices = self.arrays(specs)[0]
+        executor = self._executor()
+        executor.update_parameters(**self._parameters(resources))
+        slurm = executor._executor  # submitit.SlurmExecutor behind the AutoExecutor
+        if len(indices) > 1:  # submitit submits a single job without --array
+            slurm = type(slurm)(slurm.folder, slurm.max_num_timeout)
+            slurm.update_parameters(**executor._executor.parameters)
+            slurm.parameters["map_count"] = len(indices)
+        return slurm._make_submission_file_text(slurm._submitit_command_str, "dry-run")
 
     def _submit(
         self,

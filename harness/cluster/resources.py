@@ -32,6 +32,7 @@ import fnmatch
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -79,6 +80,10 @@ class ResourceConf:
     # wins over the classes. An exact spec wins over globs; among globs, the first listed.
     models: dict[str, Any] = field(default_factory=dict)
     device: str = "cuda"  # cuda | cpu: "cpu" asks for no GPU, the model lives in host memory
+    # GPU type as Slurm names it (sinfo -o "%G": gpu:a100:4 -> a100): each job then asks for
+    # --gpus-per-node=a100:N; null asks for N GPUs of any type (hydra.launcher.constraint can
+    # still pick nodes by feature)
+    gpu_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,15 +94,20 @@ class Resources:
     mem_gb: int
     cpus: int
     timeout_min: int
+    gpu_type: str | None = None  # ResourceConf.gpu_type: --gpus-per-node=TYPE:N
 
     def launcher_params(self) -> dict[str, Any]:
         """hydra-submitit-launcher ``SlurmQueueConf`` fields; 0 GPUs -> ``gpus_per_node: None``.
 
         None, not 0: submitit then writes no ``--gpus-per-node`` line, and harness.sweep's
-        ``launch_target`` reads the job as a CPU job.
+        ``launch_target`` reads the job as a CPU job. With a ``gpu_type`` the count is
+        Slurm's typed form, ``a100:2``.
         """
+        gpus: int | str | None = self.gpus or None
+        if gpus and self.gpu_type:
+            gpus = f"{self.gpu_type}:{self.gpus}"
         return {
-            "gpus_per_node": self.gpus or None,
+            "gpus_per_node": gpus,
             "mem_gb": self.mem_gb,
             "cpus_per_task": self.cpus,
             "timeout_min": self.timeout_min,
@@ -331,7 +341,8 @@ def resources_for(
         model, n_params, compute_dtype, weights_gb, rule["gpus"], gpus, "gpus" in overrides, conf
     )
     cpus = chosen.get("cpus", conf.cpus_per_gpu * max(gpus, 1))  # follows an overridden gpus
-    return Resources(gpus, int(chosen["mem_gb"]), int(cpus), int(chosen["timeout_min"]))
+    gpu_type = getattr(conf, "gpu_type", None)
+    return Resources(gpus, int(chosen["mem_gb"]), int(cpus), int(chosen["timeout_min"]), gpu_type)
 
 
 def _check_gpus(
@@ -455,6 +466,14 @@ def check_resource_conf(conf: Any) -> None:
         )
     if merged["device"] not in DEVICES:
         raise unknown_name(f"{CONF_PATH}.device", merged["device"], DEVICES)
+    gpu_type = merged.get("gpu_type")
+    if gpu_type is not None and not (
+        isinstance(gpu_type, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", gpu_type)
+    ):
+        raise ValueError(
+            f"{CONF_PATH}.gpu_type={gpu_type!r}: allowed: null or a GPU type as Slurm names it "
+            "(letters, digits, _ . -; e.g. a100, h100)"
+        )
     _check_classes(merged["classes"], merged["gpus_per_node"])
     models = merged["models"]
     if not isinstance(models, Mapping):

@@ -1,7 +1,12 @@
 """Evaluation: perplexity (GPTQ protocol) and zero-shot accuracy (lm-eval) of a model in memory."""
 
 from harness.evaluate.datasets import check_text_file, load_text, text_source, token_ids
-from harness.evaluate.perplexity import PerplexityResult, perplexity, perplexity_details
+from harness.evaluate.perplexity import (
+    PerplexityResult,
+    limit_windows,
+    perplexity,
+    perplexity_details,
+)
 from harness.evaluate.task_catalog import builtin_task_names, check_task_names
 from harness.evaluate.task_data import TaskSource, check_files, task_sources
 from harness.evaluate.timing import ForwardTimer
@@ -18,6 +23,7 @@ __all__ = [
     "check_task_names",
     "check_text_file",
     "evaluate_zeroshot",
+    "limit_windows",
     "load_text",
     "mean_accuracy",
     "perplexity",

@@ -5,6 +5,9 @@ dropping the tail that does not fill a window; every window is evaluated indepen
 context carried over), and ``ppl = exp(mean NLL over every predicted token)`` (``seqlen - 1``
 predictions per window). Because all windows have the same length this equals GPTQ's
 ``exp(sum(window_mean_nll * seqlen) / (n_windows * seqlen))``.
+
+``eval.limit`` (smoke tests only) keeps the first windows (:func:`limit_windows`); the records'
+``n_samples`` is the number of tokens actually scored, so a limited cell says so.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from harness.evaluate.datasets import load_text, resolve_text_path, text_files, token_ids
 from harness.evaluate.timing import ForwardTimer
@@ -112,6 +114,25 @@ def windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) -> to
     return ids[: n_windows * seqlen].view(n_windows, seqlen)
 
 
+def limit_windows(wins: torch.Tensor, limit: int | float | None) -> torch.Tensor:
+    """The first windows that ``eval.limit`` keeps: a count N keeps the first N (all when
+    there are fewer), a fraction 0 < f < 1 the first ``ceil(f * n_windows)`` (lm-eval's rule
+    for a fraction of a task's examples); None keeps all.
+
+    Why the first ones and not a sample: a limit is for smoke tests, and the first windows
+    are the same in every cell on the same text, so limited cells still pair window by window.
+    """
+    if limit is None:
+        return wins
+    if isinstance(limit, float) and limit < 1:
+        keep = max(1, math.ceil(limit * wins.shape[0]))
+    else:
+        keep = int(limit)
+    if keep < 1:
+        raise ValueError(f"limit={limit!r}: allowed: a count >= 1 or a fraction 0 < f < 1")
+    return wins[:keep]
+
+
 _CE_CHUNK_BYTES = 24 << 20  # float32 logits per cross-entropy call: see window_nll_sum
 
 
@@ -163,23 +184,32 @@ def perplexity_details(
     batch_size: int = 1,
     *,
     progress: bool = True,
+    limit: int | float | None = None,
+    label: str = "perplexity",
 ) -> PerplexityResult:
     """GPTQ-protocol perplexity of ``text`` (see module docstring), with counts and timing.
 
     Never raises on NaN/inf: ``nonfinite`` counts the windows whose NLL is not finite and the
-    caller decides (the runner records the cell as failed).
+    caller decides (the runner records the cell as failed). ``limit`` (``eval.limit``, for
+    smoke tests): only the first windows, see :func:`limit_windows`. ``progress``: one quiet
+    line on stderr named ``label`` (``harness.progress.StepProgress``).
     """
+    from harness.progress import StepProgress
+
     seqlen = seqlen or default_seqlen(model)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
     device = input_device(model)  # the input embedding's device (sharded: the first GPU)
-    wins = windows(token_ids(tokenizer, text), seqlen, max_tokens)
+    wins = limit_windows(windows(token_ids(tokenizer, text), seqlen, max_tokens), limit)
     sums = []
     starts = range(0, wins.shape[0], batch_size)
-    with ForwardTimer(model) as timer:
-        for start in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
+    line = StepProgress(label, wins.shape[0], "windows") if progress else None
+    with ForwardTimer(model) as timer, line or contextlib.nullcontext():
+        for start in starts:
             batch = wins[start : start + batch_size].to(device, non_blocking=True)
             sums.append(window_nll_sums(model, batch))
+            if line is not None:
+                line.advance(batch.shape[0])
     per_window = torch.cat(sums)
     total = per_window.sum()
     n_tokens = wins.shape[0] * (seqlen - 1)

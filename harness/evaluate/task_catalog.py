@@ -140,6 +140,44 @@ def _expect_arc(stored: dict) -> dict:
             "doc_to_choice": list(stored["choices"])}  # fmt: skip
 
 
+# ---------------------------------------------- the (context, continuation) pairs of a document
+# What lm-eval scores for one line of a task's first file: the strings whose concatenation the
+# model reads (lm-eval 0.4 encodes ``context + continuation`` whole). Used to check that every
+# example fits the model's context before it is scored (task_data.check_context).
+Pairs = list[tuple[str, str]]
+
+
+def _lastword_pairs(doc: dict) -> Pairs:
+    context, _, word = doc["text"].rpartition(" ")
+    return [(context, " " + word)]
+
+
+def _query_pairs(doc: dict) -> Pairs:
+    return [(doc["query"], " " + str(c)) for c in doc["choices"]]
+
+
+def _arc_pairs(doc: dict) -> Pairs:
+    return [(doc["query"] + "\nAnswer:", " " + str(c)) for c in doc["choices"]]
+
+
+def _piqa_pairs(doc: dict) -> Pairs:
+    question = f"Question: {doc['goal']}\nAnswer:"
+    return [(question, " " + doc["sol1"]), (question, " " + doc["sol2"])]
+
+
+def _hellaswag_pairs(doc: dict) -> Pairs:
+    from lm_eval.tasks.hellaswag.utils import preprocess  # lm-eval's own process_docs step
+
+    query = preprocess(
+        doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    )
+    return [(query, " " + preprocess(str(e))) for e in doc["endings"]]
+
+
+def _winogrande_pairs(doc: dict) -> Pairs:
+    return [(str(option), " " + doc["continuation"]) for option in doc["context_options"]]
+
+
 # ------------------------------------------------------------------------------ task catalogue
 @dataclass(frozen=True)
 class LocalTask:
@@ -152,6 +190,8 @@ class LocalTask:
     ``schema``: the fields (and types) every line of the first file needs. ``label``: (the
     field holding the gold answer, the field listing the choices or their fixed number); every
     label must index a choice (a ``.lst`` label file holds one label a line, checked alike).
+    ``pairs``: the (context, continuation) strings lm-eval scores for one line of the first file
+    (their length in tokens is checked against the model's context).
     """
 
     name: str
@@ -165,6 +205,7 @@ class LocalTask:
     config: dict = field(default_factory=dict)
     root: str = "data"  # "data": under data_root; "model": under the model folder
     label: tuple[str, str | int] | None = None
+    pairs: Callable[[dict], Pairs] | None = None
 
 
 _HS_FIELDS = {"activity_label": str, "ctx_a": str, "ctx_b": str, "endings": list,
@@ -175,27 +216,30 @@ LOCAL_TASKS: dict[str, LocalTask] = {
     t.name: t
     for t in [
         LocalTask("lambada_openai", ("eval/lambada_openai/test.jsonl",), {"text": str},
-                  "lambada/lambada_openai.yaml", precompute=True),
+                  "lambada/lambada_openai.yaml", precompute=True, pairs=_lastword_pairs),
         LocalTask("piqa", ("eval/piqa/valid.jsonl", "eval/piqa/valid-labels.lst"),
                   {"goal": str, "sol1": str, "sol2": str}, "piqa/piqa.yaml", "validation",
-                  _convert_piqa, precompute=True, label=("label", 2)),
+                  _convert_piqa, precompute=True, label=("label", 2), pairs=_piqa_pairs),
         LocalTask("hellaswag", ("eval/hellaswag/validation.jsonl",), _HS_FIELDS,
                   "hellaswag/hellaswag.yaml", "validation", precompute=True,
-                  label=("label", "endings")),
+                  label=("label", "endings"), pairs=_hellaswag_pairs),
         LocalTask("winogrande", ("eval/winogrande/dev.jsonl",),
                   {"context_options": list, "continuation": str, "gold": int},
                   "winogrande/default.yaml", "validation", _convert_winogrande,
-                  _expect_winogrande, label=("gold", "context_options")),
+                  _expect_winogrande, label=("gold", "context_options"),
+                  pairs=_winogrande_pairs),
         LocalTask("arc_easy", ("eval/arc/arc_easy_test.jsonl",), _MC_FIELDS, "arc/arc_easy.yaml",
-                  "test", _convert_arc, _expect_arc, precompute=True, label=("gold", "choices")),
+                  "test", _convert_arc, _expect_arc, precompute=True, label=("gold", "choices"),
+                  pairs=_arc_pairs),
         LocalTask("arc_challenge", ("eval/arc/arc_challenge_test.jsonl",), _MC_FIELDS,
                   "arc/arc_challenge.yaml", "test", _convert_arc, _expect_arc, precompute=True,
-                  label=("gold", "choices")),
+                  label=("gold", "choices"), pairs=_arc_pairs),
         LocalTask("zoo_mc", ("kbit_eval/mc.jsonl",), _MC_FIELDS,
                   config={**_MC, "doc_to_text": "query", "metric_list": _ACC_NORM},
-                  root="model", label=("gold", "choices")),
+                  root="model", label=("gold", "choices"), pairs=_query_pairs),
         LocalTask("zoo_lastword", ("kbit_eval/lastword.jsonl",), {"text": str},
-                  convert=_convert_lastword, config=_LASTWORD, root="model"),
+                  convert=_convert_lastword, config=_LASTWORD, root="model",
+                  pairs=_lastword_pairs),
     ]
 }  # fmt: skip
 

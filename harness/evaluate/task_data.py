@@ -4,18 +4,23 @@
 line naming the file and line); :func:`task_sources` is the provenance the cell identity and the
 record carry (each local file's resolved path and sha256, or a built-in's hub dataset and
 revision). Both read a file once per (path, size, mtime) in a process: :func:`file_stamp` keys
-their caches. Built on :mod:`harness.evaluate.task_catalog`.
+their caches. :func:`check_context` refuses a task with an example longer than the model's
+context (lm-eval would cut it from the left and score the rest). Built on
+:mod:`harness.evaluate.task_catalog`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from harness.evaluate.task_catalog import (
     ADAPTER_VERSION,
@@ -31,6 +36,8 @@ from harness.evaluate.task_catalog import (
     unknown_task_error,
     yaml_config,
 )
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------ file checking
@@ -163,6 +170,178 @@ def check_files(
         if len(set(counts.values())) > 1:
             listed = ", ".join(f"{n} in {f}" for f, n in counts.items())
             raise ValueError(f"task={name!r}: files disagree on the number of documents: {listed}")
+
+
+# ------------------------------------------------------------------- fitting the model's context
+# Tokens a tokenizer may add to a string beyond one per UTF-8 byte (a BOS token, a
+# SentencePiece dummy prefix): a byte-level or SentencePiece tokenizer never gives more
+# tokens than bytes + this, so a short example is known to fit without tokenizing it.
+_SPECIAL_SLACK = 2
+
+
+def model_max_length(model_dir: str | os.PathLike) -> int:
+    """The context lm-eval gives a model folder (``HFLM.max_length``), read from its files.
+
+    lm-eval's own rule (``resolve_max_length``) on config.json (``n_positions``,
+    ``max_position_embeddings``, ``n_ctx``; a nested ``text_config`` first), then the
+    tokenizer's ``model_max_length``, then lm-eval's default of 2048. No weights are read.
+    """
+    from types import SimpleNamespace
+
+    from lm_eval.models.utils import DEFAULT_MAX_LENGTH, resolve_max_length
+
+    folder = Path(model_dir)
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    text = raw.get("text_config")
+    config = SimpleNamespace(**{**raw, "text_config": SimpleNamespace(**text) if
+                                isinstance(text, dict) else None})  # fmt: skip
+    tok_file = folder / "tokenizer_config.json"
+    tok_raw = json.loads(tok_file.read_text(encoding="utf-8")) if tok_file.is_file() else {}
+    tokenizer = SimpleNamespace(model_max_length=tok_raw.get("model_max_length"))
+    return resolve_max_length(config, tokenizer, default=DEFAULT_MAX_LENGTH)
+
+
+@dataclass(frozen=True)
+class ContextFit:
+    """How a task's examples compare with a model's context (lm-eval's ``max_length``).
+
+    ``over``: examples (documents) with a request longer than ``context + 1`` tokens, the
+    point past which lm-eval cuts the request from the left; ``longest``: tokens of the
+    longest such request (0 when none is over).
+    """
+
+    task: str
+    examples: int
+    over: int
+    longest: int
+    context: int
+
+    def problem(self, root: str) -> str:
+        """The one-line refusal ("" when every example fits)."""
+        if not self.over:
+            return ""
+        hint = (
+            "for a zoo model, run kbit-zoo for its family again: it refits the evaluation "
+            "files to the context and keeps the weights"
+            if root == "model"
+            else "use a model with a longer context, or leave the task out of eval.tasks"
+        )
+        return (
+            f"task={self.task!r}: {self.over} of {self.examples} examples are longer than the "
+            f"model's context (the longest is {self.longest} tokens, the context "
+            f"{self.context} tokens), and lm-eval would score them cut from the left; {hint}"
+        )
+
+
+_TOKENIZERS: dict[tuple, Any] = {}
+_FITS: dict[tuple, ContextFit] = {}
+
+
+def _tokenizer_stamp(folder: Path) -> tuple:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    return tuple(file_stamp(folder / n) for n in names if (folder / n).is_file())
+
+
+def _folder_tokenizer(folder: Path, stamp: tuple) -> Any:
+    from transformers import AutoTokenizer
+
+    key = (str(folder.resolve()), stamp)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=False
+        )
+    return _TOKENIZERS[key]
+
+
+def _examples_evaluated(total: int, limit: int | float | None) -> int:
+    """How many of ``total`` documents lm-eval evaluates under ``limit`` (its own rule:
+    a fraction below 1 is rounded up, anything else is a count)."""
+    if limit is None:
+        return total
+    return min(total, math.ceil(total * limit) if limit < 1.0 else int(limit))
+
+
+def context_fit(
+    name: str,
+    data_root: str | os.PathLike | None,
+    model_dir: str | os.PathLike,
+    limit: int | float | None = None,
+) -> ContextFit | None:
+    """How the examples of local task ``name`` fit the context of the model in ``model_dir``.
+
+    Each document's requests (``LocalTask.pairs``) are measured as lm-eval 0.4 measures a
+    causal request: ``context + continuation`` encoded whole by the model's tokenizer (its
+    default special tokens, as lm-eval's HFLM). A request no longer in UTF-8 bytes than the
+    context (less :data:`_SPECIAL_SLACK`) fits without tokenizing, so a large model on the
+    paper's tasks costs a read of the files; the others are encoded in one batch. ``limit``:
+    ``eval.limit`` (only the first documents are evaluated, and checked). Memoised per (file,
+    tokenizer, context, limit). None when it cannot be told here (no pairs rule, no
+    config.json, a tokenizer that does not load: the run is left to lm-eval).
+    """
+    task = LOCAL_TASKS.get(name)
+    folder = Path(model_dir)
+    if task is None or task.pairs is None or not (folder / "config.json").is_file():
+        return None
+    context = model_max_length(folder)
+    first = task_files([name], data_root, model_dir)[0]
+    tok_stamp = _tokenizer_stamp(folder)
+    key = (name, file_stamp(first), tok_stamp, context, limit)
+    if key in _FITS:
+        return _FITS[key]
+    lines = [line for _, line in jsonl_lines(first)]
+    lines = lines[: _examples_evaluated(len(lines), limit)]
+    bound = context + 1  # lm-eval cuts past max_length + 1 tokens (the last one is not input)
+    texts: list[str] = []
+    owner: list[int] = []  # the document of each text that needs tokenizing
+    for number, line in enumerate(lines):
+        for c, t in task.pairs(json.loads(line)):
+            if len((c + t).encode("utf-8")) + _SPECIAL_SLACK > bound:
+                texts.append(c + t)
+                owner.append(number)
+    longest: dict[int, int] = {}
+    if texts:
+        try:
+            tokenizer = _folder_tokenizer(folder, tok_stamp)
+        except Exception as exc:  # any tokenizer failure: leave it to the run
+            log.warning("tokenizer of %s not loaded for the context check (%s: %s)",
+                        folder, type(exc).__name__, exc)  # fmt: skip
+            return None
+        for doc, ids in zip(owner, tokenizer(texts, verbose=False).input_ids, strict=True):
+            if len(ids) > bound:
+                longest[doc] = max(longest.get(doc, 0), len(ids))
+    _FITS[key] = ContextFit(name, len(lines), len(longest), max(longest.values(), default=0),
+                            context)  # fmt: skip
+    return _FITS[key]
+
+
+def check_context(
+    names: Iterable[str],
+    data_root: str | os.PathLike | None,
+    model_dir: str | os.PathLike | None,
+    limit: int | float | None = None,
+    *,
+    roots: Iterable[str] = ("data", "model"),
+) -> None:
+    """Raise one line when a local task holds an example longer than the model's context.
+
+    Why refuse rather than score: lm-eval cuts an over-long request from the left and scores
+    what remains, without failing; a zoo model of context 64 was so scored on 80-token
+    passages. The line names the task, how many examples are over, the longest in tokens and
+    the context. For the runner's validation (after :func:`check_files`, before any model
+    loads: config.json and the tokenizer are read, not the weights; ``limit`` = ``eval.limit``)
+    and, for the zoo tasks (``roots=("model",)``), as a guard in
+    :func:`harness.evaluate.tasks.materialize`. A hub model id (no local folder) is skipped.
+    """
+    if model_dir is None:
+        return
+    roots = set(roots)
+    for name in names:
+        task = LOCAL_TASKS.get(name)
+        if task is None or task.root not in roots:
+            continue
+        fit = context_fit(name, data_root, model_dir, limit)
+        if fit is not None and fit.over:
+            raise ValueError(fit.problem(task.root))
 
 
 # ----------------------------------------------------------------------------- provenance

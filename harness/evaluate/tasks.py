@@ -63,12 +63,16 @@ from harness.evaluate.task_catalog import (
     unknown_task_error,
 )
 from harness.evaluate.task_data import (
+    ContextFit,
     TaskSource,
+    check_context,
     check_files,
+    context_fit,
     file_sha256,
     file_stamp,
     hub_source,
     local_source,
+    model_max_length,
     task_sources,
 )
 from harness.files import atomic_write
@@ -78,12 +82,15 @@ __all__ = [
     "LOCAL_TASKS",
     "PROMPT_COLUMNS",
     "TASKS_VERSION",
+    "ContextFit",
     "LocalTask",
     "TaskSource",
     "builtin_config",
     "builtin_task_names",
+    "check_context",
     "check_files",
     "check_task_names",
+    "context_fit",
     "file_sha256",
     "hub_docs",
     "hub_source",
@@ -91,6 +98,7 @@ __all__ = [
     "local_source",
     "main",
     "materialize",
+    "model_max_length",
     "task_files",
     "task_root",
     "task_sources",
@@ -293,9 +301,13 @@ def materialize(
     ``plain``: lm-eval's definitions with only the data source changed (no precomputed
     prompts). The default folder is a cache keyed by the task version, lm-eval's version, the
     roots, the form and the names, so concurrent cells of a sweep share it; a task whose source
-    files (path, size, mtime) are unchanged since it was written is not written again.
+    files (path, size, mtime) are unchanged since it was written is not written again. A zoo
+    task (files in the model folder) with an example longer than the context of the model in
+    ``model_dir`` is refused (:func:`check_context`; the runner's validation checks every local
+    task, under ``eval.limit``): never scored cut.
     """
     check_files(names, data_root, model_dir)
+    check_context(names, data_root, model_dir, roots=("model",))
     if out_dir is None:
         key = json.dumps([TASKS_VERSION, lm_eval_version(), str(lm_eval_tasks_dir()),
                           str(data_root), str(model_dir), plain, sorted(names)])  # fmt: skip

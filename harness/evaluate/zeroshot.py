@@ -157,6 +157,143 @@ def _bootstrap_in_process():
             os.environ["DISABLE_MULTIPROC"] = before
 
 
+_TRUNCATED = "exceeds model's maximum length"  # lm-eval's per-request warning (loglikelihood)
+_LEFT_TRUNCATION = "Left truncation applied"  # its per-batch warning (generation tasks)
+# lm-eval's notices about what kbit does on purpose (an in-memory model passed as
+# ``pretrained``, num_fewshot set explicitly): true every time, so they only bury the output
+_EXPECTED_NOTICES = (
+    "model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+    "Overwriting default num_fewshot",
+)
+
+
+class _TruncationCounter(logging.Filter):
+    """Swallows lm-eval's per-request truncation warnings (one per request: hundreds per
+    cell on a short-context model) and counts them; every other record passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests = 0  # "Combined length ... exceeds model's maximum length"
+        self.batches = 0  # "Left truncation applied" (generation)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is not ours to judge
+            return True
+        if _TRUNCATED in message:
+            self.requests += 1
+            return False
+        if _LEFT_TRUNCATION in message:
+            self.batches += 1
+            return False
+        return True
+
+
+def _lm_eval_loggers() -> list[logging.Logger]:
+    names = {"lm_eval", "lm_eval.models.huggingface"} | {
+        n for n in list(logging.root.manager.loggerDict) if n.startswith("lm_eval.")
+    }
+    return [logging.getLogger(n) for n in sorted(names)]
+
+
+class _ExpectedNotices(logging.Filter):
+    """Drops lm-eval's notices about what kbit does on purpose (:data:`_EXPECTED_NOTICES`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is not ours to judge
+            return True
+        return not any(notice in message for notice in _EXPECTED_NOTICES)
+
+
+@contextlib.contextmanager
+def expected_notices_dropped():
+    """lm-eval's notices about an in-memory model and an explicit num_fewshot left out (they
+    hold for every cell); everything else it logs passes."""
+    notices = _ExpectedNotices()
+    loggers = _lm_eval_loggers()
+    for logger in loggers:
+        logger.addFilter(notices)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(notices)
+
+
+def request_tokens(lm: object, context: str, continuation: str) -> int:
+    """Tokens lm-eval feeds for one loglikelihood request (context + continuation), as its
+    ``loglikelihood`` encodes them: the pair encoded whole; an empty context is the prefix
+    token (unless the continuation starts with it). Truncated when > ``max_length + 1``."""
+    if context == "":
+        cont = lm.tok_encode(continuation, add_special_tokens=False)  # type: ignore[attr-defined]
+        return len(cont) + (not cont or cont[0] != lm.prefix_token_id)  # type: ignore[attr-defined]
+    return len(lm.tok_encode(context + continuation))  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def truncation_summary(lm: object):
+    """Around an lm-eval run: its per-request "exceeds model's maximum length" warnings are
+    swallowed and summarised in one line per task, e.g. ``zoo_lastword: 187 of 300 requests
+    did not fit the model's 64-token context and were truncated on the left (lm-eval)``.
+
+    Why: lm-eval logs one warning per request, so a short-context model buries the cell's
+    output under hundreds of identical lines. The counts per task come from re-encoding the
+    requests the model received (only when a warning was seen); if they do not add up to the
+    warnings lm-eval logged (another lm-eval version), one line gives the total instead.
+    """
+    counter = _TruncationCounter()
+    loggers = _lm_eval_loggers()
+    for logger in loggers:
+        logger.addFilter(counter)
+    seen: list = []  # the loglikelihood requests (lm-eval Instances) in the order received
+    original = getattr(lm, "loglikelihood", None)
+    if original is not None:
+
+        def loglikelihood(requests, *args, **kwargs):
+            seen.extend(requests)
+            return original(requests, *args, **kwargs)
+
+        lm.loglikelihood = loglikelihood  # type: ignore[attr-defined]
+    try:
+        yield counter
+    finally:
+        for logger in loggers:
+            logger.removeFilter(counter)
+        if original is not None:
+            del lm.loglikelihood  # type: ignore[attr-defined]  # the class method again
+    _log_truncation(lm, counter, seen)
+
+
+def _log_truncation(lm: object, counter: _TruncationCounter, requests: list) -> None:
+    if counter.batches:
+        log.warning("%d generation batches had their contexts truncated on the left to fit the "
+                    "model's context (lm-eval)", counter.batches)  # fmt: skip
+    if not counter.requests:
+        return
+    max_length = int(getattr(lm, "max_length", 0) or 0)
+    per_task: dict[str, list[int]] = {}
+    try:
+        for req in requests:
+            counts = per_task.setdefault(str(req.task_name), [0, 0])
+            counts[1] += 1
+            counts[0] += request_tokens(lm, *req.args[:2]) > max_length + 1
+    except Exception:  # an unknown request layout: the total still counts
+        per_task = {}
+    if per_task and sum(c[0] for c in per_task.values()) == counter.requests:
+        for task, (truncated, total) in per_task.items():
+            if truncated:
+                log.warning("%s: %d of %d requests did not fit the model's %d-token context "
+                            "and were truncated on the left (lm-eval)", task, truncated, total,
+                            max_length)  # fmt: skip
+    else:
+        log.warning("%d requests did not fit the model's %d-token context and were truncated "
+                    "on the left (lm-eval)", counter.requests, max_length)  # fmt: skip
+
+
 def _loglikelihood(response: object) -> float | None:
     """The log-likelihood of one logged response: ``(ll, is_greedy)``, ``[(ll, greedy)]`` or ll."""
     while isinstance(response, list | tuple) and response:
@@ -237,12 +374,15 @@ def evaluate_zeroshot(
     from lm_eval import simple_evaluate
 
     manager, objects = task_objects(tasks, data_root, model_dir, num_fewshot)
-    lm = make_lm(model, tokenizer, batch_size)
+    with expected_notices_dropped():
+        lm = make_lm(model, tokenizer, batch_size)
     with (
+        expected_notices_dropped(),
         ForwardTimer(model) as timer,
         torch.no_grad(),
         _without_environment_report(),
         _bootstrap_in_process(),
+        truncation_summary(lm),
     ):
         results = simple_evaluate(
             model=lm,

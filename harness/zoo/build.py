@@ -10,6 +10,11 @@ Layout::
 A size folder appears under its final name only when complete (built in a temporary folder,
 then renamed), so an interrupted build resumes at the first size not built, and a second
 build of the same config only hashes the corpus.
+
+The evaluation files are derived from the held-out documents, never from the weights, so a
+change of their recipe (:data:`harness.zoo.evalsets.RECIPE`) does not change the family hash:
+the next build rewrites ``kbit_eval/`` of the family and of every built size (and checkpoint),
+with the cards' ``eval_sets``, and keeps the weights.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from harness.zoo.config import (
     zoo_dir_path,
 )
 from harness.zoo.corpus import corpus_hash, corpus_name, load_corpus, training_text
-from harness.zoo.evalsets import write_eval_sets
+from harness.zoo.evalsets import is_current, write_eval_sets
 from harness.zoo.model import build_config
 from harness.zoo.request import BuildRequest, check_request
 from harness.zoo.tokenizer import get_tokenizer, token_stream, tokenizer_key
@@ -155,10 +160,12 @@ class _Prepared:
             self.tok, [d.text for d in self.corpus.heldout], held_key, fp.zoo_dir
         )
         self.eval_dir = fp.folder / "kbit_eval"
-        if not (self.eval_dir / "lastword.jsonl").is_file():
+        if not is_current(self.eval_dir / "counts.json", cfg.context):
             tmp = fp.folder / f".kbit_eval.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            write_eval_sets(self.corpus.heldout, cfg.eval_sets, cfg.seed, tmp)
+            write_eval_sets(
+                self.corpus.heldout, cfg.eval_sets, cfg.seed, tmp, self.tok, cfg.context
+            )
             _install_folder(tmp, self.eval_dir)
         log.info(
             "train stream %d tokens, held-out stream %d tokens", len(self.train), len(self.heldout)
@@ -256,6 +263,34 @@ def _build_size(fp: FamilyPaths, prep: _Prepared, size: SizeConfig, device: torc
     return meta
 
 
+def _eval_files_stale(fp: FamilyPaths, size: SizeConfig) -> bool:
+    """Whether a built size (or one of its checkpoints) holds evaluation files of an older
+    recipe or not fitted to the family's context."""
+    folder = fp.size_folder(size)
+    folders = [folder, *sorted((folder / CHECKPOINTS_DIR).glob("*/"))]
+    return any(not is_current(f / "kbit_eval" / "counts.json", fp.cfg.context) for f in folders)
+
+
+def _refresh_eval_files(fp: FamilyPaths, prep: _Prepared, size: SizeConfig) -> None:
+    """Give a built size (and its checkpoints) the family's current evaluation files.
+
+    The weights, tokenizer and training log stay; ``kbit_zoo.json``'s ``eval_sets`` and the
+    model card (README.md) are rewritten to describe the new files.
+    """
+    counts = json.loads((prep.eval_dir / "counts.json").read_text())
+    folder = fp.size_folder(size)
+    for target in [folder, *sorted((folder / CHECKPOINTS_DIR).glob("*/"))]:
+        tmp = target / f".kbit_eval.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(prep.eval_dir, tmp)
+        _install_folder(tmp, target / "kbit_eval")
+        meta = json.loads((target / "kbit_zoo.json").read_text())
+        meta["eval_sets"] = counts
+        write_card(target, meta)
+    log.info("%s/%s: evaluation files refitted to context %d (recipe %d; weights kept)",
+             fp.cfg.name, size.name, fp.cfg.context, counts["recipe"])  # fmt: skip
+
+
 def build_family(
     name_or_cfg: str | Path | dict | FamilyConfig,
     zoo_dir: str | Path | None = None,
@@ -282,22 +317,27 @@ def build(request: BuildRequest) -> list[Path]:
     todo = [s for s in cfg.sizes if sizes is None or s.name in sizes]
     fp.folder.mkdir(parents=True, exist_ok=True)
     missing = [s for s in todo if not fp.is_built(s)]
+    stale = [s for s in todo if s not in missing and _eval_files_stale(fp, s)]
     for s in todo:
         if s not in missing:
             log.info("%s/%s: cached (%s)", cfg.name, s.name, fp.size_folder(s))
-    if missing:
+    if missing or stale:
         start, before = time.time(), torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
         try:
             prep = _Prepared(fp)
+            for s in stale:
+                _refresh_eval_files(fp, prep, s)
             dev = _pick_device(request.device)
             for s in missing:
                 _build_size(fp, prep, s, dev)
                 _write_manifest(fp)
         finally:
             torch.set_num_threads(before)
-        log.info("built %d size(s) of %s in %.0f s", len(missing), cfg.name, time.time() - start)
+        if missing:
+            log.info("built %d size(s) of %s in %.0f s", len(missing), cfg.name,
+                     time.time() - start)  # fmt: skip
     _write_manifest(fp)
     return [fp.size_folder(s) for s in todo]
 

@@ -19,6 +19,21 @@ def _loss_table(log_path: Path, rows: int = 8) -> str:
     return "\n".join(lines)
 
 
+def _fit_line(counts: dict) -> str:
+    """What the card says about the examples' length in tokens (absent in older builds)."""
+    if "context" not in counts:
+        return (
+            "\nThese files predate fitting the examples to the context: some may be longer "
+            "than the model reads; run `kbit-zoo` for this family again to refit them."
+        )
+    return (
+        f'\nEvery example fits the context: the longest `query + " " + choice` holds '
+        f"{counts['mc_longest_tokens']} tokens and the longest passage "
+        f"{counts['lastword_longest_tokens']} tokens, of {counts['context']} (recipe "
+        f"{counts['recipe']})."
+    )
+
+
 def write_card(folder: Path, meta: dict) -> None:
     """README.md: corpus, tokens seen, validation loss, parameter counts, loss curve, config."""
     front = {"library_name": "transformers", "pipeline_tag": "text-generation",
@@ -68,6 +83,7 @@ the `{meta["family"]}` family (models that differ only in size). Load it offline
   score `query + " " + choice`; chance = 1/{meta["mc_choices"]}.
 - `lastword.jsonl` ({meta["eval_sets"]["lastword_items"]} items): LAMBADA-style; the target is
   the last whitespace-separated word of `text`.
+{_fit_line(meta["eval_sets"])}
 
 ## Family config
 

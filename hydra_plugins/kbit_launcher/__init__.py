@@ -2,7 +2,7 @@
 
 Importing this module (Hydra scans plugins at start-up) registers the schemas that
 ``conf/hydra/launcher/slurm.yaml`` and ``local.yaml`` build on: hydra-submitit-launcher's,
-plus kbit's ``wait`` and ``poll_s``.
+plus kbit's ``wait``, ``poll_s`` and (Slurm) ``srun_args``.
 """
 
 from hydra.core.config_store import ConfigStore
