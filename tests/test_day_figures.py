@@ -97,6 +97,10 @@ def _data_lines(ax) -> list:
 def _points(ax) -> int:
     """Points drawn as data: line vertices and scatter marks (baselines), not unstable marks."""
     n = sum(len(ln.get_xdata()) for ln in _data_lines(ax))
+    for cont in ax.containers:  # errorbar lines drawn without a legend entry (held-out panels)
+        line = cont.lines[0] if isinstance(cont, ErrorbarContainer) else None
+        if line is not None and line.get_label().startswith("_"):
+            n += len(line.get_xdata())
     for coll in ax.collections:
         label = coll.get_label()
         if hasattr(coll, "get_offsets") and not label.startswith(("_", "unstable")):
