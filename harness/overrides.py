@@ -20,9 +20,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, MutableMapping, Sequence
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from harness.config import CellConfig, ConfigError
 from harness.dtypes.spec import DtypeSpec
@@ -145,7 +145,16 @@ def bool_fields() -> set[str]:
     from harness.quantize.methods import methods
 
     def of(cls: Any, prefix: str) -> set[str]:
-        return {prefix + f.name for f in fields(cls) if f.type in ("bool", bool)}
+        # nested structured configs too (eval.limit_perplexity): one rule for every level
+        hints = get_type_hints(cls)
+        names = set()
+        for f in fields(cls):
+            hint = hints.get(f.name, f.type)
+            if hint is bool:
+                names.add(prefix + f.name)
+            elif is_dataclass(hint):
+                names |= of(hint, f"{prefix}{f.name}.")
+        return names
 
     names = of(CellConfig, "") | of(DtypeSpec, "dtype.")
     for entry in methods().values():

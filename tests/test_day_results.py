@@ -372,3 +372,22 @@ def test_sweep_table_is_capped_and_reads_only_what_it_shows(tmp_path, monkeypatc
             )
         else:
             assert not line
+
+
+@pytest.mark.parametrize("value", ["2", "yes", "on"])
+def test_limit_perplexity_takes_true_or_false_only(value):
+    """The new boolean follows the command-line rule of every boolean (OmegaConf alone would
+    read 2, yes or on as true): refused in one line naming the field, the value, what is
+    allowed; true/false pass."""
+    from harness.config import ConfigError
+    from harness.run import prepare_command_line
+
+    with pytest.raises(ConfigError) as err:
+        prepare_command_line(["model=x", f"eval.limit_perplexity={value}"])
+    assert str(err.value) == (
+        f"eval.limit_perplexity={value} is not a boolean; allowed: true or false"
+    )
+    for ok in ("true", "false"):
+        assert f"eval.limit_perplexity={ok}" in prepare_command_line(
+            ["model=x", f"eval.limit_perplexity={ok}"]
+        )
