@@ -69,7 +69,7 @@ def best_of(n: int, fn) -> float:
 def bench_perplexity(model_dir: Path, data_root: Path, args) -> dict[str, float]:
     from harness.evaluate import load_text, perplexity_details, token_ids
     from harness.evaluate.perplexity import windows
-    from harness.models import load_model
+    from harness.models.loading import load_model
 
     loaded = load_model(str(model_dir), device=args.device)
     text = load_text("wikitext2", data_root=data_root)
@@ -140,9 +140,9 @@ def bench_cell(model_dir: Path, data_root: Path, work: Path, args) -> dict:
     """
     from hydra import compose, initialize_config_dir
 
-    from harness.config import register_schema
+    from harness.config.schema import register_schema
     from harness.records import read_store
-    from harness.run import ModelCache, run_and_record
+    from harness.run.execute import ModelCache, run_and_record
 
     register_schema()
     conf = Path(__file__).resolve().parents[1] / "conf"

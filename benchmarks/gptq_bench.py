@@ -97,7 +97,7 @@ def find_zoo_model() -> Path | None:
 
 
 def bench_model(n_samples: int) -> None:
-    from harness.models import quantizable_modules
+    from harness.models.loading import quantizable_modules
 
     folder = find_zoo_model()
     if folder is not None:

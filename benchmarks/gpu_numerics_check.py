@@ -33,7 +33,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def _cfg(model: Path, results: Path, data_root: str | None, *extra: str):
     from hydra import compose, initialize_config_dir
 
-    from harness.config import register_schema
+    from harness.config.schema import register_schema
 
     register_schema()
     conf = Path(__file__).resolve().parents[1] / "conf"
@@ -48,10 +48,10 @@ def main() -> int:
     from test_models_tiny import save_tiny
     from transformers import AutoModelForCausalLM
 
-    from harness.identity import cell_id
-    from harness.models import load_model
+    from harness.config.identity import cell_id
+    from harness.models.loading import load_model
     from harness.records import read_cell
-    from harness.run import run_and_record
+    from harness.run.execute import run_and_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", help="work folder to keep (default: a temporary one)")

@@ -9,7 +9,7 @@ runs the same steps with every "GPU" replaced by the CPU, to check the script it
 For each model (tiny random GPT-NeoX / Llama / OPT with 8 decoder blocks built from configs,
 OPT's head tied to its embedding; or ``--model``, a local folder), it loads the model twice:
 once whole on ``cuda:0``, once through ``load_model(device="auto", gpu_memory=...)`` with a
-per-GPU memory small enough that the plan (``harness.placement``) must shard it. Then, each
+per-GPU memory small enough that the plan (``harness.models.placement``) must shard it. Then, each
 line PASS/FAIL, the exit status the number of failures:
 
 1. the sharded load follows the plan: more than one GPU holds weights, every parameter sits
@@ -75,8 +75,8 @@ def main() -> int:
     import torch
 
     from harness.evaluate import perplexity_details
-    from harness.models import load_model
-    from harness.placement import input_device, plan_placement
+    from harness.models.loading import load_model
+    from harness.models.placement import input_device, plan_placement
     from harness.quantize import quantize_model, restore_model
     from harness.quantize.gptq import calibration_ids
 

@@ -1,7 +1,7 @@
 """Planning time of the paper grid (19,994 cells): compose, validate, dedupe, look up; no weights.
 
 Runs ``kbit-run --multirun +sweeps@_global_=paper`` in-process through Hydra's own multirun
-machinery (the real :class:`harness.sweep.KbitSweeper`: ``expand_union`` -> ``CellComposer`` ->
+machinery (the real :class:`harness.sweep.plan.KbitSweeper`: ``expand_union`` -> ``CellComposer`` ->
 ``plan_sweep`` -> ``validate_cell``), stops it right after planning (nothing is launched or
 written), and prints cells, wall and CPU seconds and ms per cell of the planning step.
 
@@ -157,7 +157,7 @@ def no_weight_reads() -> Iterator[list[str]]:
     import torch
     import transformers
 
-    import harness.models
+    import harness.models.loading
 
     attempts: list[str] = []
 
@@ -176,7 +176,7 @@ def no_weight_reads() -> Iterator[list[str]]:
         (transformers.PreTrainedModel, "from_pretrained", classmethod(refuse("from_pretrained"))),
         (transformers.AutoModelForCausalLM, "from_pretrained", refuse("AutoModel.from_pretrained")),
         (transformers.AutoTokenizer, "from_pretrained", refuse("AutoTokenizer.from_pretrained")),
-        (harness.models, "load_model", refuse("harness.models.load_model")),
+        (harness.models.loading, "load_model", refuse("harness.models.loading.load_model")),
     ]
     absent = object()
     saved = [(obj, name, vars(obj).get(name, absent)) for obj, name, _ in patches]
@@ -209,11 +209,11 @@ def plan_paper(
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.plugins import Plugins
 
-    # Hydra's plugin scan re-executes its core plugin modules: scan before harness.sweep
+    # Hydra's plugin scan re-executes its core plugin modules: scan before harness.sweep.plan
     # subclasses BasicSweeper, as kbit-run does (else the subclass has a stale base class)
     Plugins.instance()
-    import harness.sweep as sweep_module
-    from harness.config import register_schema
+    import harness.sweep.plan as sweep_module
+    from harness.config.schema import register_schema
 
     register_schema()
     GlobalHydra.instance().clear()
@@ -267,8 +267,8 @@ def refuse_big(results_dir: Path, seeds: int = 16) -> dict[str, Any]:
     from hydra.core.plugins import Plugins
 
     Plugins.instance()
-    import harness.sweep as sweep_module
-    from harness.config import register_schema
+    import harness.sweep.plan as sweep_module
+    from harness.config.schema import register_schema
 
     register_schema()
     GlobalHydra.instance().clear()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from harness import store_index
 from harness.records import STATUS_FAILED, cell_path, empty_record, write_cell
-from harness.status import main as _unused  # noqa: F401  (fail early if the CLI is broken)
+from harness.sweep.status import main as _unused  # noqa: F401  (fail early if the CLI is broken)
 
 SWEEP = "bench"
 ERROR = "RuntimeError: CUDA out of memory\nTraceback ..."
@@ -73,7 +73,7 @@ def build_store(root: Path, cells: int, failed_every: int, pending: int) -> list
 
 def run_status(root: Path) -> tuple[float, str, int]:
     """(wall seconds, stdout, exit status) of one ``kbit-status ROOT --errors``."""
-    cmd = [sys.executable, "-m", "harness.status", str(root), "--errors"]
+    cmd = [sys.executable, "-m", "harness.sweep.status", str(root), "--errors"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start

@@ -6,7 +6,7 @@ user would (``kbit-run --multirun +sweeps@_global_=demo``), then reads the store
     overhead ratio = sweep wall time / sum over cells of forward_s
 
 where ``forward_s`` is the time each cell spent inside model forward passes (recorded by
-``harness.run``). A ratio of 1 would mean the harness costs nothing beyond the forward passes;
+``harness.run.execute``). A ratio of 1 would mean the harness costs nothing beyond the forward passes;
 the breakdown (process start + grid validation, loading, quantizing, evaluation bookkeeping)
 shows where the rest goes. It also runs the same command a second time on the full store to
 time a resume that finds every cell done (validation + store lookup only).

@@ -7,13 +7,13 @@
 overrides       each (key, value) becomes the override text the command line would hold
                 (:func:`override_text`: ``True`` -> ``true``, ``None`` -> ``null``, a list ->
                 ``[a,b]``, a string quoted where Hydra would read it otherwise); the same
-                ``_target_`` refusal and :func:`harness.run.prepare_command_line` (grammar,
+                ``_target_`` refusal and :func:`harness.run.execute.prepare_command_line` (grammar,
                 group options, booleans, format, ``~``/``$VAR`` in the user paths)
 compose         ``conf/config.yaml`` through Hydra's compose API, after
-                :func:`harness.config.register_schema` (types and keys checked as the CLI)
-validate        :class:`harness.run.ValidateCell` (the callback ``kbit-run`` runs before its
-                job): format, every value rule, :func:`harness.run.validate_cell`
-run, store      :func:`harness.run.run_and_record`: a cell already ``ok`` in the store is not
+                :func:`harness.config.schema.register_schema` (types and keys checked as the CLI)
+validate        :class:`harness.run.execute.ValidateCell` (the callback ``kbit-run`` runs before its
+                job): format, every value rule, :func:`harness.run.execute.validate_cell`
+run, store      :func:`harness.run.execute.run_and_record`: a cell already ``ok`` in the store is not
                 run again; else it runs and writes its cell file
                 ``<results_dir>/<sweep>/<cell_id>.parquet``, as ``kbit-run`` writes it
 result          the cell file, read back: the frame holds what the store holds
@@ -40,10 +40,15 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, open_dict, read_write
 
-from harness.config import ConfigError, register_schema
-from harness.overrides import PATH_ENV, conf_dir, parse
+from harness.config.overrides import PATH_ENV, conf_dir, parse
+from harness.config.refusals import (
+    CellRefused,
+    input_error_line,
+    target_overrides,
+    target_refusal_line,
+)
+from harness.config.schema import ConfigError, register_schema
 from harness.records import STATUS_OK, read_cell
-from harness.refusals import CellRefused, input_error_line, target_overrides, target_refusal_line
 
 CONFIG_NAME = "config"  # conf/config.yaml, what kbit-run composes
 _KEY = re.compile(r"^(\+\+|\+|~)?[A-Za-z_][\w.@/-]*$")  # a config key as an override writes it
@@ -139,10 +144,10 @@ def compose_cell(argv: list[str]) -> DictConfig:
     :class:`ConfigError` with the line ``kbit-run`` prints after ``kbit-run: `` for a refusal.
 
     Rewrites the ``KBIT_*`` path variables in ``os.environ`` as ``kbit-run`` does
-    (:func:`harness.run.prepare_command_line`); :func:`run` restores them. Hydra's global
+    (:func:`harness.run.execute.prepare_command_line`); :func:`run` restores them. Hydra's global
     state (``GlobalHydra``) is as it was on return.
     """
-    from harness.run import ValidateCell, prepare_command_line
+    from harness.run.execute import ValidateCell, prepare_command_line
 
     bad = target_overrides(argv)
     if bad:  # the line kbit-run's main() prints
@@ -196,9 +201,9 @@ def run(overrides: Mapping[str, Any] | None = None, /, **kwargs: Any) -> pd.Data
     without running again (the ``status`` of the call: ``frame.attrs["outcome"]``,
     ``ok``/``failed``/``skipped``; the file: ``frame.attrs["cell_file"]``).
 
-    Raises :class:`harness.config.ConfigError` for refused input, with the one line
+    Raises :class:`harness.config.schema.ConfigError` for refused input, with the one line
     ``kbit-run`` prints after ``kbit-run: `` (nothing is written, no model loads), and
-    :class:`harness.run.CellWriteError` when the cell file cannot be written. A cell that
+    :class:`harness.run.execute.CellWriteError` when the cell file cannot be written. A cell that
     fails after validation returns its ``failed`` records (``status``, ``error``) and warns
     :class:`CellFailedWarning`, as ``kbit-run`` writes them and exits 1.
 
@@ -207,7 +212,7 @@ def run(overrides: Mapping[str, Any] | None = None, /, **kwargs: Any) -> pd.Data
     freed. The schemas stay registered in Hydra's ConfigStore (idempotent, as ``kbit-run``).
     No multirun: a sweep is ``kbit-run --multirun`` (module docstring).
     """
-    from harness.run import record_cell
+    from harness.run.execute import record_cell
 
     argv = command_line(overrides, kwargs)
     saved = {name: os.environ.get(name) for name in PATH_ENV}

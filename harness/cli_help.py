@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 RESOLVER = "kbit.help_groups"
-SCHEMA_SUFFIX = "_schema"  # ConfigStore entries of harness.config.register_schema
+SCHEMA_SUFFIX = "_schema"  # ConfigStore entries of harness.config.schema.register_schema
 
 
 def group_options(group: str) -> list[str]:

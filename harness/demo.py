@@ -69,7 +69,7 @@ def sweep_command(
     """
     from harness.zoo.build import family_sizes
 
-    cmd = [sys.executable, "-m", "harness.run", "--multirun", f"+sweeps@_global_={SWEEP}"]
+    cmd = [sys.executable, "-m", "harness.run.execute", "--multirun", f"+sweeps@_global_={SWEEP}"]
     cmd.append(f"results_dir={results_dir}")
     if zoo_dir is not None:
         cmd.append(f"zoo_dir={zoo_dir}")

@@ -1,9 +1,9 @@
 """Which device and dtype a model runs in, decided without loading it or touching a GPU.
 
-The device class and compute dtype enter a cell's identity (harness.identity), so a login
+The device class and compute dtype enter a cell's identity (harness.config.identity), so a login
 node without a GPU must compute the same answer as the GPU node that will run the cell:
 :func:`resolve_numerics` takes ``cuda_available`` / ``bf16_supported`` to answer for that
-machine. harness.models loads weights in exactly what this module resolves, so what a record
+machine. harness.models.loading loads weights in exactly what this module resolves, so what a record
 says is what was loaded (docs/loading.md, "Device and dtype").
 """
 
@@ -17,7 +17,7 @@ from harness.names import unknown_name
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-# Compute dtype name -> torch dtype; harness.models and harness.model_files use it too.
+# Compute dtype name -> torch dtype; harness.models.loading and harness.models.files use it too.
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPUTE_DTYPES = ("auto", *TORCH_DTYPES)
 _HALF = ("float16", "bfloat16")

@@ -63,7 +63,9 @@ class Record:
     # bumped on any incompatible change of this schema
     schema_version: int = field(default=SCHEMA_VERSION, metadata=_arrow(pa.int32()))
     sweep: str = "adhoc"  # sweep name; the store's subfolder
-    cell_id: str = ""  # stable hash of the resolved cell config (see harness.identity.cell_id)
+    cell_id: str = (
+        ""  # stable hash of the resolved cell config (see harness.config.identity.cell_id)
+    )
     # --- model ------------------------------------------------------------------------
     model: str = ""  # what the user passed: local path, hub id or zoo:<family>/<size>
     model_family: str = ""  # family for plot panels (zoo family, or e.g. "opt", "pythia")
@@ -71,7 +73,7 @@ class Record:
     n_params: int = 0  # all parameters of the model
     n_nonembedding_params: int = 0  # parameters outside token/position embeddings and head
     # tokens the model was trained on (zoo builds and checkpoints, Pythia steps); None when
-    # unknown (harness.training_tokens)
+    # unknown (harness.models.training_tokens)
     train_tokens: int | None = None
     n_quantized_params: int = 0  # parameters actually stored in k bits
     quantized_modules: list[str] = field(default_factory=list)  # module names quantized

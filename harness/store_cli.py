@@ -14,7 +14,7 @@ allowed: ...``, with exit status 2, and it comes before any cell file is read:
   cells are what it exists to show);
 * a bad option value (argparse's own errors too: :class:`OneLineParser`).
 
-This module lives in ``harness`` because ``harness.status`` uses it and layers run one way
+This module lives in ``harness`` because ``harness.sweep.status`` uses it and layers run one way
 (``analysis`` imports ``harness``, never the reverse).
 """
 
@@ -34,7 +34,9 @@ from harness.names import did_you_mean
 from harness.records import cell_entries
 
 EXIT_REFUSED = 2  # bad input: nothing read, nothing written
-MANIFEST_NAME = "sweep_manifest.json"  # the one name; harness.sweep imports it (and read_manifest)
+MANIFEST_NAME = (
+    "sweep_manifest.json"  # the one name; harness.sweep.plan imports it (and read_manifest)
+)
 CELL_SUFFIX = ".parquet"
 
 
@@ -66,8 +68,8 @@ def _one_line(text: str) -> str:
 
 def plain_sweep_problem(name: str, field: str = "--sweep") -> str | None:
     """Why ``name`` is not a plain sweep name (None when it is): the cell config's rule for
-    ``sweep`` (:func:`harness.config.plain_name`), so no ``--sweep`` reads outside the store."""
-    from harness.config import ConfigError, plain_name  # the config layer: only when asked
+    ``sweep`` (:func:`harness.config.schema.plain_name`), so no ``--sweep`` reads outside the store."""
+    from harness.config.schema import ConfigError, plain_name  # the config layer: only when asked
 
     try:
         plain_name(field, name)

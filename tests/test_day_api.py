@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 from zoo_fixtures import nano_zoo, point_env_at_zoo  # noqa: F401  (session fixture)
 
-from harness.config import ConfigError
+from harness.config.schema import ConfigError
 from harness.records import Record, cell_path, read_cell, write_cell
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def rows(frame: pd.DataFrame, drop: set[str] = frozenset()) -> list[dict]:
 )  # fmt: skip
 def test_override_text_reads_back_as_the_python_value(key, value, text):
     from harness.api import override_text
-    from harness.overrides import parse
+    from harness.config.overrides import parse
 
     assert override_text(key, value) == text
     if not key.startswith("~"):  # Hydra's own grammar reads back the value given
@@ -143,7 +143,7 @@ def test_a_refusal_keeps_a_notebooks_own_hydra_session(tmp_path):
     from hydra.core.global_hydra import GlobalHydra
 
     from harness.api import run
-    from harness.overrides import conf_dir
+    from harness.config.overrides import conf_dir
 
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         mine = GlobalHydra.instance().hydra
@@ -199,7 +199,7 @@ def test_a_cell_from_python_equals_the_same_cell_from_the_cli(nano_zoo, tmp_path
 def test_a_cell_that_fails_after_validation_returns_its_failed_records(
     nano_zoo, tmp_path, monkeypatch
 ):
-    import harness.run
+    import harness.run.execute
     from harness.api import CellFailedWarning, run
 
     zoo_dir = next(iter(nano_zoo.values())).parents[1]
@@ -208,7 +208,7 @@ def test_a_cell_that_fails_after_validation_returns_its_failed_records(
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(harness.run, "run_cell", broken)
+    monkeypatch.setattr(harness.run.execute, "run_cell", broken)
     with pytest.warns(CellFailedWarning, match="out of memory"):
         frame = run(model=MODEL, bits=4, eval="zoo", zoo_dir=str(zoo_dir),
                     results_dir=str(tmp_path))  # fmt: skip
@@ -295,7 +295,7 @@ def test_readme_library_snippet_runs(nano_zoo, tmp_path, monkeypatch, capsys):
 
 # ----------------------------------------------------------------------------- --help
 def test_kbit_run_help_lists_only_what_a_user_sets():
-    from harness.overrides import conf_dir
+    from harness.config.overrides import conf_dir
 
     proc = cli("--help")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -36,7 +36,7 @@ def _compose(*overrides: str, search: Path = PROFILES):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from harness.run import register_schema
+    from harness.run.execute import register_schema
 
     register_schema()
     GlobalHydra.instance().clear()
@@ -84,7 +84,7 @@ def test_srun_args_is_a_typed_launcher_setting():
 def test_a_misspelled_profile_key_is_refused_naming_it(tmp_path):
     from hydra.errors import ConfigCompositionException
 
-    from harness.refusals import input_error_line
+    from harness.config.refusals import input_error_line
 
     folder = tmp_path / "hydra" / "launcher"
     folder.mkdir(parents=True)

@@ -45,8 +45,8 @@ def every_kind_store(nano_zoo, tmp_path_factory) -> Path:  # noqa: F811
     """The store: every kind of cell on three nano models, cheap evaluation (eval.limit)."""
     from hydra import compose, initialize_config_dir
 
-    from harness.config import register_schema
-    from harness.run import ModelCache, run_and_record
+    from harness.config.schema import register_schema
+    from harness.run.execute import ModelCache, run_and_record
 
     results = tmp_path_factory.mktemp("every_kind")
     register_schema()

@@ -23,7 +23,7 @@ import torch
 from zoo_fixtures import nano_zoo, read_jsonl  # noqa: F401  (the session fixture)
 
 from harness.records import MEAN_ZEROSHOT_TASK, STATUS_FAILED, Record, read_cell, write_cell
-from harness.report import cell_summary, read_cells_frame, results_table
+from harness.run.report import cell_summary, read_cells_frame, results_table
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -272,8 +272,8 @@ def test_mean_of_null_is_every_task_and_keeps_the_cell_id(nano_zoo, tmp_path):  
     does not run is refused in one line. A limit on a cell with perplexity is a new id."""
     from hydra import compose, initialize_config_dir
 
-    from harness.config import ConfigError, check_cell, mean_tasks, register_schema
-    from harness.identity import cell_id
+    from harness.config.identity import cell_id
+    from harness.config.schema import ConfigError, check_cell, mean_tasks, register_schema
 
     register_schema()
     base = [f"model={nano_zoo[SIZE]}", "eval=zoo", "device=cpu", f"results_dir={tmp_path}"]
@@ -305,9 +305,9 @@ def test_limit_perplexity_false_scores_every_window_and_keeps_the_older_id(nano_
     setting itself not hashed) and the runner scores every window."""
     from hydra import compose, initialize_config_dir
 
-    from harness.config import register_schema
-    from harness.identity import cell_config, cell_id
-    from harness.run import perplexity_limit
+    from harness.config.identity import cell_config, cell_id
+    from harness.config.schema import register_schema
+    from harness.run.execute import perplexity_limit
 
     register_schema()
     base = [f"model={nano_zoo[SIZE]}", "eval=zoo", "device=cpu", f"results_dir={tmp_path}"]
@@ -343,7 +343,7 @@ def test_table_shows_failed_rows_with_their_error(tmp_path):
 def test_sweep_table_is_capped_and_reads_only_what_it_shows(tmp_path, monkeypatch):
     """Past max_lines cells: a line per cell for the first max_lines (their stored ppl and
     zeroshot_mean), then how many more; the files past the cap are never opened."""
-    import harness.report as report
+    import harness.run.report as report
 
     paths = []
     for i in range(5):
@@ -379,8 +379,8 @@ def test_limit_perplexity_takes_true_or_false_only(value):
     """The new boolean follows the command-line rule of every boolean (OmegaConf alone would
     read 2, yes or on as true): refused in one line naming the field, the value, what is
     allowed; true/false pass."""
-    from harness.config import ConfigError
-    from harness.run import prepare_command_line
+    from harness.config.schema import ConfigError
+    from harness.run.execute import prepare_command_line
 
     with pytest.raises(ConfigError) as err:
         prepare_command_line(["model=x", f"eval.limit_perplexity={value}"])

@@ -90,7 +90,7 @@ def _brute_force_lastword(folder: Path) -> list[float]:
 def _cfg(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from harness.config import register_schema
+    from harness.config.schema import register_schema
 
     register_schema()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -99,7 +99,7 @@ def _cfg(*overrides: str):
 
 def test_nano_lastword_cell_equals_the_model_scored_directly(nano_zoo, tmp_path, caplog):  # noqa: F811
     from harness.records import cell_path, read_cell, records_from_table
-    from harness.run import cell_id, run_and_record
+    from harness.run.execute import cell_id, run_and_record
 
     folder = nano_zoo["l2d64"]
     cfg = _cfg(f"model={folder}", "eval=zoo", "eval.perplexity=[]", "bits=16", "device=cpu",
@@ -160,9 +160,9 @@ def test_overlong_task_is_refused_in_one_line(nano_zoo, tmp_path):  # noqa: F811
 
 def test_overlong_task_is_never_scored_by_a_cell(nano_zoo, tmp_path):  # noqa: F811
     """Refused at validation (exit 2) where the runner checks it, else a failed cell."""
-    from harness.config import ConfigError
+    from harness.config.schema import ConfigError
     from harness.records import cell_path, read_cell, records_from_table
-    from harness.run import cell_id, run_and_record
+    from harness.run.execute import cell_id, run_and_record
 
     folder, _ = _overlong_copy(nano_zoo["l1d32"], tmp_path / "old")
     cfg = _cfg(f"model={folder}", "eval=zoo", "eval.perplexity=[]", "bits=16", "device=cpu",

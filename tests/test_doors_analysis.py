@@ -36,8 +36,8 @@ from harness.records import (
     scan_store,
     write_cell,
 )
-from harness.status import main as status_main
-from harness.status import store_status
+from harness.sweep.status import main as status_main
+from harness.sweep.status import store_status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -261,7 +261,7 @@ def test_kbit_status_names_a_fifo_and_does_not_hang(tmp_path):
     kinds = _odd_store(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "harness.status", str(tmp_path)],
+        [sys.executable, "-m", "harness.sweep.status", str(tmp_path)],
         capture_output=True, text=True, timeout=120, env=env, check=False,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr  # the odd entries count as failed cells
@@ -431,12 +431,12 @@ def _counts(root: Path) -> dict[str, tuple[int, int, int]]:
 def test_status_trusts_matching_entries_and_opens_no_file(tmp_path, monkeypatch):
     for i in range(6):
         (_failed if i % 3 == 0 else _ok)(tmp_path, "demo", f"c{i}")
-    import harness.status
+    import harness.sweep.status
 
     def no_open(*_a, **_k):
         raise AssertionError("a cell file was opened")
 
-    monkeypatch.setattr(harness.status.pq, "ParquetFile", no_open)
+    monkeypatch.setattr(harness.sweep.status.pq, "ParquetFile", no_open)
     [row] = store_status(tmp_path)
     assert (row.done, row.failed) == (4, 2)
     assert row.errors == {"c0": "ValueError: boom", "c3": "ValueError: boom"}

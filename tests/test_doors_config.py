@@ -165,7 +165,7 @@ def test_override_values_are_refused_in_one_line(model_dir, sandbox, args, words
 
 def test_the_format_values_and_their_own_values_are_accepted():
     """Setting a field to the value its format fixes is the format itself: not refused."""
-    from harness.overrides import check_overrides
+    from harness.config.overrides import check_overrides
 
     # OCP MX: blocks of 32, E8M0 scale; NVFP4: blocks of 16, E4M3 x FP32 scale (their specs)
     check_overrides(["format=mxfp4", "block_size=32", "bits=4", "dtype=e2m1"])
@@ -176,7 +176,7 @@ def test_the_format_values_and_their_own_values_are_accepted():
 
 @pytest.mark.parametrize("bits", [3, 4, 5, 6, 7, 8, 16])
 def test_every_documented_k_passes_the_cell_rule(bits):
-    from harness.config import check_bits
+    from harness.config.schema import check_bits
 
     check_bits(bits)
 
@@ -227,7 +227,7 @@ def test_a_cell_file_that_cannot_be_written_is_one_line_exit_1(
 ):
     """A full disk at the very end: one line naming the file and the reason, exit 1, no
     Hydra traceback (the write is replaced by one raising ENOSPC, in-process)."""
-    from harness import run
+    from harness.run import execute as run
 
     def full_disk(records, path, config_yaml=None):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -260,8 +260,8 @@ def test_a_composed_format_is_checked_against_its_file(name):
     sweep file's grid would) is refused, naming the format and the field."""
     from hydra import compose, initialize_config_dir
 
-    from harness.config import ConfigError, register_schema
-    from harness.overrides import check_format_config, format_fixes
+    from harness.config.overrides import check_format_config, format_fixes
+    from harness.config.schema import ConfigError, register_schema
 
     register_schema()
     conf = Path(__file__).resolve().parents[1] / "conf"

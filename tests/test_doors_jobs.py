@@ -47,7 +47,7 @@ from harness.dtypes.registry import register_family
 def onlyhere(spec, bits, tensor=None):
     return torch.linspace(-1, 1, 2**bits - 1, dtype=torch.float64)
 
-from harness.run import main
+from harness.run.execute import main
 sys.argv = ["kbit-run", *sys.argv[1:]]
 main()
 """
@@ -63,7 +63,7 @@ LAUNCH_WITH_BROKEN_JOBS = """
 import os
 import sys
 os.environ["PYTHONPATH"] = sys.argv.pop(1)
-from harness.run import main
+from harness.run.execute import main
 sys.argv = ["kbit-run", *sys.argv[1:]]
 main()
 """
@@ -284,7 +284,7 @@ def test_hub_model_on_cpu_slurm_jobs_is_refused_without_opt_in(tmp_path, data_ro
 def test_launch_target_follows_the_resource_rule():
     from omegaconf import OmegaConf
 
-    from harness.sweep import launch_target
+    from harness.sweep.plan import launch_target
 
     slurm = OmegaConf.create({"_target_": "hydra_plugins.kbit_launcher.PackedSlurmLauncher",
                               "gpus_per_node": None})  # fmt: skip
@@ -299,7 +299,7 @@ def test_cpu_plan_problem_only_for_unasked_hub_models_on_slurm(tmp_path):
     from harness.cluster.jobs import Settings, cpu_plan_problem
     from harness.cluster.packing import JobsConf
     from harness.cluster.resources import ResourceConf
-    from harness.sweep import Cell
+    from harness.sweep.plan import Cell
 
     class Slurm:
         _EXECUTOR = "slurm"
@@ -370,7 +370,7 @@ def test_refused_submission_is_one_kbit_line(cluster, tmp_path, tiny):
 def test_ended_task_errors_reads_the_error_line_of_dead_tasks_only(tmp_path):
     """For ``kbit-status --errors`` on a sweep whose job died before it could write: the error
     line from the log of each ended task, for the cells that task held."""
-    from harness.cluster.claims import ended_task_errors, write_claims
+    from harness.cluster.leases import ended_task_errors, write_claims
 
     logs = tmp_path / ".submitit" / "%j"
     write_claims(tmp_path, "s", "77", [["a", "b"], ["c"], ["d"]], logs=str(logs))
@@ -392,9 +392,9 @@ def test_status_errors_show_a_dead_task_line_for_its_cells_without_record(tmp_pa
     shows that task's error line (it stays counted as pending: the next launch runs it)."""
     import json
 
-    from harness import status
-    from harness.cluster import claims
-    from harness.cluster.claims import write_claims
+    from harness.cluster import leases as claims
+    from harness.cluster.leases import write_claims
+    from harness.sweep.plan import status
 
     sweep = tmp_path / "s"
     sweep.mkdir()

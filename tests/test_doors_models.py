@@ -25,8 +25,8 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 from test_models_tiny import tiny_config, tiny_tokenizer
 
-from harness import model_files
-from harness.models import CheckpointMismatch, inspect_model, load_model
+from harness.models.loading import CheckpointMismatch, inspect_model, load_model
+from harness.models.loading import files as model_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF = REPO_ROOT / "conf"
@@ -89,7 +89,7 @@ def refusal(folder: Path) -> str:
 
 
 def make_cfg(*overrides: str):
-    from harness.config import register_schema
+    from harness.config.schema import register_schema
 
     register_schema()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -107,15 +107,15 @@ VALIDATE_DEFAULTS = {"device": "cpu", "eval": "smoke", "data_root": "null", "eva
 
 
 def validate(*overrides: str, target=None):
-    """``harness.run.validate_cell`` of a composed cell (the runner's validation)."""
-    from harness.run import validate_cell
+    """``harness.run.execute.validate_cell`` of a composed cell (the runner's validation)."""
+    from harness.run.execute import validate_cell
 
     cfg = make_cfg(*with_defaults(VALIDATE_DEFAULTS, overrides))
     return validate_cell(cfg) if target is None else validate_cell(cfg, target)
 
 
 def refused_by_validation(*overrides: str, target=None) -> str:
-    from harness.config import ConfigError
+    from harness.config.schema import ConfigError
 
     with pytest.raises(ConfigError) as err:
         validate(*overrides, target=target)
@@ -296,8 +296,8 @@ def test_after_loading_a_missing_weight_is_a_failed_record_never_ok(tmp_path, mo
     """The whole cell (kbit-run in-process): the load-time check makes it ``failed``, exit 1."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from harness import run
     from harness.records import read_store
+    from harness.run import execute as run
 
     folder = save_model("gpt_neox", tmp_path / "m")
     drop_tensor(folder, "gpt_neox.layers.1.attention.dense.weight")
@@ -406,12 +406,12 @@ def test_device_cuda_on_a_host_without_cuda_is_refused_for_a_local_run(tiny, tmp
     for device in ("cuda", "cuda:0", "cuda:3"):
         msg = refused_by_validation(*common, f"device={device}")
         assert f"device={device!r}: this host has no CUDA device; allowed: auto, cpu" in msg
-    from harness.identity import Target
+    from harness.config.identity import Target
 
     # planned for a Slurm job on a GPU node: the device is the job host's, not refused here
     resolved = validate(*common, "device=cuda", target=Target(cuda_available=True))
     assert resolved.device_class == "cuda"
-    from harness.identity import cell_id
+    from harness.config.identity import cell_id
 
     assert cell_id(make_cfg(*common, "device=cuda"))  # an id can still be computed anywhere
     code, err = kbit_run([*common, "device=cuda"], tmp_path)
@@ -420,7 +420,7 @@ def test_device_cuda_on_a_host_without_cuda_is_refused_for_a_local_run(tiny, tmp
 
 
 def test_a_cuda_index_beyond_the_host_gpus_is_refused(monkeypatch):
-    from harness.identity import device_problem
+    from harness.config.identity import device_problem
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -431,7 +431,7 @@ def test_a_cuda_index_beyond_the_host_gpus_is_refused(monkeypatch):
 
 
 def test_mps_on_a_host_without_it_is_refused(monkeypatch):
-    from harness.identity import device_problem
+    from harness.config.identity import device_problem
 
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert "device='mps': this host has no MPS" in device_problem("mps")
@@ -601,7 +601,7 @@ def test_model_folder_specs_expand_home_and_variables(tiny, tmp_path, monkeypatc
 
 
 def test_perplexity_and_calibration_paths_expand_home_and_variables(tiny, tmp_path, monkeypatch):
-    from harness.calibration import calibration_source
+    from harness.evaluate.calibration import calibration_source
     from harness.evaluate.datasets import resolve_text_path
 
     home = tmp_path / "home"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from harness.models import decoder_layers, quantizable_modules
+from harness.models.loading import decoder_layers, quantizable_modules
 from harness.quantize.gptq import gptq_quantize_model
 
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
@@ -313,8 +313,8 @@ def test_validate_cell_refuses_method_format_pairs_before_loading(overrides, wor
     from hydra.core.global_hydra import GlobalHydra
     from test_models_tiny import save_tiny
 
-    from harness import run
-    from harness.config import register_schema
+    from harness.config.schema import register_schema
+    from harness.run import execute as run
 
     monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     model = save_tiny("gpt_neox", tmp_path / "tiny")

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from harness import sweep as sweep_module
 from harness.records import STATUS_OK, cell_files, cell_path, empty_record, read_store, write_cell
-from harness.sweep import (
+from harness.sweep.plan import (
     MANIFEST,
     Cell,
     SweepError,
@@ -91,7 +91,7 @@ def test_refusal_line_names_the_first_problems_and_logs_all(tmp_path, caplog):
     plan = SweepPlan(invalid=9)
     plan.problems = [f"bits={b} is not legal; allowed: 3..8  [{b} cell(s), e.g. bits={b}]"
                      for b in range(20, 25)]  # fmt: skip
-    with pytest.raises(SweepError) as err, caplog.at_level("ERROR", logger="harness.sweep"):
+    with pytest.raises(SweepError) as err, caplog.at_level("ERROR", logger="harness.sweep.plan"):
         raise_on_problems(plan, 40)
     msg = str(err.value)
     assert err.value.refused and "\n" not in msg
@@ -370,8 +370,8 @@ def test_overrides_of_one_field_keep_the_fast_path_and_equal_hydra(tmp_path):
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
 
-    from harness.config import register_schema
-    from harness.sweep import CellComposer
+    from harness.config.schema import register_schema
+    from harness.sweep.plan import CellComposer
 
     register_schema()
     GlobalHydra.instance().clear()
@@ -444,8 +444,8 @@ _RACE_DRIVER = """
 import json, os, subprocess, sys, time
 from hydra.core.plugins import Plugins
 Plugins.instance()  # Hydra's plugin scan first, as kbit-run does (it re-executes BasicSweeper)
-import harness.cluster.claims as claims
-import harness.sweep as sweep
+import harness.cluster.leases as claims
+import harness.sweep.plan as sweep
 name, report = os.environ["RACE_NAME"], os.environ["RACE_REPORT"]
 seen = {"order": [], "running": [], "ended": []}
 
@@ -481,7 +481,7 @@ def read(cells):
     return real_read(cells)
 claims.scheduler_states, sweep.read_statuses = states, read
 sys.argv = ["kbit-run", "--multirun", *sys.argv[1:]]
-from harness.run import main
+from harness.run.execute import main
 main()
 """
 
@@ -560,9 +560,9 @@ def test_the_plan_reads_and_writes_the_expanded_results_folder(plan_bench, tmp_p
     store up (and would write the manifest) under $HOME/res, never a literal ``./~``."""
     from huggingface_hub import constants
 
-    from harness.identity import cell_id
-    from harness.run import validate_cell
-    from harness.sweep import CellComposer, plan_sweep
+    from harness.config.identity import cell_id
+    from harness.run.execute import validate_cell
+    from harness.sweep.plan import CellComposer, plan_sweep
 
     hub = plan_bench.build_fake_hub(tmp_path / "hub")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
@@ -576,7 +576,7 @@ def test_the_plan_reads_and_writes_the_expanded_results_folder(plan_bench, tmp_p
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
 
-    from harness.config import register_schema
+    from harness.config.schema import register_schema
 
     register_schema()
     GlobalHydra.instance().clear()

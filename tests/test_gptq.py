@@ -13,7 +13,7 @@ from test_models_tiny import tiny_model
 from zoo_fixtures import nano_zoo  # noqa: F401  (session fixture)
 
 from harness.dtypes import codebook, is_data_dependent
-from harness.models import linear_weight, quantizable_modules
+from harness.models.loading import linear_weight, quantizable_modules
 from harness.quantize import fake_quantize, quantize_blockwise
 from harness.quantize.blockwise import normalised_values
 from harness.quantize.gptq import (

@@ -65,9 +65,9 @@ def test_unknown_method_names_the_closest():
 
 def test_a_new_method_is_one_yaml_and_one_function(tmp_path, data_root):
     """A toy method plugged in from outside the package runs as a cell and lands in records."""
-    from harness.config import register_schema
-    from harness.identity import cell_id
-    from harness.run import run_and_record
+    from harness.config.identity import cell_id
+    from harness.config.schema import register_schema
+    from harness.run.execute import run_and_record
 
     _register_toy()
     extra = tmp_path / "extra_conf"
@@ -115,7 +115,7 @@ def test_quantize_model_dispatches_and_proxy_keeps_its_setting():
 
 
 def _compose(*overrides: str):
-    from harness.config import register_schema
+    from harness.config.schema import register_schema
 
     register_schema()
     GlobalHydra.instance().clear()
@@ -127,9 +127,9 @@ def _compose(*overrides: str):
 
 def test_hqq_cell_runs_and_counts_its_zero_points(tmp_path, data_root):
     """HQQ from its library as a cell: recorded, and its bits are k + (scale + zero) per group."""
-    from harness.identity import cell_id
+    from harness.config.identity import cell_id
     from harness.quantize.hqq import hqq_bits
-    from harness.run import run_and_record
+    from harness.run.execute import run_and_record
 
     model = save_tiny("gpt_neox", tmp_path / "tiny")
     cfg = _compose(f"model={model}", "method=hqq", "dtype=int", "bits=4", "block_size=32",
@@ -155,7 +155,7 @@ def test_hqq_cell_runs_and_counts_its_zero_points(tmp_path, data_root):
     ],
 )
 def test_hqq_refuses_what_it_cannot_do_before_loading(overrides, words, tmp_path, monkeypatch):
-    from harness import run
+    from harness.run import execute as run
 
     monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     model = save_tiny("gpt_neox", tmp_path / "tiny")
@@ -169,8 +169,8 @@ def test_hqq_refuses_what_it_cannot_do_before_loading(overrides, words, tmp_path
 
 def test_gptq_cell_runs_on_the_packaged_corpus(tmp_path, data_root):
     """GPTQ as a cell: calibration from kbit's packaged corpus, offline; its identity recorded."""
-    from harness.identity import cell_id, resolve
-    from harness.run import run_and_record
+    from harness.config.identity import cell_id, resolve
+    from harness.run.execute import run_and_record
 
     model = save_tiny("gpt_neox", tmp_path / "tiny")
     base = [f"model={model}", "dtype=quantile", "bits=3", "block_size=32", "eval=smoke",
@@ -192,7 +192,7 @@ def test_gptq_cell_runs_on_the_packaged_corpus(tmp_path, data_root):
 
 
 def test_gptq_without_calibration_offline_is_refused(tmp_path, monkeypatch):
-    from harness import run
+    from harness.run import execute as run
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))

@@ -21,7 +21,7 @@ import torch
 from test_models_tiny import FAMILIES, save_tiny, tiny_model
 
 from harness import model_files, models
-from harness.models import (
+from harness.models.loading import (
     ModelInfo,
     count_params,
     inspect_model,
@@ -294,7 +294,7 @@ def test_every_transformers_call_passes_the_safety_arguments(good, monkeypatch):
 
 _CHILD = """
 import json, sys
-from harness import models
+from harness.models import loading as models
 folder, marker, control = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 if sys.argv[4] == "closed":
     sys.stdin.close(); import os; os.close(0)

@@ -7,7 +7,7 @@ import torch
 from test_models_tiny import FAMILIES, tiny_model
 from torch import nn
 
-from harness.models import (
+from harness.models.loading import (
     count_params,
     guess_family,
     proxy_pairs,

@@ -1,7 +1,7 @@
 """Tiny random-weight causal LMs of every supported family, built from configs (no hub).
 
 Helpers imported by the other test modules (``from test_models_tiny import ...``), plus a
-check that each one saves and loads back offline through ``harness.models.load_model``.
+check that each one saves and loads back offline through ``harness.models.loading.load_model``.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def save_tiny(family: str, folder: Path, seed: int = 0) -> Path:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_model_round_trips_offline(family, tmp_path):
-    from harness.models import count_params, load_model
+    from harness.models.loading import count_params, load_model
 
     model, _ = tiny_model(family)
     folder = save_tiny(family, tmp_path / family)

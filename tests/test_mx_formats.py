@@ -308,7 +308,7 @@ def test_one_word_format_composes_to_its_tuple(name):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from harness.config import register_schema
+    from harness.config.schema import register_schema
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     assert sorted(p.stem for p in (conf / "format").glob("*.yaml")) == sorted(FORMATS)
@@ -337,7 +337,7 @@ def test_formats_equal_torchao_on_trained_weights(nano_zoo):  # noqa: F811
     """Real weights: every linear layer of a trained zoo model, MX formats and NVFP4."""
     from transformers import AutoModelForCausalLM
 
-    from harness.models import linear_weight, quantizable_modules
+    from harness.models.loading import linear_weight, quantizable_modules
 
     folder = sorted(nano_zoo.values())[-1]
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)

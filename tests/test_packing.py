@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from harness.cluster import claims
+from harness.cluster import leases as claims
 from harness.cluster.jobs import JobsError, Settings, check_settings, describe_jobs
 from harness.cluster.launcher import JobSpec
 from harness.cluster.packing import (
@@ -139,7 +139,7 @@ def test_no_claims_means_no_scheduler_call(tmp_path, monkeypatch):
 
 def test_held_by_live_jobs_refuses_when_the_scheduler_cannot_answer(tmp_path, monkeypatch):
     from harness.cluster import jobs
-    from harness.sweep import Cell
+    from harness.sweep.plan import Cell
 
     claims.write_claims(tmp_path, "s", "10", [["a"]])
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_models_tiny import save_tiny, tiny_config, tiny_tokenizer
 
-from harness.placement import (
+from harness.models.placement import (
     Placement,
     input_device,
     map_device_class,
@@ -163,7 +163,7 @@ def test_explicit_device_map_load_quantize_restore(neox_folder, monkeypatch, tmp
     from accelerate import dispatch_model
 
     from harness.evaluate import perplexity_details
-    from harness.models import load_model
+    from harness.models.loading import load_model
     from harness.quantize import quantize_model, restore_model
 
     monkeypatch.setenv("KBIT_CACHE_DIR", str(tmp_path))
@@ -204,7 +204,7 @@ def test_explicit_device_map_load_quantize_restore(neox_folder, monkeypatch, tmp
 def test_gptq_through_device_map_hooks_equals_plain(neox_folder):
     from accelerate import dispatch_model
 
-    from harness.models import load_model
+    from harness.models.loading import load_model
     from harness.quantize import quantize_model
 
     calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -219,7 +219,7 @@ def test_gptq_through_device_map_hooks_equals_plain(neox_folder):
 
 
 def test_device_map_against_a_device_is_refused(neox_folder):
-    from harness.models import load_model
+    from harness.models.loading import load_model
 
     with pytest.raises(ValueError, match="device_map"):
         load_model(str(neox_folder), device="cuda", device_map={"": "cpu"})
@@ -235,8 +235,8 @@ def test_pristine_copy_refuses_offloaded_weights():
 
 def test_sharded_plan_for_a_load(neox_folder):
     """load_model's planning step with fake GPU sizes (the load itself needs real GPUs)."""
-    from harness.model_files import inspect_model
-    from harness.models import _plan
+    from harness.models.files import inspect_model
+    from harness.models.loading import _plan
 
     info = inspect_model(str(neox_folder))
     plan = _plan(info, str(neox_folder), torch.float32, [75000, 75000, 75000, 10**6], 1.25, False)
@@ -251,7 +251,7 @@ def test_zeroshot_through_device_map_hooks_equals_plain(
     from accelerate import dispatch_model
 
     from harness.evaluate.zeroshot import evaluate_zeroshot
-    from harness.models import load_model
+    from harness.models.loading import load_model
 
     monkeypatch.setenv("KBIT_CACHE_DIR", str(tmp_path))
     plain = load_model(str(neox_folder), device="cpu")

@@ -1,7 +1,7 @@
 """Fast sweep planning: the same plan as composing and validating every cell one by one.
 
-``plan_sweep`` with the default hooks and a :class:`harness.sweep.CellComposer` takes each
-cell as plain data and validates it with one :class:`harness.run.CellValidator` (each check
+``plan_sweep`` with the default hooks and a :class:`harness.sweep.plan.CellComposer` takes each
+cell as plain data and validates it with one :class:`harness.run.execute.CellValidator` (each check
 once per distinct input). These tests hold it to the straightforward path (compose the cell,
 ``validate_cell``, ``cell_id``) on a mixed grid with invalid cells, and plan the paper grid
 (26 hub models, faked as a local HF cache holding their config.json) without reading weights.
@@ -53,7 +53,7 @@ def _hydra():
     from hydra._internal.utils import create_config_search_path
     from hydra.core.global_hydra import GlobalHydra
 
-    from harness.config import register_schema
+    from harness.config.schema import register_schema
 
     register_schema()
     GlobalHydra.instance().clear()
@@ -70,9 +70,9 @@ def _master(hydra, overrides):
 
 def _plans(grid, master_overrides, target=None):
     """(fast plan, straightforward plan) of ``grid``, and the composer."""
-    from harness.identity import cell_id
-    from harness.run import validate_cell
-    from harness.sweep import CellComposer, launch_target, plan_sweep
+    from harness.config.identity import cell_id
+    from harness.run.execute import validate_cell
+    from harness.sweep.plan import CellComposer, launch_target, plan_sweep
 
     hydra = _hydra()
     master = _master(hydra, master_overrides)
@@ -145,7 +145,7 @@ def test_fast_plan_equals_one_cell_at_a_time(fake_hub, tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from harness.config import register_schema
+    from harness.config.schema import register_schema
 
     register_schema()
     GlobalHydra.instance().clear()
@@ -167,7 +167,7 @@ def test_fast_plan_equals_one_cell_at_a_time(fake_hub, tmp_path):
 
 def test_fast_plan_pins_numerics_for_gpu_jobs(fake_hub, tmp_path):
     """Jobs on GPU nodes: auto numerics resolve for a GPU (the checkpoint's 16-bit dtype)."""
-    from harness.identity import Target
+    from harness.config.identity import Target
 
     grid = [[f"model={m}", f"bits={b}", "dtype=int"] for m in ("facebook/opt-125m",
             "bigscience/bloom") for b in (4, 16)]  # fmt: skip
@@ -179,7 +179,7 @@ def test_fast_plan_pins_numerics_for_gpu_jobs(fake_hub, tmp_path):
 
 
 def test_plain_falls_back_where_overrides_overlap(fake_hub, tmp_path):
-    from harness.sweep import CellComposer
+    from harness.sweep.plan import CellComposer
 
     hydra = _hydra()
     composer = CellComposer(hydra.config_loader, _master(hydra, [f"results_dir={tmp_path}"]))
@@ -193,7 +193,7 @@ def test_plain_falls_back_where_overrides_overlap(fake_hub, tmp_path):
 
 def _paper_plan(bench, results: Path):
     """The paper sweep planned as KbitSweeper.sweep plans it (expand_union, CellComposer)."""
-    from harness.sweep import CellComposer, expand_union, launch_target, plan_sweep
+    from harness.sweep.plan import CellComposer, expand_union, launch_target, plan_sweep
 
     hydra = _hydra()
     arguments = ["+sweeps@_global_=paper", f"results_dir={results}"]

@@ -152,9 +152,9 @@ def _cell_work() -> None:
     print("bootstrapping for stddev: perplexity")
     logging.getLogger("lm_eval.evaluator").info("Running loglikelihood requests")
     logging.getLogger("lm_eval.models").warning("Combined length of context exceeds")
-    logging.getLogger("harness.run").info("cell abc: ok -> /x.parquet")
-    logging.getLogger("harness.models").warning("kbit warning %s", 1)
-    logging.getLogger("harness.models").warning("kbit warning %s", 2)  # same template: once
+    logging.getLogger("harness.run.execute").info("cell abc: ok -> /x.parquet")
+    logging.getLogger("harness.models.loading").warning("kbit warning %s", 1)
+    logging.getLogger("harness.models.loading").warning("kbit warning %s", 2)  # same template: once
 
 
 def test_cell_output_sends_bars_and_info_to_the_file(hydra_like_logging, monkeypatch):
@@ -165,12 +165,14 @@ def test_cell_output_sends_bars_and_info_to_the_file(hydra_like_logging, monkeyp
         try:
             raise RuntimeError("simulated OOM")
         except RuntimeError as exc:
-            logging.getLogger("harness.run").error("cell %s failed: %s", "abc", exc, exc_info=True)
-            logging.getLogger("harness.run").error("cell %s failed: %s", "abc", "again")
+            logging.getLogger("harness.run.execute").error(
+                "cell %s failed: %s", "abc", exc, exc_info=True
+            )
+            logging.getLogger("harness.run.execute").error("cell %s failed: %s", "abc", "again")
     shown = terminal.getvalue().splitlines()
     assert shown == [
-        "[harness.models][WARNING] - kbit warning 1",
-        "[harness.run][ERROR] - cell abc failed: simulated OOM",
+        "[harness.models.loading][WARNING] - kbit warning 1",
+        "[harness.run.execute][ERROR] - cell abc failed: simulated OOM",
     ]
     text = log_file.read_text()
     for expected in ("Running loglikelihood requests: 100%", "3/3", "bootstrapping for stddev",
@@ -182,8 +184,8 @@ def test_cell_output_sends_bars_and_info_to_the_file(hydra_like_logging, monkeyp
     assert sys.stderr is terminal and sys.stdout is terminal
     assert console.level == logging.NOTSET and not console.filters
     assert type(console.formatter) is logging.Formatter
-    logging.getLogger("harness.run").info("after the cell")
-    assert terminal.getvalue().splitlines()[-1] == "[harness.run][INFO] - after the cell"
+    logging.getLogger("harness.run.execute").info("after the cell")
+    assert terminal.getvalue().splitlines()[-1] == "[harness.run.execute][INFO] - after the cell"
 
 
 def test_cell_output_restores_after_an_exception(hydra_like_logging, monkeypatch):
@@ -240,7 +242,7 @@ def test_verbose_changes_nothing(hydra_like_logging, monkeypatch):
     with cell_output(log_file, verbose=True):
         _cell_work()
     assert "Running loglikelihood requests: 100%" in terminal.getvalue()
-    assert "[harness.run][INFO] - cell abc: ok" in terminal.getvalue()
+    assert "[harness.run.execute][INFO] - cell abc: ok" in terminal.getvalue()
 
 
 def test_no_log_file_discards_the_bars(hydra_like_logging, monkeypatch):
@@ -248,7 +250,9 @@ def test_no_log_file_discards_the_bars(hydra_like_logging, monkeypatch):
     _on_terminal(monkeypatch, terminal)
     with cell_output(None, verbose=False):
         _cell_work()
-    assert terminal.getvalue().splitlines() == ["[harness.models][WARNING] - kbit warning 1"]
+    assert terminal.getvalue().splitlines() == [
+        "[harness.models.loading][WARNING] - kbit warning 1"
+    ]
 
 
 def test_verbose_requested(monkeypatch):
@@ -372,7 +376,7 @@ def _multirun(model: Path, text: Path, results: Path, data_root: Path, **env: st
 
 @pytest.mark.slow
 def test_in_process_multirun_keeps_the_terminal_quiet(tiny_model, eval_text, data_root, tmp_path):
-    from harness.report import read_cells_frame, results_table
+    from harness.run.report import read_cells_frame, results_table
 
     rc, out = _multirun(tiny_model, eval_text, tmp_path / "quiet", data_root)
     assert rc == 0, out[-3000:]
@@ -390,9 +394,9 @@ def test_in_process_multirun_keeps_the_terminal_quiet(tiny_model, eval_text, dat
     for log in logs:
         text = log.read_text()
         assert "Running loglikelihood requests" in text and "it/s]" in text, text[-2000:]
-        assert "[harness.run][INFO] - cell " in text
+        assert "[harness.run.execute][INFO] - cell " in text
 
     rc, out = _multirun(tiny_model, eval_text, tmp_path / "loud", data_root, KBIT_VERBOSE="1")
     assert rc == 0, out[-3000:]
     assert "Running loglikelihood requests" in out and "it/s]" in out
-    assert "[harness.run][INFO] - cell " in out
+    assert "[harness.run.execute][INFO] - cell " in out

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_models_tiny import FAMILIES, tiny_model
 
-from harness.models import quantizable_modules
+from harness.models.loading import quantizable_modules
 from harness.quantize import fake_quantize, quantize_model, restore_model
 
 

@@ -3,7 +3,7 @@
 The list below is the contract of issue "numbers you can trust": wrong types and ranges, unknown
 names with a close match, bad data type entries, missing/corrupt model folders and data files,
 unusable results folders, hostile sweep names, ``_target_`` overrides. Each runs the real
-``kbit-run`` entry point in-process (``harness.run.main`` with ``sys.argv``), with model loading
+``kbit-run`` entry point in-process (``harness.run.execute.main`` with ``sys.argv``), with model loading
 replaced by a failure, so a check that only fires after loading fails this test.
 """
 
@@ -136,7 +136,7 @@ def _cases(models, data_roots, tmp_path):
 
 def run_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
     """``kbit-run ARGV`` in-process; (exit code, stderr)."""
-    from harness import run
+    from harness.run import execute as run
 
     monkeypatch.setattr(sys, "argv", ["kbit-run", *argv])
     GlobalHydra.instance().clear()
@@ -157,7 +157,7 @@ def test_at_least_thirty_refusals_listed(models, data_roots, tmp_path):
 def test_every_malformed_input_is_one_line_before_loading(
     models, data_roots, data_root, tmp_path, monkeypatch, capsys
 ):
-    from harness import run
+    from harness.run import execute as run
 
     monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
@@ -189,7 +189,7 @@ def test_every_malformed_input_is_one_line_before_loading(
 
 def test_full_error_gives_the_traceback(models, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
-    from harness import run
+    from harness.run import execute as run
 
     monkeypatch.setattr(sys, "argv", ["kbit-run", f"model={models['good']}", "block_size=0",
                                       f"results_dir={tmp_path}", "data_root=null"])  # fmt: skip
@@ -209,8 +209,8 @@ def test_safetensors_header_is_read_not_the_weights(models):
 
 def test_a_failed_cell_exits_1_and_is_recorded(models, data_root, tmp_path, monkeypatch, capsys):
     """A cell that fails after validation writes its failed record and exits non-zero."""
-    from harness import run
     from harness.records import read_store
+    from harness.run import execute as run
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated failure mid-evaluation")
@@ -239,7 +239,7 @@ BAD_DTYPE_ENTRIES = {
 def test_bad_dtype_yaml_is_one_line_and_blocks_nothing_else(
     entry, models, data_root, tmp_path, monkeypatch, capsys
 ):
-    from harness import run
+    from harness.run import execute as run
 
     folder = tmp_path / "dtypes"
     folder.mkdir()

@@ -145,7 +145,7 @@ def test_unknown_or_non_causal_architectures_are_refused():
 
 def test_local_folder_uses_the_safetensors_count(tmp_path):
     folder = save_tiny("gpt2", tmp_path / "m")
-    from harness.models import inspect_model
+    from harness.models.loading import inspect_model
 
     assert model_param_count(str(folder)) == inspect_model(str(folder)).n_params > 0
 

@@ -15,7 +15,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def make_cfg(*overrides: str):
-    from harness.config import register_schema
+    from harness.config.schema import register_schema
 
     register_schema()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -33,7 +33,7 @@ def smoke(model_dir, results, *extra):
 
 
 def test_cell_id_ignores_where_and_baseline_ignores_dtype(model_dir, tmp_path):
-    from harness.identity import cell_id
+    from harness.config.identity import cell_id
 
     m = f"model={model_dir}"
     a = cell_id(make_cfg(m, "results_dir=/a", "sweep=s1", "device=cpu", "model_family=x"))
@@ -47,7 +47,7 @@ def test_cell_id_ignores_where_and_baseline_ignores_dtype(model_dir, tmp_path):
 
 def test_cell_id_holds_resolved_numerics(model_dir):
     """A CPU/fp32 cell and a GPU/bf16 cell of one config are different measurements."""
-    from harness.identity import Target, cell_id, resolve
+    from harness.config.identity import Target, cell_id, resolve
 
     m, gpu = f"model={model_dir}", Target(cuda_available=True, bf16_supported=True)
     cpu = make_cfg(m, "device=cpu")
@@ -71,7 +71,7 @@ def test_cell_id_holds_the_data_source(model_dir, data_root, tmp_path):
     """Other data is another cell; the same bytes in another folder are the same cell."""
     import shutil
 
-    from harness.identity import cell_id
+    from harness.config.identity import cell_id
 
     def root_with(piqa: str) -> Path:
         root = tmp_path / f"data{len(list(tmp_path.iterdir()))}"
@@ -94,7 +94,7 @@ def test_nan_model_gives_failed_rows_for_every_task(tmp_path, data_root):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from harness.run import cell_id, run_and_record
+    from harness.run.execute import cell_id, run_and_record
 
     folder = save_tiny("gpt_neox", tmp_path / "nan-model")
     model = AutoModelForCausalLM.from_pretrained(folder)
@@ -123,7 +123,7 @@ def test_nan_model_gives_failed_rows_for_every_task(tmp_path, data_root):
     ],
 )
 def test_bad_input_fails_before_loading(model_dir, tmp_path, overrides, message, monkeypatch):
-    from harness import run
+    from harness.run import execute as run
 
     monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     cfg = smoke(model_dir, tmp_path, *overrides)
@@ -133,7 +133,7 @@ def test_bad_input_fails_before_loading(model_dir, tmp_path, overrides, message,
 
 
 def test_missing_data_file_fails_before_loading(model_dir, tmp_path):
-    from harness.run import validate_cell
+    from harness.run.execute import validate_cell
 
     (tmp_path / "eval" / "wikitext2").mkdir(parents=True)
     (tmp_path / "eval" / "wikitext2" / "test.txt").write_text("x")
@@ -152,8 +152,8 @@ def test_unknown_dtype_fails_at_compose():
 
 def test_one_cell_end_to_end_and_baseline(model_dir, tmp_path, data_root):
     from harness.evaluate import load_text, perplexity
-    from harness.models import load_model, quantizable_modules
-    from harness.run import ModelCache, cell_id, run_and_record
+    from harness.models.loading import load_model, quantizable_modules
+    from harness.run.execute import ModelCache, cell_id, run_and_record
 
     cache = ModelCache()
     cfg = smoke(model_dir, tmp_path, "dtype=int", "bits=4", "block_size=32")
@@ -201,7 +201,7 @@ def test_one_cell_end_to_end_and_baseline(model_dir, tmp_path, data_root):
 
 
 def test_failure_mid_cell_writes_one_failed_record(model_dir, tmp_path, monkeypatch):
-    from harness import run
+    from harness.run import execute as run
 
     def boom(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")

@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.mark.slow
 def test_kbit_run_accuracy_equals_lm_eval_cli(tmp_path, data_root):
-    from harness.models import load_model
+    from harness.models.loading import load_model
     from harness.quantize import quantize_model
 
     env = {

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from harness.records import STATUS_FAILED, STATUS_OK, cell_path, empty_record, write_cell
-from harness.status import main, store_status
-from harness.sweep import MANIFEST
+from harness.sweep.plan import MANIFEST
+from harness.sweep.status import main, store_status
 
 
 def _write(root, sweep, cid, status, n_rows=2):
@@ -90,9 +90,9 @@ def test_bad_input_is_named(tmp_path, capsys):
 def test_cells_held_by_live_jobs_are_queued_or_running(tmp_path, monkeypatch):
     """A planned cell without a record, or a failed one retried, that a live job holds is
     counted queued / running as the scheduler says; a dead job's cells stay pending/failed."""
-    from harness.cluster import claims
+    from harness.cluster import leases as claims
     from harness.records import Record, cell_path, write_cell
-    from harness.sweep import Cell, SweepPlan, write_manifest
+    from harness.sweep.plan import Cell, SweepPlan, write_manifest
 
     ids = ["a", "b", "c", "d", "e"]
     plan = SweepPlan(cells=[Cell([f"x={i}"], i, "s", str(tmp_path)) for i in ids])

@@ -23,8 +23,8 @@ from harness.records import (
     to_table,
     write_cell,
 )
-from harness.status import main, store_status
-from harness.sweep import MANIFEST
+from harness.sweep.plan import MANIFEST
+from harness.sweep.status import main, store_status
 
 # Columns added in schema_version 2: a version-1 file has every other column.
 V2_COLUMNS = [

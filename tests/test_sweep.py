@@ -12,7 +12,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from harness.records import STATUS_FAILED, cell_path, empty_record, write_cell
-from harness.sweep import (
+from harness.sweep.plan import (
     SweepError,
     SweepPlan,
     expand_grid,
@@ -41,7 +41,7 @@ def test_expand_is_the_cartesian_product_with_model_slowest():
 
 
 def _stub_id(cfg) -> str:
-    """Independent stand-in for harness.identity.cell_id: the 16-bit baseline ignores the dtype."""
+    """Independent stand-in for harness.config.identity.cell_id: the 16-bit baseline ignores the dtype."""
     d = OmegaConf.to_container(cfg, resolve=True)
     if d["bits"] == 16:
         d["dtype"] = "none"
@@ -144,7 +144,7 @@ def test_empty_plan_summary():
 
 
 def test_union_of_grids_against_brute_force():
-    from harness.sweep import expand_union
+    from harness.sweep.plan import expand_union
 
     parser = OverridesParser.create()
     params = {"model": "a,b", "block_size": "64,128"}

@@ -98,7 +98,7 @@ def _overrides(argv: list[str]) -> list[str]:
 
 
 def _compose(config: str, overrides: list[str]):
-    from harness.config import register_schema
+    from harness.config.schema import register_schema
 
     register_schema()
     GlobalHydra.instance().clear()

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from test_run import make_cfg
 from zoo_fixtures import corpus_for_tests, zoo_threads
 
+from harness.models.training_tokens import PYTHIA_TOKENS_PER_STEP, train_tokens
 from harness.records import cell_path, read_cell, records_from_table
-from harness.training_tokens import PYTHIA_TOKENS_PER_STEP, train_tokens
 from harness.zoo import ZooConfigError, build_family, load_family_config, resolve_model
 from harness.zoo import config as zoo_config
 from harness.zoo.config import parse_token_label, token_label
@@ -194,14 +194,14 @@ def test_train_tokens_of_known_models(built: tuple[Path, Path], tmp_path: Path) 
 def test_a_cell_on_a_checkpoint_records_its_tokens_and_window_losses(
     built: tuple[Path, Path], shipped: Path, tmp_path: Path
 ) -> None:
-    from harness.run import run_and_record
+    from harness.run.execute import run_and_record
 
     _, folder = built
     spec = f"zoo:{FAMILY}/l1d32@6k"
     cfg = make_cfg(f"model={spec}", f"zoo_dir={shipped}", "eval=zoo", "eval.limit=8",
                    f"results_dir={tmp_path}", "device=cpu", "bits=4", "dtype=int")  # fmt: skip
     assert run_and_record(cfg) == "ok"
-    from harness.identity import cell_id
+    from harness.config.identity import cell_id
 
     rows = records_from_table(read_cell(cell_path(tmp_path, cfg.sweep, cell_id(cfg))))
     expected = json.loads((folder / "checkpoints" / "6k" / "kbit_zoo.json").read_text())
@@ -223,7 +223,7 @@ def test_the_tokens_family_spans_the_axes_it_promises() -> None:
     """
     from transformers import AutoModelForCausalLM
 
-    from harness.models import count_params
+    from harness.models.loading import count_params
     from harness.zoo.model import build_config
 
     cfg = load_family_config("tokens")

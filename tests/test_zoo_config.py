@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harness.models import count_params
+from harness.models.loading import count_params
 from harness.zoo import ZooConfigError, ZooModelNotBuiltError, build_family, resolve_model
 from harness.zoo.config import SizeConfig, family_hash, family_names, load_family_config, size_hash
 from harness.zoo.corpus import PACKAGED_CORPUS, corpus_hash, load_corpus, normalize
@@ -126,7 +126,7 @@ def test_unwritable_zoo_dir_names_the_field(tmp_path: Path) -> None:
 
 
 def test_resolve_unbuilt_names_the_build_command(tmp_path: Path) -> None:
-    for spec in ("zoo:nano/l1d32", "nano/l1d32"):  # harness.models strips the prefix
+    for spec in ("zoo:nano/l1d32", "nano/l1d32"):  # harness.models.loading strips the prefix
         with pytest.raises(ZooModelNotBuiltError, match="kbit-zoo zoo=nano"):
             resolve_model(spec, tmp_path)
     with pytest.raises(ZooConfigError, match="did you mean 'l1d32'"):

@@ -9,7 +9,7 @@ every node sees (``HF_HOME`` on the shared filesystem), and the jobs read it wit
 It takes the sweep's own command-line overrides (``kbit-download +sweeps@_global_=paper``,
 ``model=a,b``, ``--config-dir DIR``), composes them with Hydra's compose API as ``kbit-run``
 would, and expands the sweep's ``params`` / ``grids`` with the sweeper's own
-:func:`harness.sweep.expand_union` to its list of models.
+:func:`harness.sweep.plan.expand_union` to its list of models.
 
 Size on disk of a hub model (no weight is read): the ``total_size`` of its safetensors (else
 ``.bin``) index when the repository has one; otherwise its parameter count
@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.overrides import conf_dir
-from harness.refusals import EXIT_FAILED, EXIT_REFUSED
+from harness.config.overrides import conf_dir
+from harness.config.refusals import EXIT_FAILED, EXIT_REFUSED
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,9 @@ def compose_sweep(overrides: Sequence[str], config_dir: str | None = None) -> An
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from harness.config.refusals import input_error_line
     from harness.files import PathError, user_path
-    from harness.refusals import input_error_line
-    from harness.run import prepare_command_line, register_schema
+    from harness.run.execute import prepare_command_line, register_schema
 
     extra = []
     if config_dir is not None:
@@ -125,7 +125,7 @@ def sweep_models(overrides: Sequence[str], config_dir: str | None = None) -> Swe
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from harness.sweep import SweepError, expand_union
+    from harness.sweep.plan import SweepError, expand_union
 
     cfg = compose_sweep(overrides, config_dir)
     parser = OverridesParser.create()
@@ -162,7 +162,7 @@ def sweep_models(overrides: Sequence[str], config_dir: str | None = None) -> Swe
 # ----------------------------------------------------------------------------- sizes
 def _is_hub_id(spec: str, zoo_dir: str | None) -> bool:
     """A hub id, not a ``zoo:`` model or a local folder (refused like kbit-run when neither)."""
-    from harness.model_files import resolve_model_path
+    from harness.models.files import resolve_model_path
 
     try:
         return resolve_model_path(spec, zoo_dir) is None
@@ -208,7 +208,7 @@ def checkpoint_dtype(config: dict) -> str:
 def model_size(spec: str, zoo_dir: str | None = None, trust_remote_code: bool = False) -> ModelSize:
     """What ``spec`` takes on disk once downloaded; nothing for a local folder or zoo model."""
     from harness.cluster.resources import model_param_count
-    from harness.model_files import read_model_config
+    from harness.models.files import read_model_config
     from harness.numerics import TORCH_DTYPES
 
     if not _is_hub_id(spec, zoo_dir):

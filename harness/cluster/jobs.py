@@ -1,8 +1,8 @@
 """From a sweep's planned cells to submitted jobs: holds, packing, resources, the printed plan.
 
-Called by the sweeper (:class:`harness.sweep.KbitSweeper`) after every cell is validated:
+Called by the sweeper (:class:`harness.sweep.plan.KbitSweeper`) after every cell is validated:
 
-1. cells held by live jobs of an earlier launch are left out (:mod:`harness.cluster.claims`);
+1. cells held by live jobs of an earlier launch are left out (:mod:`harness.cluster.leases`);
 2. the remaining cells are packed into jobs of one model each (:mod:`harness.cluster.packing`),
    with each cell's expected cost from the store or an estimate;
 3. each job gets its resources from the per-model rule (:mod:`harness.cluster.resources`) when
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.cluster.claims import Hold, SchedulerUnavailable, held_cells, read_claims
+from harness.cluster.leases import Hold, SchedulerUnavailable, held_cells, read_claims
 from harness.cluster.packing import (
     JobsConf,
     cell_tokens,
@@ -152,7 +152,7 @@ def held_by_live_jobs(cells: Sequence[Any]) -> dict[tuple[str, str, str], Hold]:
         if not read_claims(results_dir, sweep):
             continue
         if states is None:
-            from harness.cluster.claims import scheduler_states
+            from harness.cluster.leases import scheduler_states
 
             try:
                 states = scheduler_states()
@@ -501,7 +501,7 @@ def launch(
     """
     from harness import progress
     from harness.cluster.launcher import SubmissionError
-    from harness.sweep import SweepError, report_outcome
+    from harness.sweep.plan import SweepError, report_outcome
 
     keys = [(c.results_dir, c.sweep, c.cell_id) for c in todo]
     baseline = progress.store_snapshot(keys) if launcher.waits else None

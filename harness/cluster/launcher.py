@@ -8,11 +8,11 @@ cell still runs through ``hydra.core.utils.run_job`` with its own overrides and 
 and change three things:
 
 * a task runs a *chunk* of cells of one model, in one process: the model is loaded once
-  (``harness.run``'s process-wide model cache) and restored to pristine between cells;
+  (``harness.run.execute``'s process-wide model cache) and restored to pristine between cells;
 * the chunks are submitted as as many arrays as the cluster's ``MaxArraySize`` needs, one
   resource class (GPUs, memory, CPUs, time) at a time, each array throttled by
   ``array_parallelism``; a claim file per array records which task holds which cells
-  (:mod:`harness.cluster.claims`);
+  (:mod:`harness.cluster.leases`);
 * on Slurm the launch returns once everything is queued (``wait: false``, the default);
   ``hydra.launcher.wait=true`` keeps waiting, with one progress line, for scripts.
 
@@ -56,7 +56,7 @@ from hydra_plugins.hydra_submitit_launcher.config import (
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf
 
-from harness.cluster.claims import trace_error_line, write_claims
+from harness.cluster.leases import trace_error_line, write_claims
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ class UnrunCells(RuntimeError):
 def error_line(err: BaseException) -> str:
     """``Type: first line`` of an exception, as a failed record's first line shows it."""
     try:
-        from harness.refusals import input_error_line
+        from harness.config.refusals import input_error_line
 
         line = input_error_line(err)
     except Exception:  # the import itself may be what fails in a broken job
@@ -566,7 +566,7 @@ class PackedSlurmLauncher(_PackedMixin, BaseSubmititLauncher):
 
     def _all_ended(self, submission: Submission, jobs: list[Any]) -> bool:
         """One ``squeue`` for every array (submitit's per-job ``sacct`` polling lags a minute)."""
-        from harness.cluster.claims import SchedulerUnavailable, live_tasks, scheduler_states
+        from harness.cluster.leases import SchedulerUnavailable, live_tasks, scheduler_states
 
         try:
             states = scheduler_states()

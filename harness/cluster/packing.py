@@ -87,7 +87,7 @@ class PackedJob:
     """One scheduler job: a model and the cells it runs, with their expected cost."""
 
     model: str
-    cells: list[Any] = field(default_factory=list)  # harness.sweep.Cell, in grid order
+    cells: list[Any] = field(default_factory=list)  # harness.sweep.plan.Cell, in grid order
     seconds: float = 0.0  # expected wall time of the cells (without the model load)
     resources: Any = None  # harness.cluster.resources.Resources, set by the planner
 

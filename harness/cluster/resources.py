@@ -99,7 +99,7 @@ class Resources:
     def launcher_params(self) -> dict[str, Any]:
         """hydra-submitit-launcher ``SlurmQueueConf`` fields; 0 GPUs -> ``gpus_per_node: None``.
 
-        None, not 0: submitit then writes no ``--gpus-per-node`` line, and harness.sweep's
+        None, not 0: submitit then writes no ``--gpus-per-node`` line, and harness.sweep.plan's
         ``launch_target`` reads the job as a CPU job. With a ``gpu_type`` the count is
         Slurm's typed form, ``a100:2``.
         """
@@ -134,7 +134,7 @@ def _count_meta(build: Any) -> int:
     """
     import torch
 
-    from harness.models import count_params
+    from harness.models.loading import count_params
 
     with torch.device("meta"):
         model = build()
@@ -222,12 +222,12 @@ def model_param_count(
 ) -> int:
     """Parameters of a model spec (folder, hub id or ``zoo:``), without loading weights.
 
-    The safetensors headers' element count when :func:`harness.model_files.inspect_model`
+    The safetensors headers' element count when :func:`harness.models.files.inspect_model`
     read them (local folders), else the count of the architecture config.json describes.
     Refuses what inspect_model refuses (code-shipping models without ``trust_remote_code``,
     broken folders, an uncached hub id offline) with its one-line error.
     """
-    from harness.model_files import inspect_model, read_model_config, resolve_model_path
+    from harness.models.files import inspect_model, read_model_config, resolve_model_path
 
     info = inspect_model(spec, zoo_dir, trust_remote_code)
     if info.n_params:

@@ -23,7 +23,7 @@ import torch
 
 from harness.evaluate.task_data import TaskSource, local_source
 from harness.files import atomic_output, user_path
-from harness.model_files import escapes_folder
+from harness.models.files import escapes_folder
 from harness.names import unknown_name
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from torch import nn
 
 from harness.evaluate.datasets import load_text, resolve_text_path, text_files, token_ids
 from harness.evaluate.timing import ForwardTimer
-from harness.placement import input_device
+from harness.models.placement import input_device
 
 DEFAULT_MAX_SEQLEN = 2048
 log = logging.getLogger(__name__)

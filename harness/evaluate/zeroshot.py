@@ -345,7 +345,7 @@ def make_lm(model: nn.Module, tokenizer: object, batch_size: int = 8):
     """
     from lm_eval.models.huggingface import HFLM
 
-    from harness.placement import input_device
+    from harness.models.placement import input_device
 
     device = input_device(model)  # token ids go to the input embedding (sharded: first GPU)
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),

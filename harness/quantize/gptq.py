@@ -35,8 +35,8 @@ from torch import nn
 
 from harness.dtypes import codebook, is_data_dependent
 from harness.kernels.torch_ops import ELEMENT_FORMATS, thresholds
-from harness.models import decoder_layers, linear_weight
-from harness.placement import input_device, module_device, on_device
+from harness.models.loading import decoder_layers, linear_weight
+from harness.models.placement import input_device, module_device, on_device
 from harness.quantize.blockwise import fake_quantize, fit_population, quantize_blockwise
 
 log = logging.getLogger(__name__)

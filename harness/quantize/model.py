@@ -6,7 +6,7 @@ weights, and :func:`restore_model` copies it back bit for bit. One loaded model 
 serves every quantization config of a sweep.
 
 Device-agnostic: each weight is quantized on its own module's device and restored there, so
-a model sharded over several GPUs (``harness.placement``) is handled module by module, each
+a model sharded over several GPUs (``harness.models.placement``) is handled module by module, each
 on the GPU that holds it. The host memory this costs is the selected weights in the compute
 dtype (about the whole model; docs/loading.md, "Models larger than one GPU"). The copies are
 ordinary (pageable) CPU tensors: pinning hundreds of GB of host memory can fail or starve the
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from harness.models import is_conv1d, linear_weight, quantizable_modules
-from harness.placement import on_device
+from harness.models.loading import is_conv1d, linear_weight, quantizable_modules
+from harness.models.placement import on_device
 from harness.quantize.blockwise import fake_quantize
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def fake_quantize_kwargs(request: Any) -> dict[str, Any]:
 
 
 def selected_modules(model: nn.Module, request: Any) -> dict[str, nn.Module]:
-    """The modules whose weights the request quantizes (see ``harness.models``)."""
+    """The modules whose weights the request quantizes (see ``harness.models.loading``)."""
     return quantizable_modules(
         model, embeddings=request.quantize_embeddings, head=request.quantize_head
     )

@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM
 
 import harness
 from harness.files import atomic_write
-from harness.models import count_params
+from harness.models.loading import count_params
 from harness.zoo.card import write_card
 from harness.zoo.config import (
     FamilyConfig,

@@ -172,7 +172,7 @@ def check_keys(raw: Any, schema: type | None = None, prefix: str = "") -> None:
 
 def _one_line(err: Exception) -> str:
     """OmegaConf's error (several lines: message, key, type) as one line with what is allowed."""
-    from harness.refusals import input_error_line
+    from harness.config.refusals import input_error_line
 
     line = input_error_line(err) or str(err).strip().splitlines()[0]
     return f"zoo config field {line}"
@@ -271,7 +271,7 @@ def validate(cfg: FamilyConfig) -> None:
     Every size, count and rate must make sense before a build starts: a non-positive value
     would otherwise fail deep inside training (or, like ``grad_clip=0``, train nothing).
     """
-    from harness.config import ConfigError, plain_name
+    from harness.config.schema import ConfigError, plain_name
     from harness.zoo.model import ARCHITECTURES
 
     try:  # the folder prefix <family>-<hash>/ and the <family> of zoo:<family>/<size>

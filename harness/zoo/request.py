@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import DEVICE_PATTERN, DEVICES_ALLOWED, device_problem
+from harness.config.schema import DEVICE_PATTERN, DEVICES_ALLOWED, device_problem
 from harness.files import writable_dir_problem
 from harness.names import unknown_name
 from harness.zoo.config import FamilyConfig, ZooConfigError, load_family_config, zoo_dir_path
@@ -33,7 +33,7 @@ class BuildRequest:
 
 def check_device(device: object) -> str:
     """``device`` as kbit-run spells it, and present on this machine (else one line): the
-    rules of :data:`harness.config.DEVICE_PATTERN` and :func:`harness.config.device_problem`."""
+    rules of :data:`harness.config.schema.DEVICE_PATTERN` and :func:`harness.config.schema.device_problem`."""
     text = str(device)
     if not DEVICE_PATTERN.match(text):
         raise ZooConfigError(f"device={device!r} is unknown; allowed: {DEVICES_ALLOWED}")

@@ -1,10 +1,10 @@
-"""Hydra discovers sweepers only under the ``hydra_plugins`` namespace; the code lives in harness.sweep."""
+"""Hydra discovers sweepers only under the ``hydra_plugins`` namespace; the code lives in harness.sweep.plan."""
 
-from harness.sweep import KbitSweeper as _Planner
+from harness.sweep.plan import KbitSweeper as _Planner
 
 
 class KbitSweeper(_Planner):
-    """``hydra/sweeper=kbit``: see :class:`harness.sweep.KbitSweeper`."""
+    """``hydra/sweeper=kbit``: see :class:`harness.sweep.plan.KbitSweeper`."""
 
 
 __all__ = ["KbitSweeper"]

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from harness.config import register_schema
+from harness.config.schema import register_schema
 from harness.dtypes import entries, legal_bits
 from harness.dtypes.spec import DtypeSpec
 

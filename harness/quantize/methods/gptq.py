@@ -5,7 +5,7 @@ Cholesky of the damped inverse, column-by-column rounding with error feedback, l
 its "rounding" is kbit's nearest code of the block's scaled codebook for every data type and
 block size, with each block's scale fixed when GPTQ reaches the block's first column (GPTQ's
 grouped variant). This module registers it as a method; the runner prepares the calibration
-token ids from ``calibration`` (``harness.calibration``) before calling it.
+token ids from ``calibration`` (``harness.evaluate.calibration``) before calling it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The hidden units of layer i whose weight rows have the largest standard deviatio
 ``outlier_fraction``) are taken as outlier dimensions; the matching input columns of layer
 i + 1 are kept in 16 bit. The other columns are quantized as usual, with the kept columns
 zeroed first so the outliers do not inflate the block scales. The layer pairing per family is
-:data:`harness.models.PROXY_PAIRS` (the MLP's two matrices; docs/methods.md says what that
+:data:`harness.models.loading.PROXY_PAIRS` (the MLP's two matrices; docs/methods.md says what that
 covers and what it does not).
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harness.models import proxy_pairs
+from harness.models.loading import proxy_pairs
 from harness.quantize.methods import QuantRequest, check_rounding, register_method
 from harness.quantize.model import (
     QuantizeReport,

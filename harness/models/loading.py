@@ -11,13 +11,13 @@ Per family we only need one piece of extra knowledge: the layer pairs of proxy q
 (see :data:`PROXY_PAIRS`).
 
 Loading is safe by default (docs/loading.md): :func:`load_model` first runs
-:func:`harness.model_files.inspect_model`, which checks a model from its config.json and
+:func:`harness.models.files.inspect_model`, which checks a model from its config.json and
 safetensors headers before any weight is read and refuses a folder that ships Python
 (``auto_map``) unless ``trust_remote_code`` is set; transformers never prompts; weights come
 from safetensors, or from pickles only through torch's ``weights_only`` loader. Device and
 dtype come from :func:`harness.numerics.resolve_numerics`, which needs no GPU, so a login node
 computes the same cell identity as the node that runs it. The pre-load and numerics names are
-re-exported here, so ``from harness.models import inspect_model`` keeps working.
+re-exported here, so ``from harness.models.loading import inspect_model`` keeps working.
 """
 
 from __future__ import annotations
@@ -31,26 +31,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.model_files import (
+from harness.models.files import (
     PT_WEIGHTS,
     SAFE_WEIGHTS,
     ModelInfo,
     inspect_model,
     resolve_model_path,
 )
-from harness.numerics import (
-    TORCH_DTYPES,
-    resolve_compute_dtype,
-    resolve_device,
-    resolve_numerics,
-)
-from harness.placement import (
+from harness.models.placement import (
     DEFAULT_HEADROOM,
     Placement,
     gpu_free_memory,
     input_device,
     map_device_class,
     plan_placement,
+)
+from harness.numerics import (
+    TORCH_DTYPES,
+    resolve_compute_dtype,
+    resolve_device,
+    resolve_numerics,
 )
 
 __all__ = [
@@ -201,7 +201,7 @@ def check_loading_info(source: str, loading: dict) -> None:
 
     Why: transformers fills a tensor missing from the checkpoint with a fresh random init
     and only logs "MISSING ... newly initialized"; a cell on such a model would be recorded
-    ``ok`` with a wrong number. The pre-load check (:func:`harness.model_files.weights_problem`)
+    ``ok`` with a wrong number. The pre-load check (:func:`harness.models.files.weights_problem`)
     refuses this before loading where it can; this is the second line of defence (a model
     whose own Python builds it, or a check skipped for another reason). ``loading``: what
     ``from_pretrained(..., output_loading_info=True)`` returns beside the model.
@@ -247,7 +247,7 @@ def load_model(
     loader (docs/loading.md).
 
     Placement (docs/loading.md, "Models larger than one GPU"): with ``device`` ``auto`` or
-    ``cuda`` and more than one GPU visible, :func:`harness.placement.plan_placement` decides
+    ``cuda`` and more than one GPU visible, :func:`harness.models.placement.plan_placement` decides
     from config.json and each GPU's free memory (``gpu_memory`` overrides it: bytes per GPU,
     e.g. to force sharding in a check); a model whose weights x ``headroom`` do not fit GPU 0
     is loaded sharded with the plan's device map. Otherwise the whole model goes to one

@@ -247,7 +247,7 @@ def eval_limit(value: float | None) -> int | float | None:
 def mean_tasks(tasks: Any, mean_of: Any) -> list[str]:
     """The tasks of the ``zeroshot_mean`` row: ``mean_of`` as listed, or every one of ``tasks``
     when ``mean_of`` is null (so a cell has a mean whenever a task ran without listing them
-    twice); ``[]``: no mean row. The cell id hashes this list (``harness.identity``), so
+    twice); ``[]``: no mean row. The cell id hashes this list (``harness.config.identity``), so
     ``mean_of: null`` and the same tasks listed by hand are one cell."""
     return list(tasks) if mean_of is None else list(mean_of)
 
@@ -324,7 +324,7 @@ def check_cell(cfg: DictConfig) -> None:
     """Every value rule of a composed cell config; raises :class:`ConfigError` (one line).
 
     Cheap (no file is read): the checks that need the model folder or data files live in
-    :func:`harness.run.validate_cell`, which calls this first.
+    :func:`harness.run.execute.validate_cell`, which calls this first.
     """
     if OmegaConf.is_missing(cfg, "model") or not str(cfg.model).strip():
         raise ConfigError(

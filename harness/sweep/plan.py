@@ -16,7 +16,7 @@ expand        cartesian product of ``hydra.sweeper.params`` and the command line
               model as the slowest-varying dimension (in-process launches reuse the model)
 compose       every cell's config, as the job will see it (composed once per combination of
               config-group choices, then value overrides applied: fast for 35,000 cells)
-validate      ``harness.run.validate_cell`` on each cell (dtype/bits legal, model and data
+validate      ``harness.run.execute.validate_cell`` on each cell (dtype/bits legal, model and data
               reachable), results folder writable; all problems reported in ONE line
 deduplicate   cells with the same ``cell_id`` (e.g. the 16-bit baseline under every data
               type) run once; two jobs never write the same file
@@ -54,10 +54,10 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from harness.cluster.jobs import cell_meta
-from harness.config import ConfigError
+from harness.config.identity import LOCAL, Target
+from harness.config.overrides import check_overrides
+from harness.config.schema import ConfigError
 from harness.files import atomic_write, user_path, writable_dir_problem
-from harness.identity import LOCAL, Target
-from harness.overrides import check_overrides
 from harness.records import STATUS_FAILED, STATUS_OK, cell_path, cell_status
 from harness.store_cli import MANIFEST_NAME as MANIFEST
 from harness.store_cli import read_manifest
@@ -370,10 +370,10 @@ def pinned_numerics(cfg: DictConfig, resolved: Any) -> list[str]:
 
 
 def _default_hooks(target: Target) -> tuple[Callable[..., str], Callable[[DictConfig], Any]]:
-    """``harness.identity.cell_id`` and ``harness.run.validate_cell`` for ``target``
+    """``harness.config.identity.cell_id`` and ``harness.run.execute.validate_cell`` for ``target``
     (imported late: heavy imports)."""
-    from harness.identity import cell_id
-    from harness.run import validate_cell
+    from harness.config.identity import cell_id
+    from harness.run.execute import validate_cell
 
     return cell_id, lambda cfg: validate_cell(cfg, target)
 
@@ -507,15 +507,15 @@ def _fast_outcome(
     """The default hooks for a :class:`CellComposer`'s cells, without composing each cell.
 
     A cell is taken as plain data (:meth:`CellComposer.plain`) and validated by one
-    :class:`harness.run.CellValidator` for the whole plan (each check once per distinct
+    :class:`harness.run.execute.CellValidator` for the whole plan (each check once per distinct
     input, on the real config); a cell the shortcut does not cover is composed and validated
     as :func:`_outcome` does. None when ``compose`` is not a CellComposer's.
     """
     composer = getattr(compose, "__self__", None)
     if not isinstance(composer, CellComposer) or compose.__func__ is not CellComposer.compose:
         return None
-    from harness.identity import cell_id
-    from harness.run import CellValidator, validate_cell
+    from harness.config.identity import cell_id
+    from harness.run.execute import CellValidator, validate_cell
 
     validator = CellValidator(target)
     slow = _outcome(compose, cell_id, lambda cfg: validate_cell(cfg, target))
@@ -549,7 +549,7 @@ def _status(results_dir: str, sweep: str, cid: str, listings: dict) -> str | Non
 
 def _describe(err: BaseException) -> str:
     """One line per problem, the same line a single ``kbit-run`` of that cell would print."""
-    from harness.refusals import input_error_line
+    from harness.config.refusals import input_error_line
 
     line = input_error_line(err)
     if line is not None:
@@ -1006,10 +1006,10 @@ def report_outcome(
     (``done_before`` ok before this launch + the launched cells that finished, of all cells
     including ``held`` ones left to live jobs of an earlier launch). ``job_errors`` (error
     line -> cells) are the errors of jobs that left cells without a record of their own.
-    Before them, the launched cells' results table on stdout (``harness.report``: a row per
+    Before them, the launched cells' results table on stdout (``harness.run.report``: a row per
     task when few, a line per cell when many, at most 40 lines).
     """
-    from harness.report import print_results
+    from harness.run.report import print_results
 
     paths = [cell_path(c.results_dir, c.sweep, c.cell_id) for c in launched]
     statuses = [cell_status(p) for p in paths]

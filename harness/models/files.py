@@ -304,7 +304,7 @@ def _check_weights(folder: Path, *, require: bool) -> _Weights:
 
     Same preference as transformers: model.safetensors, its sharded index, then the pickle
     formats (read here and at load time only by torch's weights_only loader, see
-    :func:`harness.models.load_model`). With ``require`` False (a hub snapshot that downloads
+    :func:`harness.models.loading.load_model`). With ``require`` False (a hub snapshot that downloads
     weights at load time) absent files pass.
     """
     if (folder / SAFE_WEIGHTS).is_file():
@@ -515,7 +515,7 @@ def weights_problem(folder: Path, tensors: Tensors, weights_name: str, model: An
 def _config_weights_problem(folder: Path, config: dict, weights: _Weights) -> str:
     """:func:`weights_problem` where it can be decided without running code; "" otherwise.
 
-    Skipped (the load-time check in :func:`harness.models.load_model` still applies): a
+    Skipped (the load-time check in :func:`harness.models.loading.load_model` still applies): a
     hub snapshot whose weights are not all downloaded, a pre-quantized checkpoint
     (``quantization_config``: its tensors are not the model's), and a config.json that
     transformers cannot build on the meta device for a reason other than a bad value.
@@ -607,7 +607,7 @@ def _inspect_folder(folder: Path, *, hub: bool) -> tuple[ModelInfo | None, str, 
         if not hub:
             _check_tokenizer(folder)
         # The folder's own Python would build the model: nothing to compare with here
-        # without running it (the load-time check in harness.models still applies).
+        # without running it (the load-time check in harness.models.loading still applies).
         problem = "" if reason else _config_weights_problem(folder, config, weights)
         if problem:
             raise _Refused(problem)

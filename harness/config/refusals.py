@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from harness.config import ConfigError
+from harness.config.schema import ConfigError
 
 EXIT_FAILED, EXIT_REFUSED = 1, 2
 

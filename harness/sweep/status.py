@@ -3,9 +3,9 @@
 Why: on a cluster, jobs die without telling anyone (timeouts, preemption, OOM kills). The
 store itself is the truth for what finished: a cell is *done* when its record says ok, *failed*
 when its record holds an error. For what did not finish, the scheduler is asked: a cell held by
-a live job of a launch (its claim file, :mod:`harness.cluster.claims`) is *running* or *queued*
+a live job of a launch (its claim file, :mod:`harness.cluster.leases`) is *running* or *queued*
 as ``squeue`` says of that job; a cell the sweep planned (``sweep_manifest.json``, written by
-:mod:`harness.sweep` at launch) that has no record and no live job is *pending*. Re-launching
+:mod:`harness.sweep.plan` at launch) that has no record and no live job is *pending*. Re-launching
 the same command runs exactly the failed and pending cells (queued and running ones are left
 to their jobs).
 
@@ -136,7 +136,7 @@ def _read_outcome(path: Path) -> tuple[str, str, str | None]:
 
 def _count_live(result: SweepStatus, folder: Path) -> None:
     """Move cells held by live jobs from failed / pending to running / queued."""
-    from harness.cluster.claims import (
+    from harness.cluster.leases import (
         SchedulerUnavailable,
         ended_task_errors,
         held_cells,

@@ -6,10 +6,10 @@ is the unquantized baseline (recorded with method/dtype/dtype_family ``none``).
 Order of work, and what each failure does:
 
 ==============  ===============================================================================
-command line    :func:`prepare_command_line` (``harness.overrides``): no ``_target_``, plain config
+command line    :func:`prepare_command_line` (``harness.config.overrides``): no ``_target_``, plain config
                 group options, ``true``/``false`` booleans, nothing set beside a ``format=``;
                 ``~`` and ``$VAR`` in the user paths expanded once (Hydra's folders included)
-compose         Hydra checks types and keys against ``harness.config.CellConfig``
+compose         Hydra checks types and keys against ``harness.config.schema.CellConfig``
 validate        :func:`validate_cell`: every value rule, the results folder, the data type at k,
                 the model folder (config.json, weight files, remote code), the evaluation data
                 (files parse, task names exist), numerics and data sources resolved into the
@@ -18,13 +18,13 @@ run             :func:`run_cell`; a failure here (OOM, an lm-eval exception) wri
                 ``failed`` record holding the error; a NaN/inf in any evaluation writes
                 ``failed`` rows for the tasks it touched (never an ``ok`` accuracy).
 report          a single run prints the cell's results table on stdout, read back from its file
-                (``harness.report``; also for a cell already done); a sweep prints its launched
-                cells' table (``harness.sweep.report_outcome``)
+                (``harness.run.report``; also for a cell already done); a sweep prints its launched
+                cells' table (``harness.sweep.plan.report_outcome``)
 exit            0 when the cell is ok (or already done), 1 when it failed or its file could not
                 be written (one line, ``cannot write the cell file ...``), 2 when refused.
 ==============  ===============================================================================
 
-Identity (``harness.identity``): the cell id hashes the result-determining config with the
+Identity (``harness.config.identity``): the cell id hashes the result-determining config with the
 resolved device class, compute dtype and evaluation data sources. A SIGKILL leaves no record
 at all (the write is atomic).
 """
@@ -47,7 +47,28 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from harness.config import (
+from harness.config.identity import (
+    LOCAL,
+    Resolved,
+    Target,
+    cell_id,
+    dtype_overrides,
+    identity_data,
+    identity_hash,
+    model_numerics,
+    resolve,
+)
+from harness.config.overrides import check_format_config, conf_dir
+from harness.config.refusals import (
+    EXIT_FAILED,
+    EXIT_REFUSED,
+    CellRefused,
+    input_error_line,
+    one_line_errors,
+    target_overrides,
+    target_refusal_line,
+)
+from harness.config.schema import (
     USER_PATH_FIELDS,
     ConfigError,
     check_bits,
@@ -62,19 +83,8 @@ from harness.evaluate.datasets import check_text_file, resolve_text_path
 from harness.evaluate.tasks import check_context, check_files, check_task_names
 from harness.evaluate.zeroshot import split_tasks
 from harness.files import user_path, writable_dir_problem
-from harness.identity import (
-    LOCAL,
-    Resolved,
-    Target,
-    cell_id,
-    dtype_overrides,
-    identity_data,
-    identity_hash,
-    model_numerics,
-    resolve,
-)
-from harness.models import LoadedModel, guess_family, load_model
-from harness.overrides import check_format_config, conf_dir
+from harness.models.loading import LoadedModel, guess_family, load_model
+from harness.models.training_tokens import train_tokens
 from harness.provenance import device_name, provenance_fields
 from harness.quantize.methods import settings_dict
 from harness.records import (
@@ -89,16 +99,6 @@ from harness.records import (
     to_table,
     write_cell,
 )
-from harness.refusals import (
-    EXIT_FAILED,
-    EXIT_REFUSED,
-    CellRefused,
-    input_error_line,
-    one_line_errors,
-    target_overrides,
-    target_refusal_line,
-)
-from harness.training_tokens import train_tokens
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def validate_cell(cfg: DictConfig, target: Target = LOCAL) -> Resolved:
     Returns the resolved numerics and data sources (what the cell id is computed from).
     Every check that can fail after hours of work is made here first, including building a
     trial record: a value that cannot be stored fails now, not after the evaluation. The
-    user paths are read as :func:`harness.config.with_user_paths` reads them (``~``, ``$VAR``).
+    user paths are read as :func:`harness.config.schema.with_user_paths` reads them (``~``, ``$VAR``).
     """
     try:
         cfg = with_user_paths(cfg)
@@ -286,7 +286,7 @@ class CellValidator:
 
     def __call__(self, cell: dict[str, Any], make_cfg: Any) -> tuple[Resolved, str]:
         """(resolved, cell id) of the cell, or what ``validate_cell(make_cfg(), target)``
-        raises; the id is ``harness.identity.cell_id(cfg, resolved)``."""
+        raises; the id is ``harness.config.identity.cell_id(cfg, resolved)``."""
         composed: list[DictConfig] = []
 
         def cfg() -> DictConfig:
@@ -424,7 +424,7 @@ class ModelCache:
 
 def _quantize(cfg: DictConfig, loaded: LoadedModel, calibration: Any = None) -> dict[str, Any]:
     """Quantize in place (or not, at 16 bit); returns the record fields it determines."""
-    from harness.models import count_params
+    from harness.models.loading import count_params
     from harness.quantize import quantize_model
     from harness.quantize.model import count_bits
 
@@ -452,7 +452,7 @@ def _quantize(cfg: DictConfig, loaded: LoadedModel, calibration: Any = None) -> 
 
 def _calibration(cfg: DictConfig, loaded: LoadedModel) -> Any:
     """Calibration token ids for a method that needs them (GPTQ's protocol), else None."""
-    from harness.calibration import calibration_text
+    from harness.evaluate.calibration import calibration_text
     from harness.evaluate.datasets import token_ids
     from harness.evaluate.perplexity import default_seqlen
     from harness.quantize.gptq import calibration_ids
@@ -714,7 +714,7 @@ def record_cell(cfg: DictConfig, model_cache: ModelCache | None = None) -> tuple
 
 def _hydra_task(cfg: DictConfig) -> None:
     """One cell as Hydra runs it. A single run prints the cell's results table on stdout
-    (``harness.report.print_results``). In a multirun the cell's progress bars, prints and INFO
+    (``harness.run.report.print_results``). In a multirun the cell's progress bars, prints and INFO
     lines go to its job log file (``harness.progress.cell_output``; ``KBIT_VERBOSE=1`` or
     ``hydra.verbose=true`` keeps them on the terminal) and the sweep's progress line counts it.
     """
@@ -722,7 +722,7 @@ def _hydra_task(cfg: DictConfig) -> None:
     from hydra.types import RunMode
 
     from harness import progress
-    from harness.report import print_results
+    from harness.run.report import print_results
 
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if not multirun:  # a single cell ends with its results table (also when already done)
@@ -787,7 +787,7 @@ def main() -> None:
 
 
 def prepare_command_line(argv: list[str]) -> list[str]:
-    """``argv`` checked and normalised before Hydra composes (:mod:`harness.overrides`).
+    """``argv`` checked and normalised before Hydra composes (:mod:`harness.config.overrides`).
 
     Refuses (:class:`ConfigError`, one line) an override Hydra's grammar rejects, a config
     group option that is not a plain name, a non-boolean value of a boolean setting, and a
@@ -795,7 +795,7 @@ def prepare_command_line(argv: list[str]) -> list[str]:
     ``data_root``, ``zoo_dir`` and the ``KBIT_*`` path variables, in ``os.environ``) to the
     expanded path, so this process and every job a launcher starts compose the same path.
     """
-    from harness.overrides import (
+    from harness.config.overrides import (
         check_overrides,
         command_overrides,
         expand_path_env,

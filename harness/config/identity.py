@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import device_problem, mean_tasks
+from harness.config.schema import device_problem, mean_tasks
 from harness.records import BASELINE_BITS
 
 NON_RESULT_FIELDS = (
@@ -105,7 +105,7 @@ def dtype_overrides(cfg: DictConfig) -> dict[str, Any]:
 
 def _numerics(model: str, zoo_dir: str, trust: bool, device: str, compute_dtype: str,
               target: Target) -> tuple[str, str, Path | None]:  # fmt: skip
-    from harness.models import inspect_model, resolve_numerics
+    from harness.models.loading import inspect_model, resolve_numerics
 
     info = inspect_model(model, zoo_dir, trust_remote_code=trust)
     device_class, dtype = resolve_numerics(
@@ -119,11 +119,11 @@ def model_numerics(cfg: DictConfig, target: Target = LOCAL) -> tuple[str, str, P
     """(device class, compute dtype, local model folder or None) of a cell, loading no weights.
 
     Raises a one-line ValueError for a model folder that cannot load (see
-    ``harness.models.inspect_model``, which keeps what it read per folder until a file in it
+    ``harness.models.loading.inspect_model``, which keeps what it read per folder until a file in it
     changes: never stale). A sweep plan asks once per (model, settings) in
-    ``harness.run.CellValidator``.
+    ``harness.run.execute.CellValidator``.
 
-    This is the validation's step (``harness.run.validate_cell``), so with the ``LOCAL``
+    This is the validation's step (``harness.run.execute.validate_cell``), so with the ``LOCAL``
     target (the cell runs on this host, not in a planned job) a device this host lacks is
     refused too (:func:`device_problem`). :func:`resolve` and :func:`cell_id` skip that
     check: a cell's identity can be computed anywhere.
@@ -170,8 +170,8 @@ def resolve(cfg: DictConfig, target: Target = LOCAL) -> Resolved:
 
 def calibration_of(cfg: DictConfig) -> Any:
     """The calibration source of a quantized cell whose method needs data, else None."""
-    from harness.calibration import calibration_source
-    from harness.config import method_settings
+    from harness.config.schema import method_settings
+    from harness.evaluate.calibration import calibration_source
     from harness.quantize.methods import get_method
 
     if cfg.bits == BASELINE_BITS:

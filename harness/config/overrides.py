@@ -5,7 +5,7 @@ OmegaConf turns ``quantize_head=2`` (or ``yes``) into ``True``; a config-group o
 ``+sweeps@_global_=../../../x`` is a file path Hydra loads; a ``_target_`` inside an override
 *value* is an import path Hydra calls; and a format (``format=nvfp4``) loses to a field set
 beside it (``block_size=64``) without a trace in the composed config. Each is refused here in
-one line (:class:`harness.config.ConfigError`).
+one line (:class:`harness.config.schema.ConfigError`).
 
 Paths: ``results_dir``, ``data_root`` and ``zoo_dir`` given on the command line, and the
 ``KBIT_*`` path variables, are rewritten to the path :func:`harness.files.user_path` reads
@@ -24,7 +24,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from harness.config import CellConfig, ConfigError
+from harness.config.schema import CellConfig, ConfigError
 from harness.dtypes.spec import DtypeSpec
 from harness.files import PathError, user_path
 
