@@ -509,7 +509,8 @@ def test_index_lines_round_trip_and_reject_damage():
 def test_the_manifest_is_read_as_the_sweep_planner_writes_it(tmp_path):
     """kbit-status reads the manifest with the planner's own reader (one definition), and
     reads what the planner writes; anything unreadable is no manifest, never a crash."""
-    from harness import store_cli, sweep
+    from harness import store_cli
+    from harness.sweep import plan as sweep
 
     assert sweep.read_manifest is store_cli.read_manifest
     assert sweep.MANIFEST == store_cli.MANIFEST_NAME

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from test_models_tiny import tiny_config, tiny_tokenizer
 
 from harness.models.loading import CheckpointMismatch, inspect_model, load_model
-from harness.models.loading import files as model_files
+from harness.models import files as model_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF = REPO_ROOT / "conf"

@@ -32,7 +32,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from harness import sweep as sweep_module
+from harness.sweep import plan as sweep_module
 from harness.records import STATUS_OK, cell_files, cell_path, empty_record, read_store, write_cell
 from harness.sweep.plan import (
     MANIFEST,

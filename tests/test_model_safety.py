@@ -20,7 +20,8 @@ import pytest
 import torch
 from test_models_tiny import FAMILIES, save_tiny, tiny_model
 
-from harness import model_files, models
+from harness.models import files as model_files
+from harness.models import loading as models
 from harness.models.loading import (
     ModelInfo,
     count_params,
