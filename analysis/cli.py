@@ -1,4 +1,9 @@
-"""``kbit-plot RESULTS_DIR --out DIR`` and ``kbit-advise RESULTS_DIR --budget 4GiB``."""
+"""``kbit-plot RESULTS_DIR --out DIR`` and ``kbit-advise RESULTS_DIR --budget 4GiB``.
+
+The commands only: the figures are declared in :mod:`analysis.plot_figures` (registered in
+:mod:`analysis.figure_registry`), the tables in :mod:`analysis.plot_tables`, the held-out view
+in :mod:`analysis.heldout`, the claims in :mod:`analysis.claims`.
+"""
 
 from __future__ import annotations
 
@@ -14,41 +19,32 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from analysis.advise import NothingFits, advise, format_advice, parse_budget
 from analysis.claims import claims_report, write_findings
-from analysis.figures import (
-    DEFAULT_PPL_CAP,
-    FORMATS,
-    block_size_figure,
-    dtype_figure,
-    method_figure,
-    perplexity_figure,
-    proxy_centering_figure,
-    save_figure,
-    scaling_figure,
+from analysis.figure_registry import (
+    figure_spec,
+    load_figure_plugins,
+    registered_figures,
+    save_registered,
 )
+from analysis.figures import DEFAULT_PPL_CAP, FORMATS, save_figure
 from analysis.heldout import heldout_figures
-from analysis.load import ACC_COLUMN, LEGACY_HINT, Results, fill_config_defaults, load_results
-from analysis.selection import half_scores, same_examples
-from analysis.stats import (
-    PAPER_PPL_ACC_R,
-    correlation_caveat,
-    ppl_acc_correlation,
-    stable_cells,
+from analysis.load import LEGACY_HINT, Results, load_results
+from analysis.plot_figures import (
+    PlotInputs,
+    accuracy_curves,
+    build_figure,
+    figure_skip_reason,
+    main_curves_for,
 )
-from analysis.tables import (
-    SELECTIONS,
-    best_config_table,
-    bit_optimal_table,
-    cell_table,
-    default_budgets,
-    main_curves,
-    to_markdown,
-    with_window_stderr,
+from analysis.plot_tables import (
+    correlation_lines,
+    make_tables,
+    ppl_columns,
+    problems_frame,
 )
-from harness.records import BASELINE_BITS
+from analysis.tables import SELECTIONS, with_window_stderr
 from harness.store_cli import (
     OneLineParser,
     StoreRefusal,
@@ -64,11 +60,31 @@ from harness.store_cli import (
 
 log = logging.getLogger("analysis")
 
-
-def ppl_columns(cells: pd.DataFrame) -> list[str]:
-    """The ``<task>:ppl`` columns present, wikitext2 first (the paper's perplexity set)."""
-    cols = sorted(c for c in cells.columns if c.endswith(":ppl"))
-    return sorted(cols, key=lambda c: c != "wikitext2:ppl")
+# The plot path's figure names, declared once (analysis.plot_figures); plugin figures are added
+# to the registry at run time (load_figure_plugins), not to this tuple.
+FIGURE_NAMES = tuple(spec.name for spec in registered_figures("plot"))
+# Names that moved to analysis.plot_figures / analysis.plot_tables, importable from here still.
+__all__ = [
+    "ADVISE",
+    "FIGURE_NAMES",
+    "MIN_N_BOOT",
+    "PLOT",
+    "accuracy_curves",
+    "advise_main",
+    "auto_ppl_cap",
+    "build_figure",
+    "checked_store",
+    "correlation_lines",
+    "default_jobs",
+    "figure_skip_reason",
+    "main_curves_for",
+    "make_figures",
+    "make_tables",
+    "path_figures",
+    "plot_main",
+    "ppl_columns",
+    "problems_frame",
+]
 
 
 def auto_ppl_cap(cells: pd.DataFrame, ppl_column: str | None) -> float:
@@ -86,92 +102,11 @@ def auto_ppl_cap(cells: pd.DataFrame, ppl_column: str | None) -> float:
     return 4.0 * worst
 
 
-def _write_table(frame: pd.DataFrame, out: Path, name: str) -> list[Path]:
-    """``name.csv`` and ``name.md``; nothing (one INFO line) for a table without rows."""
-    if frame.empty:
-        log.info("skipped %s.csv, %s.md: no rows", name, name)
-        return []
-    csv, md = out / f"{name}.csv", out / f"{name}.md"
-    frame.to_csv(csv, index=False)
-    md.write_text(to_markdown(frame))
-    return [csv, md]
-
-
-FIGURE_NAMES = ("scaling_acc", "scaling_ppl", "block_size_k{k}", "dtype_k{k}",
-                "proxy_centering_k{k}", "method_k{k}", "method_ppl_k{k}")  # fmt: skip
-
-
-def build_figure(
-    name: str,
-    cells: pd.DataFrame,
-    k: int,
-    ppl_column: str | None,
-    cap: float,
-    curves: dict[str, pd.DataFrame] | None = None,
-) -> Figure | None:
-    """One of :data:`FIGURE_NAMES` (``{k}`` filled in), or None if the data do not support it.
-
-    ``curves``: ``{"acc": ..., "ppl": ...}`` main curves (:func:`main_curves_for`); computed
-    here without per-example results (fixed-rule fallback) if not given.
-    """
-    curves = curves or {}
-    builders = {
-        "scaling_acc": lambda: scaling_figure(
-            cells, ACC_COLUMN, "mean zero-shot accuracy", curves=curves.get("acc")
-        ),
-        "scaling_ppl": lambda: (
-            perplexity_figure(cells, ppl_column, cap, curves=curves.get("ppl"))
-            if ppl_column
-            else None
-        ),
-        f"block_size_k{k}": lambda: block_size_figure(cells, k),
-        f"dtype_k{k}": lambda: dtype_figure(cells, k),
-        f"proxy_centering_k{k}": lambda: proxy_centering_figure(cells, k),
-        f"method_k{k}": lambda: method_figure(cells, k),
-        f"method_ppl_k{k}": lambda: method_figure(cells, k, ppl_column) if ppl_column else None,
-    }
-    return builders[name]()
-
-
-def accuracy_curves(
-    cells: pd.DataFrame,
-    per_sample: pd.DataFrame | None,
-    selection: str = "split",
-    method: str = "blockwise",
-) -> pd.DataFrame:
-    """The accuracy main curves, every point of a family on the same examples.
-
-    :func:`analysis.tables.main_curves` reports a selected configuration on held-out half B
-    and a group with nothing to choose (the 16-bit baseline) on all examples;
-    :func:`analysis.selection.same_examples` moves the latter to half B wherever the family
-    holds a half-B point, so that a figure or table never sets a point on half of the
-    examples beside its baseline on all of them.
-    """
-    curves = main_curves(cells, ACC_COLUMN, per_sample, selection, method=method)
-    scores = half_scores(per_sample) if per_sample is not None else None
-    return same_examples(curves, scores, ACC_COLUMN)
-
-
-def main_curves_for(
-    cells: pd.DataFrame,
-    ppl_column: str | None,
-    per_sample: pd.DataFrame | None,
-    selection: str = "split",
-) -> dict[str, pd.DataFrame]:
-    """The accuracy and perplexity main curves, with one selection for both figures."""
-    curves = {"acc": accuracy_curves(cells, per_sample, selection)}
-    if ppl_column and ppl_column in cells.columns:
-        # NaN perplexity stays on its curve as inf, so the figure can mark it unstable.
-        filled = cells.assign(**{ppl_column: cells[ppl_column].fillna(np.inf)})
-        curves["ppl"] = main_curves(filled, ppl_column, per_sample, selection)
-    return curves
-
-
 def _render(job: tuple) -> list[Path] | None:
     """Build one figure and save it in one format (a unit of work for the process pool)."""
-    name, fmt, cells, out, k, ppl_column, cap, curves = job
-    fig = build_figure(name, cells, k, ppl_column, cap, curves)
-    return None if fig is None else save_figure(fig, out, name, formats=(fmt,))
+    spec_name, name, fmt, inputs, out = job
+    spec = figure_spec(spec_name)  # by name: a spec's functions need not pickle
+    return save_registered(spec, inputs, out, save_figure, name=name, formats=(fmt,))
 
 
 def default_jobs() -> int:
@@ -181,67 +116,17 @@ def default_jobs() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
-def _plain_at_k(cells: pd.DataFrame, k: int, y: str | None) -> pd.DataFrame:
-    """Cells at k with a ``y`` value, config defaults filled, ``_dtype`` = name + overrides."""
-    if y is None or y not in cells.columns:
-        return cells.iloc[0:0]
-    sub = fill_config_defaults(cells[(cells["bits"] == k) & cells[y].notna()])
-    return sub.assign(_dtype=sub["dtype"].astype(str) + "|" + sub["dtype_overrides"].astype(str))
-
-
-def figure_skip_reason(
-    name: str,
-    cells: pd.DataFrame,
-    k: int,
-    ppl_column: str | None,
-    curves: dict[str, pd.DataFrame],
-) -> str | None:
-    """Why figure ``name`` would have nothing to compare, or None when it has something.
-
-    Why before drawing: a figure with no cell to draw (no perplexity task, nothing at k,
-    no family with both a curve and its baseline) is not written, and the command says why
-    in one line. These checks are necessary conditions only: what a figure compares (two
-    lines, or a line and its 16-bit baseline) is decided by the figure function itself,
-    which returns None when its cells compare nothing (:func:`make_figures` then names
-    that), so the rule lives in one place (:mod:`analysis.figures`).
-    """
-    if name in ("scaling_acc", "scaling_ppl"):
-        y = ACC_COLUMN if name == "scaling_acc" else ppl_column
-        if y is None:
-            return "the store has no perplexity task"
-        frame = curves.get("acc" if name == "scaling_acc" else "ppl")
-        if frame is None or frame.empty:
-            return f"no plain block-wise or 16-bit cell has {y}"
-        base = frame["bits"] == BASELINE_BITS
-        if not set(frame.loc[base, "model_family"]) & set(frame.loc[~base, "model_family"]):
-            return f"no family has both a k curve and a 16-bit baseline with {y}"
-        return None
-    y = ppl_column if name.startswith("method_ppl_k") else ACC_COLUMN
-    if y is None:
-        return "the store has no perplexity task"
-    sub = _plain_at_k(cells, k, y)
-    if sub.empty:
-        return f"no cell at k={k} has {y}"
-    plain = sub[(sub["method"] == "blockwise") & ~sub["centering"].astype(bool)]
-    if name.startswith(("block_size_k", "dtype_k")):
-        if plain.empty:
-            return f"no plain block-wise cell at k={k}"
-    elif name.startswith("proxy_centering_k"):
-        special = (sub["method"] == "proxy") | sub["centering"].astype(bool)
-        if not special.any():
-            return f"no proxy or centered cell at k={k}"
-        both = sub[sub["method"].isin(["blockwise", "proxy"])]
-        kinds = both["method"].astype(str) + both["centering"].astype(bool).map(str)
-        kinds = kinds + both["outlier_fraction"].map(str).where(both["method"] == "proxy", "")
-        if kinds.nunique() < 2:
-            return (
-                f"only one kind of cell at k={k} (nothing to set the proxy/centered cells against)"
-            )
-    elif name.startswith(("method_k", "method_ppl_k")):
-        others = sub[~sub["method"].isin(["proxy", "none"]) & ~sub["centering"].astype(bool)]
-        if others.empty:
-            return f"no cell of a method other than proxy at k={k}"
-    return None
+def path_figures(path: str, inputs: object, out: Path) -> list[Path]:
+    """Every figure registered on ``path`` (:mod:`analysis.figure_registry`) drawn from
+    ``inputs`` and saved into ``out`` (PNG + PDF); a declined figure is one INFO line."""
+    paths: list[Path] = []
+    for spec in registered_figures(path):
+        reason = spec.skip_reason(inputs) if spec.skip_reason else None
+        saved = None if reason else save_registered(spec, inputs, out, save_figure)
+        if saved is None:
+            log.info("skipped %s: %s", _files_text(spec.name), reason or "nothing to compare")
+        paths += saved or []
+    return paths
 
 
 def _files_text(name: str) -> str:
@@ -277,14 +162,15 @@ def make_figures(
     if jobs < 1:
         raise ValueError(f"jobs={jobs}: must be >= 1")
     curves = main_curves_for(cells, ppl_column, per_sample, selection)
-    names = []
-    for name in (n.format(k=k) for n in FIGURE_NAMES):
-        reason = figure_skip_reason(name, cells, k, ppl_column, curves)
+    inputs = PlotInputs(cells, k, ppl_column, cap, curves)
+    specs = []
+    for spec in registered_figures("plot"):
+        reason = spec.skip_reason(inputs) if spec.skip_reason else None
         if reason is None:
-            names.append(name)
+            specs.append(spec)
         else:
-            log.info("skipped %s: %s", _files_text(name), reason)
-    work = [(n, fmt, cells, out, k, ppl_column, cap, curves) for n in names for fmt in FORMATS]
+            log.info("skipped %s: %s", _files_text(spec.file_name(k)), reason)
+    work = [(s.name, s.file_name(k), fmt, inputs, out) for s in specs for fmt in FORMATS]
     if not work:
         return []
     if jobs == 1:
@@ -293,7 +179,7 @@ def make_figures(
         with ProcessPoolExecutor(min(jobs, len(work)), mp_context=mp.get_context("fork")) as pool:
             results = list(pool.map(_render, work))
     paths: list[Path] = []
-    for (name, fmt, *_), saved in zip(work, results, strict=True):
+    for (_, name, fmt, *_), saved in zip(work, results, strict=True):
         if saved is None:
             if fmt == FORMATS[0]:
                 log.info(
@@ -305,106 +191,6 @@ def make_figures(
             continue
         paths += saved
     return paths
-
-
-def problems_frame(results: Results) -> pd.DataFrame:
-    """One row per unreadable cell file: its path and why (for ``skipped_files.*``)."""
-    return pd.DataFrame(
-        [(str(p), reason) for p, reason in results.problems], columns=["file", "reason"]
-    )
-
-
-def _bit_optimal(curves: pd.DataFrame, budgets: np.ndarray, out: Path, name: str) -> list[Path]:
-    """One bit-optimal table, or nothing (one INFO line) when it would compare nothing."""
-    ks = sorted(int(k) for k in curves["bits"].unique()) if not curves.empty else []
-    if len(ks) < 2:
-        what = f"only k={ks[0]}" if ks else f"no cell has {ACC_COLUMN}"
-        log.info("skipped %s.csv, %s.md: %s (nothing to compare)", name, name, what)
-        return []
-    return _write_table(bit_optimal_table(curves, budgets), out, name)
-
-
-def correlation_lines(cells: pd.DataFrame, cap: float) -> list[str]:
-    """The ``stats.md`` lines of the perplexity-accuracy correlation, each ppl task one,
-    followed by a plain-language caveat where r's sign differs from the paper's
-    (:func:`analysis.stats.correlation_caveat`)."""
-    lines = []
-    for col in ppl_columns(cells):
-        r, n = ppl_acc_correlation(cells, col, ACC_COLUMN, cap=cap)
-        lines.append(
-            f"- Pearson r({col}, {ACC_COLUMN}) = {r:.3f} over {n} stable cells "
-            f"(ppl <= {cap:g}); the paper reports {PAPER_PPL_ACC_R:g}"
-        )
-        stable = stable_cells(cells, col, cap)
-        se_col = f"{ACC_COLUMN}:stderr"
-        caveat = correlation_caveat(
-            r,
-            n,
-            acc=stable[ACC_COLUMN],
-            acc_stderr=stable[se_col] if se_col in stable.columns else None,
-        )
-        if caveat:
-            lines.append(f"  - {caveat}")
-    return lines
-
-
-def make_tables(
-    results: Results,
-    out: Path,
-    ppl_column: str | None,
-    cap: float,
-    per_sample: pd.DataFrame | None = None,
-    selection: str = "split",
-) -> list[Path]:
-    """bit_optimal_k, best_config, cells, failed_cells, skipped_files (.md + .csv), stats.md.
-
-    The bit-optimal table rests on the selection-corrected main curves (every point of a
-    family on the same examples: :func:`accuracy_curves`) and the best-config table on
-    held-out accuracies when ``per_sample`` is given (docs/analysis.md). A table without
-    rows, or a bit-optimal table of a single k, is not written (one INFO line each).
-    """
-    cells = results.cells
-    paths = _write_table(cell_table(cells), out, "cells")
-    if not results.failed.empty:
-        paths += _write_table(results.failed, out, "failed_cells")
-    if results.problems:
-        paths += _write_table(problems_frame(results), out, "skipped_files")
-    if ACC_COLUMN not in cells.columns:
-        for name in ("bit_optimal_k", "best_config"):
-            log.info("skipped %s.csv, %s.md: no cell has %s", name, name, ACC_COLUMN)
-        log.info("skipped stats.md: no cell has %s", ACC_COLUMN)
-        return paths
-    curves = accuracy_curves(cells, per_sample, selection)
-    budgets = default_budgets(curves)
-    paths += _bit_optimal(curves, budgets, out, "bit_optimal_k")
-    others = sorted(set(cells["method"]) - {"blockwise", "proxy", "none"})
-    for method in others:  # every other method's own curves (e.g. gptq, hqq), same budgets
-        mcurves = accuracy_curves(cells, per_sample, selection, method=method)
-        paths += _bit_optimal(mcurves, budgets, out, f"bit_optimal_k_{method}")
-    paths += _write_table(
-        best_config_table(cells, budgets, per_sample=per_sample), out, "best_config"
-    )
-    lines = ["# Statistics", "", *correlation_lines(cells, cap)]
-    lines.append(f"- main curves: selection={selection} ({_SELECTION_DOC[selection]})")
-    if results.failed.shape[0]:
-        lines.append(f"- {len(results.failed)} failed cell(s) dropped (failed_cells.md)")
-    if results.problems:
-        lines.append(
-            f"- {len(results.problems)} unreadable cell file(s) skipped (skipped_files.md)"
-        )
-    if results.n_legacy:
-        lines.append(
-            f"- {results.n_legacy} legacy cell(s) (schema_version < 2) excluded; {LEGACY_HINT}"
-        )
-    (out / "stats.md").write_text("\n".join(lines) + "\n")
-    return [*paths, out / "stats.md"]
-
-
-_SELECTION_DOC = {
-    "split": "configuration chosen on half A of the examples, accuracy on held-out half B; "
-    "in a family where a choice was made, every point is on half B, baselines included",
-    "fixed": "configuration chosen by coverage, then label; no accuracy used",
-}
 
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
@@ -485,6 +271,10 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
     except StoreRefusal as err:
         return refuse(PLOT, err)
     _logging(args)
+    try:
+        load_figure_plugins()  # a plugin's figures are registered before any is listed
+    except ValueError as err:  # harness.plugins.PluginError: one line naming the plugin
+        return refuse(PLOT, err)
     results = _load(root, args)
     if results.cells.empty:
         where = f" (sweeps {args.sweep})" if args.sweep else ""
@@ -505,7 +295,9 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
     paths += make_tables(results, out, ppl_column, cap, per_sample, args.selection)
     paths += heldout_figures(results, out, task=args.ppl_task)  # [] without per-window NLL
     if args.report:
-        paths += write_findings(claims_report(results, nll_task=args.ppl_task), out)
+        report = claims_report(results, nll_task=args.ppl_task)
+        paths += write_findings(report, out)
+        paths += path_figures("claims", report, out)  # none built in; plugins may add some
     log.info("wrote %d file(s) to %s", len(paths), out)
     if not any(p.suffix.lstrip(".") in FORMATS for p in paths):
         sys.stderr.write(

@@ -28,25 +28,45 @@ recorded lm-eval stderr (on held-out half B where the point is reported there); 
 (a scaling panel needs a k line and the 16-bit baseline; the other figures two lines); a figure
 with no such panel is not built (the function returns None). The log2 x axis labels at least
 three ticks whenever the data span a quarter of an octave (:class:`Pow2Locator`).
+
+The shared look (palette, panels, axes, saving) is in :mod:`analysis.figure_style`; each
+figure is registered for kbit-plot in :mod:`analysis.plot_figures`.
+
+Why one module: the six figure functions share their panel, variant-label and hue-line
+helpers (``_hue_lines``, ``_with_variant``, ``_panel_variants``); splitting the figures across
+modules would turn those helpers into a public interface that no caller outside needs.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import textwrap
-from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, Locator, LogLocator, NullFormatter
 
+from analysis.figure_style import (
+    BASELINE_COLOR,
+    DEFAULT_PPL_CAP,
+    FORMATS,
+    LINESTYLES,
+    MARKERS,
+    MIN_X_TICKS,
+    OKABE_ITO,
+    Pow2Locator,
+    draw_points,
+    finish_axis,
+    interval_caption,
+    line_style,
+    log_y_axis,
+    panels,
+    pow2_label,
+    save_figure,
+    ylabel_text,
+)
 from analysis.load import ACC_COLUMN, fill_config_defaults
 from analysis.tables import (
     ESTIMATE_HELDOUT,
-    INTERVAL_LEVEL,
     QUANT_CONFIG,
     VARIANT_COLUMNS,
     config_keys,
@@ -61,145 +81,27 @@ from harness.records import BASELINE_BITS
 
 log = logging.getLogger(__name__)
 
-# Okabe & Ito (2008), colour-blind safe; black is kept for the 16-bit baseline.
-OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442"]
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">"]
-BASELINE_COLOR = "#000000"
-DEFAULT_PPL_CAP = 100.0
-FORMATS = ("png", "pdf")
-
-
-LINESTYLES = ["-", "-.", ":"]
-
-
-def line_style(i: int) -> dict:
-    """Colour, marker and (past the palette's length) line style: distinct without colour."""
-    n = len(OKABE_ITO)
-    return {
-        "color": OKABE_ITO[i % n],
-        "marker": MARKERS[i % len(MARKERS)],
-        "ls": LINESTYLES[(i // n) % len(LINESTYLES)],
-    }
-
-
-def _ylabel(y: str) -> str:
-    return "mean zero-shot accuracy" if y == ACC_COLUMN else y
-
-
-def _panels(families: Sequence[str], title: str, caption: str = "") -> tuple[Figure, list]:
-    n = max(len(families), 1)
-    ncols = min(n, 3)
-    nrows = math.ceil(n / ncols)
-    width, height = 4.4 * ncols, 3.5 * nrows + 0.75
-    # Fixed margins in inches instead of a layout engine: constrained layout measured every
-    # text twice per save and took ~40% of the plotting time; the panels here are uniform.
-    fig = Figure(figsize=(width, height))
-    grid = dict(left=0.75 / width, right=1 - 0.2 / width, bottom=0.6 / height,
-                top=1 - 1.1 / height, wspace=0.35, hspace=0.5)  # fmt: skip
-    axes = fig.subplots(nrows, ncols, squeeze=False, gridspec_kw=grid).ravel().tolist()
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    # a long title on one narrow panel shrinks to fit (~11 characters an inch at 12 pt)
-    size = min(12.0, max(8.0, 12.0 * 11 * width / max(len(title), 1)))
-    fig.suptitle(title, y=1 - 0.1 / height, va="top", fontsize=size)
-    if caption:  # what the bars are, wrapped to the figure's width (~15 characters an inch)
-        text = "\n".join(textwrap.wrap(caption, width=int(15 * width)))
-        fig.text(0.5, 1 - 0.4 / height, text, ha="center", va="top", fontsize=7.5,
-                 color="0.25")  # fmt: skip
-    return fig, axes[:n]
-
-
-MIN_X_TICKS = 3
-_POW2_STEPS = (16.0, 8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125)  # octaves between labelled ticks
-
-
-class Pow2Locator(Locator):
-    """Ticks at powers of two, ``2^(j * step)``: the widest step that puts at least
-    :data:`MIN_X_TICKS` ticks in view (whole octaves where the data span them, then halves,
-    quarters and eighths), so that a narrow span (a family of three small models) still reads.
-    """
-
-    def __call__(self) -> np.ndarray:
-        lo, hi = self.axis.get_view_interval()
-        return self.tick_values(lo, hi)
-
-    def tick_values(self, vmin: float, vmax: float) -> np.ndarray:
-        lo, hi = sorted((float(vmin), float(vmax)))
-        if not (lo > 0 and np.isfinite(hi)):
-            return np.array([])
-        a, b = math.log2(lo), math.log2(hi)
-        ticks = np.array([])
-        for step in _POW2_STEPS:
-            ticks = np.arange(math.ceil(a / step - 1e-9), math.floor(b / step + 1e-9) + 1) * step
-            if ticks.size >= MIN_X_TICKS:
-                break
-        return 2.0**ticks
-
-
-def pow2_label(x: float, _pos: int) -> str:
-    """'2^30', '2^20.5', '2^20.25' as plain text (mathtext tick labels cost a third of the
-    plotting time); '' for a value that is not a power of two on an eighth-octave grid."""
-    e = math.log2(x) if x > 0 else float("nan")
-    q = round(e * 8) / 8
-    if not abs(e - q) < 1e-9:
-        return ""
-    return f"2^{round(q)}" if q == round(q) else f"2^{q:g}"
-
-
-def _log_y(ax) -> None:
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
-
-
-def _finish_axis(ax, title: str, ylabel: str) -> None:
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_locator(Pow2Locator())
-    ax.xaxis.set_major_formatter(FuncFormatter(pow2_label))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.tick_params(axis="x", labelsize=8)
-    ax.set_xlabel("total model bits (log2)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(str(title), fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, frameon=False)
-
-
-def interval_caption(y: str, estimate: str = "", drawn: bool = True) -> str:
-    """What the bars are, in words (each figure states it under its title); ``drawn``
-    False: no point had an interval, and the caption says why instead."""
-    pct = round(100 * INTERVAL_LEVEL)
-    if not drawn:
-        what = ("no intervals: no per-window NLL given (analysis.tables.with_window_stderr)"
-                if y.endswith(":ppl") else "no intervals: no stderr recorded")  # fmt: skip
-    elif y.endswith(":ppl"):
-        what = (f"bars: {pct}% CI of exp(mean NLL), t over batch means of contiguous text "
-                "windows")  # fmt: skip
-    else:
-        what = f"bars: {pct}% CI, normal approx. from lm-eval's stderr"
-    if estimate:
-        what += f"; accuracy and its stderr (lm-eval's rule) on {estimate}"
-    return what
-
-
-def _draw_points(ax, x, y, low, high, label: str, style: dict) -> None:
-    """A line, and an error bar (no caps) on every point that has an interval (NaN: none).
-
-    The bars are a separate ``errorbar(fmt="none")`` (an ErrorbarContainer holding only a
-    LineCollection), so the axes' lines stay one per legend entry.
-    """
-    x = np.asarray(x, dtype=float)
-    y = np.asarray(y, dtype=float)
-    style = {"lw": 1.4, "ms": 4, **style}
-    ax.plot(x, y, label=label, **style)
-    low, high = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
-    if not (np.isfinite(low) & np.isfinite(high)).any():
-        return
-    yerr = np.vstack([np.clip(y - low, 0, None), np.clip(high - y, 0, None)])
-    ax.errorbar(x, y, yerr=yerr, fmt="none", ecolor=style["color"], elinewidth=0.9,
-                capsize=0, alpha=0.8)  # fmt: skip
+_finish_axis = finish_axis  # its name before the style moved to analysis.figure_style
+__all__ = [
+    "BASELINE_COLOR",
+    "DEFAULT_PPL_CAP",
+    "FORMATS",
+    "LINESTYLES",
+    "MARKERS",
+    "MIN_X_TICKS",
+    "OKABE_ITO",
+    "Pow2Locator",
+    "block_size_figure",
+    "dtype_figure",
+    "interval_caption",
+    "line_style",
+    "method_figure",
+    "perplexity_figure",
+    "pow2_label",
+    "proxy_centering_figure",
+    "save_figure",
+    "scaling_figure",
+]
 
 
 def _panel_variants(frame: pd.DataFrame, panel: str = "model_family") -> tuple[pd.Series, dict]:
@@ -272,14 +174,14 @@ def _hue_lines(
     hues = sorted(cells[hue].dropna().unique(), key=lambda v: (isinstance(v, str), v))
     titles = titles or {}
     drawn = bool(np.isfinite(low).any())
-    fig, axes = _panels(families, title, interval_caption(y, drawn=drawn))
+    fig, axes = panels(families, title, interval_caption(y, drawn=drawn))
     for ax, fam in zip(axes, families, strict=True):
         sub = cells[cells["model_family"] == fam]
         for i, h in enumerate(hues):
             line = sub[sub[hue] == h].sort_values("total_model_bits")
             if line.empty:
                 continue
-            _draw_points(ax, line["total_model_bits"], line[y], line["_low"], line["_high"],
+            draw_points(ax, line["total_model_bits"], line[y], line["_low"], line["_high"],
                          hue_fmt(h), line_style(i))  # fmt: skip
         b = base[base["model_family"] == fam].sort_values("total_model_bits")
         if not b.empty:
@@ -288,8 +190,8 @@ def _hue_lines(
                 _draw_marks(ax, rows["total_model_bits"], rows[y], rows["_low"], rows["_high"],
                             _line_label("16-bit baseline", str(text)))  # fmt: skip
         if log_y:
-            _log_y(ax)
-        _finish_axis(ax, _title(fam, titles), ylabel)
+            log_y_axis(ax)
+        finish_axis(ax, _title(fam, titles), ylabel)
     return fig
 
 
@@ -320,7 +222,7 @@ def scaling_figure(
     if curves.empty:
         log.info("scaling figure: no cell has %s; skipped", y)
         return None
-    return _draw_scaling(curves, y, ylabel or _ylabel(y))
+    return _draw_scaling(curves, y, ylabel or ylabel_text(y))
 
 
 def _line_label(name: str, variant: str) -> str:
@@ -372,7 +274,7 @@ def _draw_scaling(
     caption = interval_caption(y, ESTIMATE_HELDOUT if ESTIMATE_HELDOUT in held else "", drawn)
     if len(held) > 1:
         caption += " (some points: all examples)"
-    fig, axes = _panels(families, f"Bit-level scaling: {ylabel}", caption)
+    fig, axes = panels(families, f"Bit-level scaling: {ylabel}", caption)
     for ax, fam in zip(axes, families, strict=True):
         panel = curves[curves["model_family"] == fam]
         for vi, vkey in enumerate(vkeys):
@@ -383,14 +285,14 @@ def _draw_scaling(
             for i, k in enumerate(ks):
                 line = sub[sub["bits"] == k].sort_values("total_model_bits")
                 if not line.empty:
-                    _draw_points(ax, line["total_model_bits"], line[y], line["_low"],
+                    draw_points(ax, line["total_model_bits"], line[y], line["_low"],
                                  line["_high"], _line_label(f"{k}-bit", variant),
                                  line_style(i + vi * len(ks)))  # fmt: skip
             base = sub[sub["bits"] == BASELINE_BITS].sort_values("total_model_bits")
             if not base.empty:
                 style = {"color": BASELINE_COLOR, "ls": ["--", ":", "-."][vi % 3],
                          "marker": ["*", "p", "h"][vi % 3], "ms": 6}  # fmt: skip
-                _draw_points(ax, base["total_model_bits"], base[y], base["_low"], base["_high"],
+                draw_points(ax, base["total_model_bits"], base[y], base["_low"], base["_high"],
                              _line_label("16-bit baseline", variant), style)  # fmt: skip
         bad = panel[panel["_unstable"]]
         if not bad.empty:
@@ -398,8 +300,8 @@ def _draw_scaling(
                        color=OKABE_ITO[3],
                        label=f"unstable (> {cap:g} or NaN): {len(bad)}")  # fmt: skip
         if y.endswith(":ppl"):
-            _log_y(ax)
-        _finish_axis(ax, _title(fam, titles), ylabel)
+            log_y_axis(ax)
+        finish_axis(ax, _title(fam, titles), ylabel)
     return fig
 
 
@@ -526,7 +428,7 @@ def block_size_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figur
         y,
         "_line",
         f"Block size at k={k} ({dtype}, {scale} scales)",
-        _ylabel(y),
+        ylabel_text(y),
         hue_fmt=lambda h: h.split("|", 1)[1],
         titles=titles,
         baselines=_baselines(cells, y),
@@ -553,7 +455,7 @@ def dtype_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figure | N
     names, titles = _with_variant(sub["_dtype"], sub)
     bs_txt = "per tensor" if pd.isna(bs) else f"block {int(bs)}"
     return _hue_lines(sub.assign(_line=names), y, "_line", f"Data types at k={k} ({bs_txt})",
-                      _ylabel(y), titles=titles, baselines=_baselines(cells, y))  # fmt: skip
+                      ylabel_text(y), titles=titles, baselines=_baselines(cells, y))  # fmt: skip
 
 
 def proxy_centering_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figure | None:
@@ -579,7 +481,7 @@ def proxy_centering_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> 
     sub = sub.sort_values("total_model_bits").drop_duplicates(["model_family", "_line", "model"])
     bs_txt = "per tensor" if pd.isna(bs) else f"block {int(bs)}"
     title = f"Proxy quantization and centering at k={k} ({dtype}, {bs_txt})"
-    return _hue_lines(sub, y, "_line", title, _ylabel(y), log_y=y.endswith(":ppl"),
+    return _hue_lines(sub, y, "_line", title, ylabel_text(y), log_y=y.endswith(":ppl"),
                       titles=titles, baselines=_baselines(cells, y))  # fmt: skip
 
 
@@ -611,23 +513,5 @@ def method_figure(cells: pd.DataFrame, k: int, y: str = ACC_COLUMN) -> Figure | 
     sub = sub.sort_values("total_model_bits").drop_duplicates(["model_family", "_line", "model"])
     bs_txt = "per tensor" if pd.isna(bs) else f"block {int(bs)}"
     log_y = y.endswith(":ppl")
-    return _hue_lines(sub, y, "_line", f"Methods at k={k} ({dtype}, {bs_txt})", _ylabel(y),
+    return _hue_lines(sub, y, "_line", f"Methods at k={k} ({dtype}, {bs_txt})", ylabel_text(y),
                       log_y=log_y, titles=titles, baselines=_baselines(cells, y))  # fmt: skip
-
-
-def save_figure(
-    fig: Figure,
-    out_dir: str | Path,
-    name: str,
-    dpi: int = 150,
-    formats: Sequence[str] = FORMATS,
-) -> list[Path]:
-    """Write ``name.png`` and ``name.pdf`` (or the given ``formats``) into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in formats:
-        path = out / f"{name}.{ext}"
-        fig.savefig(path, dpi=dpi)
-        paths.append(path)
-    return paths

@@ -25,7 +25,13 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from analysis.figures import MARKERS, OKABE_ITO
+from analysis.figure_registry import (
+    load_figure_plugins,
+    register_figure,
+    registered_figures,
+    save_registered,
+)
+from analysis.figures import FORMATS, MARKERS, OKABE_ITO
 from analysis.fit_data import (
     DEFAULT_BITS,
     DEFAULT_LEVEL,
@@ -62,7 +68,7 @@ __all__ = [
 
 log = logging.getLogger("analysis.fit")
 
-OUT_NAMES = ("fit.json", "fit.md", "fit.png", "fit.pdf")
+OUT_NAMES = ("fit.json", "fit.md", "fit.png", "fit.pdf")  # without plugin figures
 
 
 class FitReport:
@@ -255,6 +261,7 @@ def markdown(report: FitReport) -> str:
     return "\n".join(lines)
 
 
+@register_figure("fit", path="fit", description="ΔL·k^γ̂ vs D per group, fitted lines per N")
 def figure(report: FitReport) -> Figure:
     """ΔL·k^γ̂ vs D (log-log), a panel per group: points coloured by N with bootstrap error
     bars, marker per k, hollow where not fitted; the fitted A·D^β/N^α line per N."""
@@ -326,8 +333,20 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _save_atomic(fig: Figure, out: Path, name: str, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """``name.<ext>`` for each format, each written atomically (a reader never sees half)."""
+    paths = []
+    for ext in formats:
+        with atomic_output(out / f"{name}.{ext}") as fh:
+            fig.savefig(fh, format=ext, dpi=150)
+        paths.append(out / f"{name}.{ext}")
+    return paths
+
+
 def write_outputs(report: FitReport, out: str | Path) -> list[Path]:
-    """``fit.json``, ``fit.md``, ``fit.png``, ``fit.pdf`` into ``out`` (atomic writes)."""
+    """``fit.json``, ``fit.md``, ``fit.png``, ``fit.pdf`` into ``out`` (atomic writes); the
+    figures are those registered on the ``fit`` path (:mod:`analysis.figure_registry`):
+    ``fit``, then any plugin's."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [
@@ -335,11 +354,9 @@ def write_outputs(report: FitReport, out: str | Path) -> list[Path]:
                      + "\n"),
         atomic_write(out / "fit.md", markdown(report)),
     ]  # fmt: skip
-    fig = figure(report)
-    for ext in ("png", "pdf"):
-        with atomic_output(out / f"fit.{ext}") as fh:
-            fig.savefig(fh, format=ext, dpi=150)
-        paths.append(out / f"fit.{ext}")
+    for spec in registered_figures("fit"):
+        if spec.skip_reason is None or spec.skip_reason(report) is None:
+            paths += save_registered(spec, report, out, _save_atomic) or []
     return paths
 
 
@@ -407,6 +424,10 @@ def fit_main(argv: Sequence[str] | None = None) -> int:
         root = check_store(args.results_dir, args.sweep)
     except StoreRefusal as err:
         return refuse("kbit-fit", err)
+    try:
+        load_figure_plugins()  # a plugin's fit figures are registered before they are listed
+    except ValueError as err:  # harness.plugins.PluginError: one line naming the plugin
+        return refuse("kbit-fit", err)
     results = load_results(root, args.sweep)
     try:
         report = fit_store(results, args.task, args.method, args.block_size, args.bits,
@@ -414,8 +435,8 @@ def fit_main(argv: Sequence[str] | None = None) -> int:
     except FitInputError as err:
         sys.stderr.write(f"kbit-fit: {err}\n")
         return 2
-    write_outputs(report, out)
+    written = write_outputs(report, out)
     sys.stdout.write(to_markdown(report.exponents_table()) + "\n")
     sys.stdout.write(to_markdown(_loo_table(report.loo)) + "\n")
-    sys.stdout.write(f"wrote {', '.join(OUT_NAMES)} to {args.out}\n")
+    sys.stdout.write(f"wrote {', '.join(p.name for p in written)} to {args.out}\n")
     return 0

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import Results, measure_column, training_tokens
-from analysis.tables import VARIANT_COLUMNS, overrides_text
-from harness.records import BASELINE_BITS
+from analysis.tables import QUANT_CONFIG, VARIANT_COLUMNS, overrides_text
+from harness.records import AXES_COLUMN, BASELINE_BITS
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,10 @@ DEFAULT_BITS = (3, 4, 5, 6, 7, 8)
 DEFAULT_N_BOOT = 1000
 DEFAULT_LEVEL = 0.95
 TOKENS_COLUMN = "train_tokens"
-# Cells of one fit share every quantization and evaluation field apart from k.
-GROUP_COLUMNS = ["dtype", "dtype_overrides", "scale_format", "centering", "outlier_fraction",
-                 "method_settings", *VARIANT_COLUMNS]  # fmt: skip
+# Cells of one fit share every quantization and evaluation field apart from k (the method and
+# block size are chosen by the fit's options): the record schema's axes (harness.records).
+GROUP_COLUMNS = [*(c for c in QUANT_CONFIG if c not in ("method", "block_size")), AXES_COLUMN,
+                 *VARIANT_COLUMNS]  # fmt: skip
 
 
 class FitInputError(ValueError):

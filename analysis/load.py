@@ -19,6 +19,7 @@ What is left out, and why (each reported once, by logging a warning):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -30,7 +31,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from harness.records import MEAN_ZEROSHOT_TASK, SCHEMA, SCHEMA_VERSION, STATUS_OK, scan_store
+from harness.records import (
+    AXES_COLUMN,
+    MEAN_ZEROSHOT_TASK,
+    SCHEMA,
+    SCHEMA_VERSION,
+    STATUS_OK,
+    axis_columns,
+    method_setting_columns,
+    scan_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +73,9 @@ CONFIG_COLUMNS = [
     "data_digest",
     "trust_remote_code",
 ]
+# Every configuration axis the record schema declares is a config column (harness.records:
+# a column added to the record with an axis role is here without a second list)
+CONFIG_COLUMNS += [c for c in axis_columns() if c not in CONFIG_COLUMNS]
 # Filled where a store leaves them empty, so that grouping never drops a cell (pandas drops
 # NaN group keys) and "no override" has one spelling.
 CONFIG_DEFAULTS = {
@@ -72,6 +85,7 @@ CONFIG_DEFAULTS = {
     "compute_dtype": "",
     "data_digest": "",
     "trust_remote_code": False,
+    AXES_COLUMN: "{}",  # stores from before the column: every such axis at its default
 }
 MEASURE_COLUMNS = ["task", "metric", "value", "stderr", "n_samples"]
 # Only what analysis needs is read: column projection keeps a 1000-file store fast.
@@ -212,14 +226,65 @@ def split_failed(long: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def fill_config_defaults(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with every :data:`CONFIG_DEFAULTS` column present and without nulls."""
+    """``frame`` with every :data:`CONFIG_DEFAULTS` column present and without nulls, and the
+    columns that mirror a method setting (``outlier_fraction``) derived from
+    ``method_settings`` where a store lacks them (:func:`mirrored_setting_values`)."""
     fills = {}
     for col, default in CONFIG_DEFAULTS.items():
         if col not in frame.columns:
             fills[col] = default
         elif frame[col].isna().any():
             fills[col] = frame[col].astype(object).where(frame[col].notna(), default)
+    frame = frame.assign(**fills) if fills else frame
+    return _fill_mirrored(frame)
+
+
+def _settings(text: object) -> dict:
+    """A cell's ``method_settings`` JSON as a dict ({} when empty or missing)."""
+    if not isinstance(text, str) or not text:
+        return {}
+    parsed = json.loads(text)
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def mirrored_setting_values(frame: pd.DataFrame, column: str) -> pd.Series:
+    """Column ``column`` (one that mirrors the method setting of the same name,
+    :func:`harness.records.method_setting_columns`) as recorded, else from ``method_settings``
+    (the method's value, or the record's default when its settings have none): method-agnostic,
+    so a store written without the column reads as one written with it."""
+    default = method_setting_columns()[column]
+    have = frame[column] if column in frame.columns else pd.Series(None, index=frame.index)
+    if have.notna().all():
+        return have
+    settings = frame["method_settings"] if "method_settings" in frame.columns else None
+    derived = pd.Series(default, index=frame.index, dtype=object)
+    if settings is not None:
+        derived = settings.map(lambda t: _settings(t).get(column, default))
+    return have.astype(object).where(have.notna(), derived).astype(type(default))
+
+
+def _fill_mirrored(frame: pd.DataFrame) -> pd.DataFrame:
+    fills = {}
+    for col in method_setting_columns():
+        if col not in frame.columns and "method_settings" not in frame.columns:
+            continue  # a frame of other columns (a test's, a selection's): nothing to derive
+        if col not in frame.columns or frame[col].isna().any():
+            fills[col] = mirrored_setting_values(frame, col)
     return frame.assign(**fills) if fills else frame
+
+
+def axis_values(frame: pd.DataFrame) -> pd.DataFrame:
+    """The cell schema's axes that have no record column of their own, one column per axis
+    (from the record's ``axes`` JSON; empty where every cell is at the defaults, so an older
+    store gets no column). A value absent from a cell's JSON is the axis' default: ""."""
+    if AXES_COLUMN not in frame.columns:
+        return pd.DataFrame(index=frame.index)
+    parsed = frame[AXES_COLUMN].map(_settings)
+    names = sorted({k for d in parsed for k in d})
+    return pd.DataFrame(
+        {n: parsed.map(lambda d, n=n: json.dumps(d[n]) if n in d else "") for n in names},
+        index=frame.index,
+    )
 
 
 def to_cells(long: pd.DataFrame) -> pd.DataFrame:
@@ -237,6 +302,10 @@ def to_cells(long: pd.DataFrame) -> pd.DataFrame:
     if not stderr.empty:
         se = stderr.pivot_table(index="key", columns="_m", values="stderr", aggfunc="first")
         parts.append(se.add_suffix(":stderr"))
+    axes = axis_values(config)
+    axes = axes[[c for c in axes.columns if c not in config.columns]]
+    if not axes.empty and len(axes.columns):
+        parts.insert(1, axes)
     cells = pd.concat(parts, axis=1).reset_index(drop=True)
     cells.columns.name = None
     return cells.sort_values(["model_family", "bits", "total_model_bits"], ignore_index=True)

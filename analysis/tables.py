@@ -12,37 +12,44 @@ goes to the smaller k (fewer bits per parameter, i.e. the larger model at that b
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Sequence
-from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
 
+from analysis.cell_keys import BASELINE_METHOD as BASELINE_METHOD
+from analysis.cell_keys import NUMERICS_COLUMNS as NUMERICS_COLUMNS
+from analysis.cell_keys import PLAIN_METHOD as PLAIN_METHOD
+from analysis.cell_keys import QUANT_CONFIG as QUANT_CONFIG
+from analysis.cell_keys import VARIANT_COLUMNS as VARIANT_COLUMNS
+from analysis.cell_keys import config_keys as config_keys
+from analysis.cell_keys import config_label as config_label
+from analysis.cell_keys import config_labels as config_labels
+from analysis.cell_keys import method_settings_of as method_settings_of
+from analysis.cell_keys import method_text as method_text
+from analysis.cell_keys import overrides_text as overrides_text
+from analysis.cell_keys import pairing_columns as pairing_columns
+from analysis.cell_keys import pairing_keys as pairing_keys
+from analysis.cell_keys import variant_labels as variant_labels
+from analysis.intervals import (  # `x as x`: re-exported, analysis.tables.interval is public
+    INTERVAL_LEVEL as INTERVAL_LEVEL,
+)
+from analysis.intervals import (
+    STDERR_COLUMNS,
+    half_b_stderr,
+    measure_stderr,
+)
+from analysis.intervals import interval as interval
+from analysis.intervals import point_stderr as point_stderr
+from analysis.intervals import window_stderr as window_stderr
+from analysis.intervals import with_window_stderr as with_window_stderr
 from analysis.load import ACC_COLUMN, fill_config_defaults
 from analysis.selection import ESTIMATE_ALL, ESTIMATE_HELDOUT, half_scores, rank_heldout
-from harness.records import MEAN_ZEROSHOT_TASK
 
 log = logging.getLogger(__name__)
 
 TIE_TOL = 1e-12
-# A cell's quantization configuration, apart from k: cells that share it form one curve.
-QUANT_CONFIG = [
-    "method",
-    "dtype",
-    "dtype_overrides",
-    "block_size",
-    "scale_format",
-    "centering",
-    "outlier_fraction",
-    "method_settings",
-]
-# How and on what a cell was evaluated. Cells that differ here are different measurements:
-# a curve never crosses them, and labels name them whenever the cells shown hold two values.
-VARIANT_COLUMNS = ["device_class", "compute_dtype", "data_digest"]
-NUMERICS_COLUMNS = ["device_class", "compute_dtype"]
 CURVE_COLUMNS = [
     "model_family",
     "bits",
@@ -54,113 +61,6 @@ CURVE_COLUMNS = [
 ]
 CURVE_GROUP = ["model_family", *VARIANT_COLUMNS, "bits"]  # one configuration is chosen per group
 SELECTIONS = ("split", "fixed")
-_DIGEST_MIN = 4  # characters of a data digest shown in labels (more where needed to differ)
-INTERVAL_LEVEL = 0.95
-# Interval inputs main_curves carries per point: the standard error of ``y`` on all examples
-# (``se``, with ``se_df`` degrees of freedom, NaN = normal) and on held-out half B
-# (``se_heldout``); :func:`point_stderr` picks the one that matches the point's ``estimate``.
-STDERR_COLUMNS = ["se", "se_df", "se_heldout"]
-
-
-def overrides_text(overrides: object) -> str:
-    """``{"exponent_bits": 3}`` -> ``{exponent_bits=3}``; ``""`` for no overrides."""
-    if overrides is None or (isinstance(overrides, float) and np.isnan(overrides)):
-        return ""
-    parsed = json.loads(overrides) if isinstance(overrides, str) and overrides else {}
-    if not parsed:
-        return ""
-    items = (f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(parsed.items()))
-    return "{" + ",".join(items) + "}"
-
-
-def _varies(context: pd.DataFrame, columns: Sequence[str]) -> bool:
-    """Whether ``context`` holds more than one combination of ``columns``."""
-    present = [c for c in columns if c in context.columns]
-    return bool(present) and len(context[present].drop_duplicates()) > 1
-
-
-def _digest_width(digests: pd.Series) -> int:
-    """The shortest prefix (>= 4 characters) that keeps the distinct digests distinct."""
-    uniq = sorted({str(d) for d in digests})
-    width = _DIGEST_MIN
-    while len({u[:width] for u in uniq}) < len(uniq):
-        width += 1
-    return width
-
-
-def variant_labels(cells: pd.DataFrame, context: pd.DataFrame | None = None) -> pd.Series:
-    """``cuda/bfloat16 data=ab12`` parts, each only when ``context`` holds two or more values.
-
-    Why conditional: in a store measured on one device with one data set the parts say
-    nothing and would only lengthen every legend; once two values are present they are what
-    tells two otherwise identical lines apart.
-    """
-    ctx = fill_config_defaults(cells if context is None else context)
-    cells = fill_config_defaults(cells)
-    label = pd.Series("", index=cells.index, dtype=object)
-    if _varies(ctx, NUMERICS_COLUMNS):
-        dev = cells["device_class"].astype(str).replace("", "?")
-        cdt = cells["compute_dtype"].astype(str).replace("", "?")
-        label = label + dev + "/" + cdt
-    if _varies(ctx, ["data_digest"]):
-        width = _digest_width(ctx["data_digest"])
-        digest = cells["data_digest"].astype(str).replace("", "?").str[:width]
-        label = label.where(label == "", label + " ") + "data=" + digest
-    return label
-
-
-def _base_labels(cells: pd.DataFrame) -> pd.Series:
-    """Data type (with its overrides), block size, scale format, centering, proxy."""
-    bs = cells["block_size"].map(lambda b: "tensor" if pd.isna(b) else str(int(b)))
-    over = cells["dtype_overrides"].map(overrides_text)
-    label = (
-        cells["dtype"].astype(str) + over + " bs=" + bs + " " + cells["scale_format"].astype(str)
-    )
-    label = label.where(~cells["centering"].astype(bool), label + " centered")
-    outl = cells["outlier_fraction"].map("{:g}".format)
-    label = label.where(cells["method"] != "proxy", label + " proxy(" + outl + ")")
-    other = ~cells["method"].isin(["blockwise", "proxy", "none"])
-    settings = cells["method"].astype(str) + cells["method_settings"].map(overrides_text)
-    label = label.where(~other, label + " " + settings)
-    return label.where(cells["method"] != "none", "16-bit baseline").astype(object)
-
-
-def config_labels(cells: pd.DataFrame, context: pd.DataFrame | None = None) -> pd.Series:
-    """A short human label per cell for its configuration (k excluded).
-
-    Data-type overrides are always part of it (``float{exponent_bits=3} bs=64 fp16``);
-    numerics and data digest only when ``context`` (default: ``cells``) holds two or more
-    values of them (see :func:`variant_labels`). Vectorized: a row-wise ``apply`` over a
-    1,000-cell frame cost a noticeable share of the plotting time.
-    """
-    if cells.empty:
-        return pd.Series([], dtype=object, index=cells.index)
-    cells = fill_config_defaults(cells)
-    variant = variant_labels(cells, context)
-    base = _base_labels(cells)
-    return base.where(variant == "", base + " " + variant).astype(object)
-
-
-def config_label(row: pd.Series, context: pd.DataFrame | None = None) -> str:
-    """The label of one cell; ``context``: the cells shown with it (see :func:`config_labels`)."""
-    frame = row.to_frame().T
-    return str(config_labels(frame, frame if context is None else context).iloc[0])
-
-
-def config_keys(cells: pd.DataFrame) -> pd.Series:
-    """One string per distinct configuration + variant: what curves are grouped by.
-
-    Built from the raw columns, not the label, so two configurations can never share a
-    group even if their labels looked alike.
-    """
-    cells = fill_config_defaults(cells)
-    # map(str), not astype(str): pandas 3 keeps a missing value missing under astype(str),
-    # and one missing part (a per-tensor block size) would blank the whole key
-    parts = [cells[c].map(str) for c in [*QUANT_CONFIG, *VARIANT_COLUMNS]]
-    key = parts[0]
-    for part in parts[1:]:
-        key = key + "\x1f" + part
-    return key
 
 
 def _candidates(plain: pd.DataFrame) -> pd.DataFrame:
@@ -269,161 +169,6 @@ def main_curves(
         np.nan if heldout_se is None else chosen["key"].map(heldout_se).astype(float)
     )
     return chosen[columns]
-
-
-# --- intervals -------------------------------------------------------------------------------
-# Every interval a figure draws comes from :func:`interval`; the standard errors it takes come
-# from :func:`measure_stderr` (recorded stderr, or per-window NLL by batch means) and
-# :func:`half_b_stderr`. Issue 24 may replace the statistics: these are the places to do it.
-
-
-def _quantile(level: float, df: np.ndarray) -> np.ndarray:
-    """Two-sided ``level`` quantile: Student t for finite ``df`` >= 1, the normal elsewhere."""
-    df = np.asarray(df, dtype=float)
-    z = NormalDist().inv_cdf((1 + level) / 2)
-    q = np.full(df.shape, z)
-    finite = np.isfinite(df) & (df >= 1)
-    if finite.any():
-        from scipy.stats import t  # scipy comes with lm-eval (scikit-learn)
-
-        q[finite] = t.ppf((1 + level) / 2, df[finite])
-    return q
-
-
-def interval(
-    values: Sequence[float],
-    stderr: Sequence[float],
-    df: Sequence[float] | None = None,
-    log_scale: bool = False,
-    level: float = INTERVAL_LEVEL,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(low, high) of a ``level`` interval around each value from its standard error.
-
-    ``value +- q * stderr`` with q the normal quantile (Student t where ``df`` is given);
-    ``log_scale``: the standard error is of ``log(value)`` (perplexity = exp(mean NLL), whose
-    standard error is that of the mean NLL), so the interval is ``exp(log(value) +- q * se)``.
-    NaN where the standard error is unknown: no interval is drawn rather than a made-up one.
-    """
-    v = np.asarray(values, dtype=float)
-    se = np.asarray(stderr, dtype=float)
-    q = _quantile(level, np.full(v.shape, np.nan) if df is None else np.asarray(df, float))
-    if log_scale:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            centre = np.log(v)
-            return np.exp(centre - q * se), np.exp(centre + q * se)
-    return v - q * se, v + q * se
-
-
-def window_stderr(windows: Sequence[float]) -> tuple[float, int]:
-    """(standard error of the mean per-window NLL, its degrees of freedom), by batch means.
-
-    Why batches: windows are consecutive pieces of one text, so neighbours are correlated and
-    treating n windows as n independent draws would claim too narrow an interval. The
-    windows are cut into b = floor(sqrt(n)) contiguous batches of equal length (a remainder
-    at the end is left out of the error estimate); the batch means are much closer to
-    independent, and their spread over b - 1 degrees of freedom gives the standard error
-    (a Student t quantile then widens the interval for few batches). Fewer than 4 windows:
-    NaN (no honest interval).
-    """
-    w = np.asarray(windows, dtype=float)
-    w = w[np.isfinite(w)]
-    if w.size < 4:
-        return math.nan, 0
-    b = max(2, math.isqrt(w.size))
-    m = w.size // b
-    means = w[: b * m].reshape(b, m).mean(axis=1)
-    return float(means.std(ddof=1) / math.sqrt(b)), b - 1
-
-
-def _window_stderrs(per_sample: pd.DataFrame | None, task: str) -> pd.DataFrame:
-    """Per key: ``se``/``df`` of the ``task`` per-window NLL (:func:`window_stderr`)."""
-    if per_sample is None or per_sample.empty:
-        return pd.DataFrame(columns=["se", "df"])
-    rows = per_sample[(per_sample["task"] == task) & (per_sample["metric"] == "nll")]
-    out = {
-        key: window_stderr(values)
-        for key, values in zip(rows["key"], rows["per_sample"], strict=True)
-    }
-    return pd.DataFrame.from_dict(out, orient="index", columns=["se", "df"])
-
-
-def measure_stderr(
-    cells: pd.DataFrame, column: str, per_sample: pd.DataFrame | None = None
-) -> tuple[pd.Series, pd.Series]:
-    """(standard error, degrees of freedom) of ``column`` per cell; NaN where unknown.
-
-    Accuracies: the recorded ``<column>:stderr`` (lm-eval's; for ``zeroshot_mean`` the
-    independent-tasks combination of its tasks' stderrs), normal (df NaN). Perplexity
-    ``<task>:ppl``: the standard error of the mean NLL (so of log ppl), from the per-window NLL
-    in ``per_sample`` by batch means (:func:`window_stderr`), else a recorded
-    ``<task>:nll:stderr`` (with ``<task>:nll:stderr_df`` where given).
-    """
-    nan = pd.Series(np.nan, index=cells.index, dtype=float)
-    if column.endswith(":ppl"):
-        task = column[: -len(":ppl")]
-        windows = _window_stderrs(per_sample, task)
-        se = cells["key"].map(windows["se"]).astype(float) if "key" in cells else nan
-        df = cells["key"].map(windows["df"]).astype(float) if "key" in cells else nan
-        recorded = f"{task}:nll:stderr"
-        if recorded in cells.columns:
-            fill = se.isna()
-            se = se.where(~fill, pd.to_numeric(cells[recorded], errors="coerce"))
-            rec_df = cells.get(f"{recorded}_df", nan)
-            df = df.where(~fill, pd.to_numeric(rec_df, errors="coerce"))
-        return se, df
-    recorded = f"{column}:stderr"
-    if recorded not in cells.columns:
-        return nan, nan.copy()
-    return pd.to_numeric(cells[recorded], errors="coerce").astype(float), nan.copy()
-
-
-def with_window_stderr(cells: pd.DataFrame, per_sample: pd.DataFrame | None) -> pd.DataFrame:
-    """``cells`` with ``<task>:nll:stderr`` (and ``_df``) from per-window NLL, for every
-    perplexity task: what lets the figures that take only ``cells`` (data types, methods)
-    draw perplexity intervals. Unchanged without per-window rows."""
-    if per_sample is None or per_sample.empty or "key" not in cells.columns:
-        return cells
-    tasks = per_sample.loc[per_sample["metric"] == "nll", "task"].unique()
-    extra = {}
-    for task in sorted(tasks):
-        stderrs = _window_stderrs(per_sample, task)
-        extra[f"{task}:nll:stderr"] = cells["key"].map(stderrs["se"]).astype(float)
-        extra[f"{task}:nll:stderr_df"] = cells["key"].map(stderrs["df"]).astype(float)
-    return cells.assign(**extra)
-
-
-def half_b_stderr(per_sample: pd.DataFrame | None) -> pd.Series:
-    """Standard error of each cell's half-B macro-mean accuracy, indexed by ``key``.
-
-    The same examples :func:`analysis.selection.half_scores` averages (odd positions of each
-    task's per-example 0/1), each task's stderr as lm-eval computes it (sample standard
-    deviation / sqrt(n)), combined over tasks as independent: sqrt(sum se^2) / n_tasks.
-    """
-    if per_sample is None or per_sample.empty:
-        return pd.Series(dtype=float)
-    rows = per_sample[(per_sample["metric"] == "acc") & (per_sample["task"] != MEAN_ZEROSHOT_TASK)]
-    var: dict[str, list[float]] = {}
-    for key, values in zip(rows["key"], rows["per_sample"], strict=True):
-        v = np.asarray(values, dtype=float)
-        if v.size < 2:  # no two halves (as half_scores)
-            continue
-        half = v[1::2]
-        se2 = half.var(ddof=1) / half.size if half.size > 1 else np.nan
-        var.setdefault(key, []).append(se2)
-    return pd.Series({k: math.sqrt(sum(s)) / len(s) for k, s in var.items()}, dtype=float)
-
-
-def point_stderr(curves: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-    """(stderr, df) of each main-curve point for what it reports (``estimate``): the
-    held-out half-B stderr for points on half B, the all-examples one otherwise."""
-    nan = pd.Series(np.nan, index=curves.index, dtype=float)
-    se = curves["se"].astype(float) if "se" in curves.columns else nan
-    df = curves["se_df"].astype(float) if "se_df" in curves.columns else nan
-    if "estimate" in curves.columns and "se_heldout" in curves.columns:
-        held = curves["estimate"] == ESTIMATE_HELDOUT
-        se = se.where(~held, curves["se_heldout"].astype(float))
-        df = df.where(~held, np.nan)
-    return se, df
 
 
 def interpolate_log2(

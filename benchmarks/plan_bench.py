@@ -209,8 +209,7 @@ def plan_paper(
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.plugins import Plugins
 
-    # Hydra's plugin scan re-executes its core plugin modules: scan before harness.sweep.plan
-    # subclasses BasicSweeper, as kbit-run does (else the subclass has a stale base class)
+    # Hydra's plugin scan re-executes its core plugin modules: scan first, as kbit-run does
     Plugins.instance()
     import harness.sweep.plan as sweep_module
     from harness.config.schema import register_schema

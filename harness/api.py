@@ -147,17 +147,19 @@ def compose_cell(argv: list[str]) -> DictConfig:
     (:func:`harness.run.execute.prepare_command_line`); :func:`run` restores them. Hydra's global
     state (``GlobalHydra``) is as it was on return.
     """
-    from harness.run.execute import ValidateCell, prepare_command_line
+    from harness.run.execute import load_command_line_plugins, prepare_command_line
+    from harness.run.validate import ValidateCell
 
     bad = target_overrides(argv)
     if bad:  # the line kbit-run's main() prints
         raise ConfigError(target_refusal_line(bad[0]))
     try:
         argv = prepare_command_line(argv)
+        load_command_line_plugins(argv)  # as kbit-run: before composing
         register_schema()  # reads $KBIT_DTYPE_DIR (expanded above)
     except ConfigError:
         raise
-    except ValueError as err:
+    except (ValueError, ImportError) as err:
         raise ConfigError((str(err).strip().splitlines() or [repr(err)])[0]) from err
     config = _compose(argv)
     try:

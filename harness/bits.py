@@ -2,6 +2,10 @@
 
 Every figure's x-axis is "total model bits", so it is computed once, here, and stored in each
 record (``total_model_bits``, ``bits_per_param``); analysis never re-derives it.
+
+What a scale costs is read from the scale-format registry (:mod:`harness.kernels.scale_formats`:
+``bits`` per block scale or mean, ``tensor_scale_bits`` once per tensor, ``stores_mean``), so
+a new format is counted without touching this module.
 """
 
 from __future__ import annotations
@@ -10,10 +14,14 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-SCALE_BITS = {"fp16": 16, "bf16": 16, "fp32": 32, "e8m0": 8, "mx": 8, "nvfp4": 8}
+from harness.kernels.scale_formats import SCALE_FORMATS, centering_problem, format_problem
+
+SCALE_BITS = {name: f.bits for name, f in SCALE_FORMATS.items()}
 # Scales stored once per quantized tensor on top of the block scales: NVFP4's FP32 scale.
-TENSOR_SCALE_BITS = {"nvfp4": 32}
-NO_MEAN_FORMATS = ("e8m0", "mx", "nvfp4")  # scale formats that cannot store a block mean
+TENSOR_SCALE_BITS = {name: f.tensor_scale_bits for name, f in SCALE_FORMATS.items()
+                     if f.tensor_scale_bits}  # fmt: skip
+# scale formats that cannot store a block mean
+NO_MEAN_FORMATS = tuple(name for name, f in SCALE_FORMATS.items() if not f.stores_mean)
 UNQUANTIZED_BITS = 16  # parameters kept in 16-bit floats (embeddings, norms, biases, outliers)
 CODEBOOK_VALUE_BITS = 16  # one stored codebook value (data-dependent types only)
 
@@ -85,18 +93,16 @@ def total_model_bits(
 
     Example: one 4096 x 4096 tensor, k = 4, B = 64, fp16 scales: 4 + 16 / 64 = 4.25 bits/param.
     """
-    if scale_format not in SCALE_BITS:
-        raise ValueError(f"scale_format={scale_format!r} is unknown; allowed: {sorted(SCALE_BITS)}")
-    if centering and scale_format in NO_MEAN_FORMATS:
-        raise ValueError(
-            f"centering=True with scale_format={scale_format!r}: a block mean needs a signed format"
-        )
+    problem = format_problem(scale_format) or centering_problem(scale_format, centering)
+    if problem:
+        raise ValueError(problem)
     if unquantized_params < 0 or outlier_params < 0:
         raise ValueError(
             f"unquantized_params={unquantized_params}, outlier_params={outlier_params}: must be >= 0"
         )
-    per_block = SCALE_BITS[scale_format] * (2 if centering else 1)
-    per_tensor = TENSOR_SCALE_BITS.get(scale_format, 0)
+    spec = SCALE_FORMATS[scale_format]
+    per_block = spec.bits * (2 if centering else 1)
+    per_tensor = spec.tensor_scale_bits
     total = UNQUANTIZED_BITS * (unquantized_params + outlier_params)
     n_params = unquantized_params + outlier_params
     for entry in quantized:

@@ -67,7 +67,7 @@ def sweep_command(
 
     Another family replaces the sweep's model axis with every size of that family.
     """
-    from harness.zoo.build import family_sizes
+    from harness.zoo.paths import family_sizes
 
     cmd = [sys.executable, "-m", "harness.run.execute", "--multirun", f"+sweeps@_global_={SWEEP}"]
     cmd.append(f"results_dir={results_dir}")

@@ -9,11 +9,13 @@ one readable line instead of hundreds of kilobytes.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 MAX_LISTED = 20  # lists longer than this show only the closest matches and a count
 SHORT_LISTED = 5  # names a shortened list shows, the closest first
 MAX_LIST_CHARS = 100  # a list written longer than this shows the closest few and a count
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # safe as one folder name
 
 
 def closest(value: str, known: Iterable[str], n: int = 1, cutoff: float = 0.6) -> list[str]:
@@ -60,3 +62,19 @@ def short_allowed(value: str, known: Iterable[str], where: str, shown: int = SHO
     near = closest(value, names, n=shown, cutoff=0.0)
     listed = near + [n for n in names if n not in near][: shown - len(near)]
     return f"{', '.join(listed)} ({len(names) - len(listed)} more: see {where})"
+
+
+def plain_name_problem(field_name: str, value: object) -> str | None:
+    """Why ``value`` is not a name that is safe as one folder (None when it is).
+
+    Letters, digits, ``_ . -``, never a path: a sweep, a zoo family and a store folder are named
+    by users and become folders; the cell config (harness.config.schema.plain_name), the store
+    tools and the zoo apply this one rule.
+    """
+    text = str(value)
+    if PLAIN_NAME.match(text) and ".." not in text:
+        return None
+    return (
+        f"{field_name}={text!r} is not a plain name; allowed: letters, digits, '_', '.', '-' "
+        "(starting with a letter or digit, no '..', no '/'), at most 128 characters"
+    )

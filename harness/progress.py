@@ -28,6 +28,11 @@ Two halves:
     of the terminal. The terminal still gets kbit's own warnings and anyone's errors, one line
     each (a failed cell is visible; its traceback is in the log file). Opt out with
     ``KBIT_VERBOSE=1`` or ``hydra.verbose=true`` (:func:`verbose_requested`).
+
+Why one module: the halves share the process's terminal. The progress lines write to the real
+terminal through the redirection ``cell_output`` installs (``_terminal`` sees through it), and
+a line ``cell_output`` lets through first clears the sweep's progress line (:func:`current`);
+apart, each half would import the other's private state, in both directions.
 """
 
 from __future__ import annotations

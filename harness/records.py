@@ -15,6 +15,10 @@ Each cell file is written atomically (temporary file in the same folder, fsync, 
 crash or SIGKILL mid-write never leaves a partial file under a final name, and two jobs
 writing the same cell cannot interleave bytes. Only regular files are cell files: a FIFO (or
 socket, device, folder) named ``*.parquet`` is named as a problem and never opened.
+
+Why one module: the schema and the store that holds it change together (a new column is what
+the store's schema check and old-file reading must accept), and every reader of results needs
+both; kbit's layers keep it at the bottom, imported by the runner, the cluster and analysis.
 """
 
 from __future__ import annotations
@@ -55,6 +59,26 @@ def _arrow(arrow_type: pa.DataType) -> dict[str, pa.DataType]:
     return {"arrow": arrow_type}
 
 
+# Roles of the record columns that are configuration axes (what analysis groups and pairs
+# cells by; analysis reads them here, never from the cell schema):
+AXIS_QUANTIZATION = "quantization"  # a curve's configuration apart from k
+AXIS_NUMERICS = "numerics"  # how the forward passes ran (resolved)
+AXIS_EVALUATION = "evaluation"  # what the cell was measured on
+AXIS_ROLES = (AXIS_QUANTIZATION, AXIS_NUMERICS, AXIS_EVALUATION)
+# The generic column of the axes that have no column of their own (harness.config.axes): a new
+# axis of the cell schema reaches every record, grouping and pairing through it.
+AXES_COLUMN = "axes"
+
+
+def _axis(role: str, rank: int, **extra: Any) -> dict[str, Any]:
+    """Field metadata of a configuration column: its role and its rank in the grouping key
+    (the order analysis has always built its keys in, so a stored grouping never reorders).
+    ``method_setting=True``: the column mirrors the method setting of the same name (filled
+    from the method's settings by the generic record code; analysis derives it from
+    ``method_settings`` where a store lacks it)."""
+    return {"axis": role, "rank": rank, **extra}
+
+
 @dataclass
 class Record:
     """One row of the store. Field comments are the schema's documentation."""
@@ -78,24 +102,38 @@ class Record:
     n_quantized_params: int = 0  # parameters actually stored in k bits
     quantized_modules: list[str] = field(default_factory=list)  # module names quantized
     # --- quantization config -----------------------------------------------------------
-    method: str = "blockwise"  # blockwise | proxy | gptq | hqq | ... | none (16-bit baseline)
+    # blockwise | proxy | gptq | hqq | ... | none (16-bit baseline)
+    method: str = field(default="blockwise", metadata=_axis(AXIS_QUANTIZATION, 0))
     # the method's own settings (conf/method/<name>.yaml) as sorted JSON; "{}" when none
-    method_settings: str = "{}"
-    dtype: str = ""  # data type entry name (conf/dtype/<name>.yaml), e.g. int, quantile, nf4
+    method_settings: str = field(default="{}", metadata=_axis(AXIS_QUANTIZATION, 7))
+    # data type entry name (conf/dtype/<name>.yaml), e.g. int, quantile, nf4
+    dtype: str = field(default="", metadata=_axis(AXIS_QUANTIZATION, 1))
     dtype_family: str = ""  # int | float | dynamic | quantile | normal | none
     # fields of the data type set apart from its entry (e.g. exponent_bits=3), as sorted
     # JSON; "{}" when the entry is used as it is. Part of every label: variants never merge.
-    dtype_overrides: str = "{}"
+    dtype_overrides: str = field(default="{}", metadata=_axis(AXIS_QUANTIZATION, 2))
     bits: int = field(default=BASELINE_BITS, metadata=_arrow(pa.int32()))  # k; 16 = baseline
-    block_size: int | None = None  # elements per block; None = one scale per tensor
-    scale_format: str = "fp16"  # fp16 | bf16 | fp32 | e8m0 | mx | nvfp4
-    centering: bool = False  # block mean subtracted and stored
-    outlier_fraction: float = 0.0  # proxy's setting: share of input dims kept in 16 bit
+    # elements per block; None = one scale per tensor
+    block_size: int | None = field(default=None, metadata=_axis(AXIS_QUANTIZATION, 3))
+    # fp16 | bf16 | fp32 | e8m0 | mx | nvfp4
+    scale_format: str = field(default="fp16", metadata=_axis(AXIS_QUANTIZATION, 4))
+    # block mean subtracted and stored
+    centering: bool = field(default=False, metadata=_axis(AXIS_QUANTIZATION, 5))
+    # proxy's setting (share of input dims kept in 16 bit), kept as a column for the stores
+    # that have it: a mirror of method_settings, 0.0 for methods without the setting
+    outlier_fraction: float = field(
+        default=0.0, metadata=_axis(AXIS_QUANTIZATION, 6, method_setting=True)
+    )
+    # the axes of the cell schema without a column of their own (harness.config.axes), as
+    # sorted JSON of their non-default values; "{}" when every one is at its default
+    axes: str = field(default="{}", metadata=_axis(AXIS_QUANTIZATION, 8))
     total_model_bits: float = 0.0  # harness.bits.total_model_bits: every parameter counted
     bits_per_param: float = 16.0  # total_model_bits / n_params
     # --- numerics (resolved, never "auto"; part of the cell id) -----------------------
-    device_class: str = ""  # cpu | cuda | mps: where the forward passes ran
-    compute_dtype: str = ""  # float32 | bfloat16 | float16: the dtype the model ran in
+    # cpu | cuda | mps: where the forward passes ran
+    device_class: str = field(default="", metadata=_axis(AXIS_NUMERICS, 0))
+    # float32 | bfloat16 | float16: the dtype the model ran in
+    compute_dtype: str = field(default="", metadata=_axis(AXIS_NUMERICS, 1))
     # --- the measurement ---------------------------------------------------------------
     task: str | None = None  # e.g. wikitext2, lambada_openai, zeroshot_mean; None on failure
     metric: str | None = None  # ppl | acc | acc_norm | nll (mean per-token cross-entropy, nats)
@@ -109,7 +147,8 @@ class Record:
     # "hub:<dataset>[/<config>]@<revision>"; for zeroshot_mean the sources of its tasks
     data_source: str | None = None
     task_version: str | None = None  # lm-eval task version (local tasks: "+kbitN" added)
-    data_digest: str = ""  # short hash of every task's source and version: one per cell
+    # short hash of every task's source and version: one per cell
+    data_digest: str = field(default="", metadata=_axis(AXIS_EVALUATION, 2))
     # --- outcome and cost --------------------------------------------------------------
     status: str = STATUS_OK  # ok | failed (non-finite results are failed, never ok)
     error: str | None = None  # "ExceptionType: message" (+ short traceback) when failed
@@ -130,6 +169,9 @@ class Record:
     version_transformers: str = ""
     version_lm_eval: str = ""
     git_commit: str = ""  # commit of the harness checkout, "+dirty" if modified; "" if none
+    # plugins loaded by the process that ran the cell (harness.plugins.loaded(): name ->
+    # version or file digest) as sorted JSON; "{}" when none
+    plugins: str = "{}"
     hostname: str = ""
     device: str = ""  # e.g. cpu, cuda:0 (NVIDIA H100 ...)
     trust_remote_code: bool = False  # whether the model folder's own code was allowed to run
@@ -162,6 +204,34 @@ def _arrow_type(f: dataclasses.Field) -> pa.DataType:
 SCHEMA = pa.schema([(f.name, _arrow_type(f)) for f in dataclasses.fields(Record)])
 
 _FIELDS = [f.name for f in dataclasses.fields(Record)]
+
+
+def axis_columns(*roles: str) -> list[str]:
+    """The record columns that are configuration axes with one of ``roles`` (all axis roles
+    when none given), each role's columns in their grouping-key rank, roles in the order
+    given. What analysis groups, labels and pairs cells by (analysis reads the record schema,
+    never the cell schema)."""
+    out = []
+    for role in roles or AXIS_ROLES:
+        tagged = [f for f in dataclasses.fields(Record) if f.metadata.get("axis") == role]
+        out += [f.name for f in sorted(tagged, key=lambda f: f.metadata["rank"])]
+    return out
+
+
+def method_setting_columns() -> dict[str, Any]:
+    """{column: default} of the record columns that mirror a method setting of the same name
+    (``outlier_fraction``): filled from whichever method's settings have it, the default
+    otherwise. Method-agnostic: no code names the method that owns a setting."""
+    return {
+        f.name: f.default for f in dataclasses.fields(Record) if f.metadata.get("method_setting")
+    }
+
+
+def mirrored_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
+    """The values of :func:`method_setting_columns` for a method's settings (plain data)."""
+    settings = settings or {}
+    return {name: type(default)(settings.get(name, default) or default)
+            for name, default in method_setting_columns().items()}  # fmt: skip
 
 
 def cell_path(results_dir: str | os.PathLike, sweep: str, cell_id: str) -> Path:

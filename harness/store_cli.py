@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from harness.files import PathError, user_path
-from harness.names import did_you_mean
+from harness.names import did_you_mean, plain_name_problem
 from harness.records import cell_entries
 
 EXIT_REFUSED = 2  # bad input: nothing read, nothing written
@@ -68,14 +68,8 @@ def _one_line(text: str) -> str:
 
 def plain_sweep_problem(name: str, field: str = "--sweep") -> str | None:
     """Why ``name`` is not a plain sweep name (None when it is): the cell config's rule for
-    ``sweep`` (:func:`harness.config.schema.plain_name`), so no ``--sweep`` reads outside the store."""
-    from harness.config.schema import ConfigError, plain_name  # the config layer: only when asked
-
-    try:
-        plain_name(field, name)
-    except ConfigError as err:
-        return str(err)
-    return None
+    ``sweep`` (:func:`harness.names.plain_name_problem`), so no ``--sweep`` reads outside the store."""
+    return plain_name_problem(field, name)
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, str]:

@@ -284,7 +284,7 @@ def test_hub_model_on_cpu_slurm_jobs_is_refused_without_opt_in(tmp_path, data_ro
 def test_launch_target_follows_the_resource_rule():
     from omegaconf import OmegaConf
 
-    from harness.sweep.plan import launch_target
+    from harness.sweep.sweeper import launch_target
 
     slurm = OmegaConf.create({"_target_": "hydra_plugins.kbit_launcher.PackedSlurmLauncher",
                               "gpus_per_node": None})  # fmt: skip
@@ -394,7 +394,7 @@ def test_status_errors_show_a_dead_task_line_for_its_cells_without_record(tmp_pa
 
     from harness.cluster import leases as claims
     from harness.cluster.leases import write_claims
-    from harness.sweep.plan import status
+    from harness.sweep import status
 
     sweep = tmp_path / "s"
     sweep.mkdir()

@@ -25,8 +25,8 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 from test_models_tiny import tiny_config, tiny_tokenizer
 
+from harness.models import weights as model_weights
 from harness.models.loading import CheckpointMismatch, inspect_model, load_model
-from harness.models import files as model_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF = REPO_ROOT / "conf"
@@ -287,7 +287,7 @@ def test_after_loading_missing_weights_fail_the_load(tmp_path, monkeypatch):
     refuses a model transformers completed with random weights (CheckpointMismatch)."""
     folder = save_model("llama", tmp_path / "m")
     drop_tensor(folder, "model.layers.0.mlp.down_proj.weight")
-    monkeypatch.setattr(model_files, "_config_weights_problem", lambda *a: "")
+    monkeypatch.setattr(model_weights, "config_weights_problem", lambda *a: "")
     with pytest.raises(CheckpointMismatch, match=r"model\.layers\.0\.mlp\.down_proj\.weight"):
         load_model(str(folder), device="cpu")
 
@@ -301,7 +301,7 @@ def test_after_loading_a_missing_weight_is_a_failed_record_never_ok(tmp_path, mo
 
     folder = save_model("gpt_neox", tmp_path / "m")
     drop_tensor(folder, "gpt_neox.layers.1.attention.dense.weight")
-    monkeypatch.setattr(model_files, "_config_weights_problem", lambda *a: "")
+    monkeypatch.setattr(model_weights, "config_weights_problem", lambda *a: "")
     results = tmp_path / "results"
     argv = ["kbit-run", f"model={folder}", "eval=smoke", "eval.tasks=[]", "eval.mean_of=[]",
             "device=cpu", "data_root=null", f"eval.perplexity.0.path={REPO_ROOT / 'README.md'}",
@@ -322,8 +322,8 @@ def test_after_loading_a_missing_weight_is_a_failed_record_never_ok(tmp_path, mo
 def test_the_check_is_done_once_per_model_folder(tmp_path, monkeypatch):
     folder = save_model("gpt_neox", tmp_path / "m")
     calls = []
-    real = model_files.weights_problem
-    monkeypatch.setattr(model_files, "weights_problem",
+    real = model_weights.weights_problem
+    monkeypatch.setattr(model_weights, "weights_problem",
                         lambda *a, **k: calls.append(1) or real(*a, **k))  # fmt: skip
     for _ in range(50):
         inspect_model(str(folder))

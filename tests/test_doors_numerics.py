@@ -217,7 +217,8 @@ def test_hqq_bits_are_a_brute_force_count_of_what_is_stored(scale_format):
     weights are computed from exactly those stored tensors."""
     from test_models_tiny import tiny_model
 
-    from harness.quantize.model import count_bits, linear_layout, quantize_model
+    from harness.quantize import quantize_model
+    from harness.quantize.model import count_bits, linear_layout
 
     model, _ = tiny_model("llama")
     pristine = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -265,8 +266,9 @@ def test_method_validation_refuses_exactly_what_quantizing_refuses(method):
     with the same one-line reason; every allowed combination quantizes without error."""
     from test_models_tiny import tiny_model
 
+    from harness.quantize import quantize_model
     from harness.quantize.methods import QuantRequest, get_method, make_settings
-    from harness.quantize.model import quantize_model, restore_model
+    from harness.quantize.model import restore_model
 
     model, _ = tiny_model("gpt_neox")
     calib = torch.randint(0, model.config.vocab_size, (2, 16),

@@ -32,14 +32,15 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from harness.sweep import plan as sweep_module
 from harness.records import STATUS_OK, cell_files, cell_path, empty_record, read_store, write_cell
+from harness.sweep import expand as expand_module
+from harness.sweep import plan as sweep_module
+from harness.sweep.expand import expand_union
 from harness.sweep.plan import (
     MANIFEST,
     Cell,
     SweepError,
     SweepPlan,
-    expand_union,
     manifest_unless_refused,
     plan_sweep,
     raise_on_problems,
@@ -238,7 +239,7 @@ def test_the_size_cap_counts_the_grid_without_expanding_it(monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("the grid was expanded")
 
-    monkeypatch.setattr(sweep_module, "expand_grid", never)
+    monkeypatch.setattr(expand_module, "expand_grid", never)
     with pytest.raises(SweepError) as err:  # 10^9 x 2 cells: listing them would never end
         expand_union(parser, {"seed": "range(0,1000000000)"}, None, ["bits=3,4"], max_cells=10)
     msg = str(err.value)
@@ -371,7 +372,7 @@ def test_overrides_of_one_field_keep_the_fast_path_and_equal_hydra(tmp_path):
     from hydra.types import RunMode
 
     from harness.config.schema import register_schema
-    from harness.sweep.plan import CellComposer
+    from harness.sweep.compose import CellComposer
 
     register_schema()
     GlobalHydra.instance().clear()
@@ -562,7 +563,8 @@ def test_the_plan_reads_and_writes_the_expanded_results_folder(plan_bench, tmp_p
 
     from harness.config.identity import cell_id
     from harness.run.execute import validate_cell
-    from harness.sweep.plan import CellComposer, plan_sweep
+    from harness.sweep.compose import CellComposer
+    from harness.sweep.plan import plan_sweep
 
     hub = plan_bench.build_fake_hub(tmp_path / "hub")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))

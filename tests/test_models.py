@@ -10,11 +10,11 @@ from torch import nn
 from harness.models.loading import (
     count_params,
     guess_family,
-    proxy_pairs,
     quantizable_modules,
     resolve_compute_dtype,
     resolve_model_path,
 )
+from harness.quantize.methods.proxy import proxy_pairs
 
 PER_BLOCK = {
     "gpt_neox": ("gpt_neox.layers", ["attention.query_key_value", "attention.dense",

@@ -1,6 +1,6 @@
 """Fast sweep planning: the same plan as composing and validating every cell one by one.
 
-``plan_sweep`` with the default hooks and a :class:`harness.sweep.plan.CellComposer` takes each
+``plan_sweep`` with the default hooks and a :class:`harness.sweep.compose.CellComposer` takes each
 cell as plain data and validates it with one :class:`harness.run.execute.CellValidator` (each check
 once per distinct input). These tests hold it to the straightforward path (compose the cell,
 ``validate_cell``, ``cell_id``) on a mixed grid with invalid cells, and plan the paper grid
@@ -72,7 +72,9 @@ def _plans(grid, master_overrides, target=None):
     """(fast plan, straightforward plan) of ``grid``, and the composer."""
     from harness.config.identity import cell_id
     from harness.run.execute import validate_cell
-    from harness.sweep.plan import CellComposer, launch_target, plan_sweep
+    from harness.sweep.compose import CellComposer
+    from harness.sweep.plan import plan_sweep
+    from harness.sweep.sweeper import launch_target
 
     hydra = _hydra()
     master = _master(hydra, master_overrides)
@@ -179,7 +181,7 @@ def test_fast_plan_pins_numerics_for_gpu_jobs(fake_hub, tmp_path):
 
 
 def test_plain_falls_back_where_overrides_overlap(fake_hub, tmp_path):
-    from harness.sweep.plan import CellComposer
+    from harness.sweep.compose import CellComposer
 
     hydra = _hydra()
     composer = CellComposer(hydra.config_loader, _master(hydra, [f"results_dir={tmp_path}"]))
@@ -193,7 +195,10 @@ def test_plain_falls_back_where_overrides_overlap(fake_hub, tmp_path):
 
 def _paper_plan(bench, results: Path):
     """The paper sweep planned as KbitSweeper.sweep plans it (expand_union, CellComposer)."""
-    from harness.sweep.plan import CellComposer, expand_union, launch_target, plan_sweep
+    from harness.sweep.compose import CellComposer
+    from harness.sweep.expand import expand_union
+    from harness.sweep.plan import plan_sweep
+    from harness.sweep.sweeper import launch_target
 
     hydra = _hydra()
     arguments = ["+sweeps@_global_=paper", f"results_dir={results}"]

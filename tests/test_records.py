@@ -44,6 +44,7 @@ def full_record(**changes) -> Record:
         dtype_overrides='{"exponent_bits": 3}', data_source="local:/d/piqa.jsonl;sha256=ab",
         task_version="1.0+kbit1", data_digest="0123abcd", trust_remote_code=True,
         job_id="4242_17", model_reused=True, train_tokens=300_000_000_000,
+        axes='{"quantize_head": true}', plugins='{"kbit_toy": "1.0"}',
     )  # fmt: skip
     base.update(changes)
     return Record(**base)

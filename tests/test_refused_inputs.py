@@ -215,7 +215,7 @@ def test_a_failed_cell_exits_1_and_is_recorded(models, data_root, tmp_path, monk
     def boom(*args, **kwargs):
         raise RuntimeError("simulated failure mid-evaluation")
 
-    monkeypatch.setattr(run, "_evaluate", boom)
+    monkeypatch.setattr(run, "evaluate_rows", boom)
     argv = [f"model={models['good']}", "eval=smoke", "eval.limit=4", "device=cpu",
             f"results_dir={tmp_path}", f"data_root={data_root}"]  # fmt: skip
     code, _ = run_main(argv, monkeypatch, capsys)

@@ -206,7 +206,7 @@ def test_failure_mid_cell_writes_one_failed_record(model_dir, tmp_path, monkeypa
     def boom(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(run, "_evaluate", boom)
+    monkeypatch.setattr(run, "evaluate_rows", boom)
     cfg = smoke(model_dir, tmp_path, "bits=3")
     assert run.run_and_record(cfg) == "failed"
     rows = records_from_table(read_cell(cell_path(tmp_path, "adhoc", run.cell_id(cfg))))

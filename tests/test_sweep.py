@@ -12,10 +12,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from harness.records import STATUS_FAILED, cell_path, empty_record, write_cell
+from harness.sweep.expand import expand_grid
 from harness.sweep.plan import (
     SweepError,
     SweepPlan,
-    expand_grid,
     plan_sweep,
     raise_on_problems,
     read_manifest,
@@ -144,7 +144,7 @@ def test_empty_plan_summary():
 
 
 def test_union_of_grids_against_brute_force():
-    from harness.sweep.plan import expand_union
+    from harness.sweep.expand import expand_union
 
     parser = OverridesParser.create()
     params = {"model": "a,b", "block_size": "64,128"}

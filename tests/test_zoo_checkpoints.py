@@ -164,7 +164,8 @@ def test_families_without_checkpoints_keep_their_hash() -> None:
     """Adding the field must not rebuild every family users already have."""
     from dataclasses import asdict
 
-    from harness.zoo.config import ZOO_FORMAT_VERSION, family_hash, stable_hash
+    from harness.zoo.config import ZOO_FORMAT_VERSION
+    from harness.zoo.paths import family_hash, stable_hash
 
     cfg = load_family_config("nano")
     shared = asdict(cfg)

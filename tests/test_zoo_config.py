@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harness.models.loading import count_params
 from harness.zoo import ZooConfigError, ZooModelNotBuiltError, build_family, resolve_model
-from harness.zoo.config import SizeConfig, family_hash, family_names, load_family_config, size_hash
+from harness.zoo.config import SizeConfig, family_names, load_family_config
 from harness.zoo.corpus import PACKAGED_CORPUS, corpus_hash, load_corpus, normalize
 from harness.zoo.evalsets import EvalSetsConfig, make_lastword, make_mc, sentences
 from harness.zoo.model import ARCHITECTURES, build_config
+from harness.zoo.paths import family_hash, size_hash
 from harness.zoo.resolve import parse_spec
 
 FAMILIES = family_names()

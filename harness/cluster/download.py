@@ -9,7 +9,8 @@ every node sees (``HF_HOME`` on the shared filesystem), and the jobs read it wit
 It takes the sweep's own command-line overrides (``kbit-download +sweeps@_global_=paper``,
 ``model=a,b``, ``--config-dir DIR``), composes them with Hydra's compose API as ``kbit-run``
 would, and expands the sweep's ``params`` / ``grids`` with the sweeper's own
-:func:`harness.sweep.plan.expand_union` to its list of models.
+:func:`harness.sweep.expand.expand_union` to its list of models. (So this command sits with
+the entry points, above the sweep; the rest of :mod:`harness.cluster` never imports the sweep.)
 
 Size on disk of a hub model (no weight is read): the ``total_size`` of its safetensors (else
 ``.bin``) index when the repository has one; otherwise its parameter count
@@ -125,7 +126,8 @@ def sweep_models(overrides: Sequence[str], config_dir: str | None = None) -> Swe
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from harness.sweep.plan import SweepError, expand_union
+    from harness.sweep.errors import NOT_LAUNCHED, SweepError
+    from harness.sweep.expand import expand_union
 
     cfg = compose_sweep(overrides, config_dir)
     parser = OverridesParser.create()
@@ -138,7 +140,7 @@ def sweep_models(overrides: Sequence[str], config_dir: str | None = None) -> Swe
             max_cells=sweeper.get("max_cells"),
         )  # fmt: skip
     except SweepError as err:
-        raise DownloadError(str(err).replace("Sweep not launched (nothing was queued or written): ", "")) from None  # fmt: skip
+        raise DownloadError(str(err).replace(NOT_LAUNCHED, "")) from None
     default = OmegaConf.select(cfg, "model", default=None, throw_on_missing=False)
     values: dict[str, str] = {}  # a cell's override as Hydra writes it (escaped) -> its value
     models: dict[str, None] = {}

@@ -1,6 +1,7 @@
 """From a sweep's planned cells to submitted jobs: holds, packing, resources, the printed plan.
 
-Called by the sweeper (:class:`harness.sweep.plan.KbitSweeper`) after every cell is validated:
+Called by the sweeper (:class:`harness.sweep.sweeper.KbitSweeper`) after every cell is validated;
+this layer sits below the sweep and never imports it (the sweeper reports the outcome):
 
 1. cells held by live jobs of an earlier launch are left out (:mod:`harness.cluster.leases`);
 2. the remaining cells are packed into jobs of one model each (:mod:`harness.cluster.packing`),
@@ -25,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.cluster.cells import cell_meta, planned_cell
+from harness.cluster.describe import describe_jobs, job_gpus, sbatch_preview, unit_count
 from harness.cluster.leases import Hold, SchedulerUnavailable, held_cells, read_claims
 from harness.cluster.packing import (
     JobsConf,
-    cell_tokens,
     check_jobs_conf,
     estimate_cell_seconds,
     measured_cell_seconds,
@@ -36,6 +38,27 @@ from harness.cluster.packing import (
 )
 
 log = logging.getLogger(__name__)
+
+# What the sweeper (harness.sweep.sweeper) uses of the cluster layer; the printed plan's
+# functions live in harness.cluster.describe, what a planned cell carries in harness.cluster.cells.
+__all__ = [
+    "JobsError",
+    "Settings",
+    "cell_meta",
+    "check_launcher",
+    "check_settings",
+    "cpu_plan_problem",
+    "describe_jobs",
+    "gpu_flags_problem",
+    "held_by_live_jobs",
+    "is_packed",
+    "job_gpus",
+    "launch",
+    "plan_jobs",
+    "planned_cell",
+    "record_job_errors",
+    "sbatch_preview",
+]
 
 
 class JobsError(ValueError):
@@ -81,63 +104,6 @@ def check_launcher(launcher: Any) -> None:
     poll = launcher.params.get("poll_s")
     if poll is not None and not poll > 0:
         raise JobsError(f"hydra.launcher.poll_s={poll!r}: allowed: a number of seconds > 0")
-
-
-def cell_meta(cfg: Any, resolved: Any) -> dict[str, Any]:
-    """What packing needs of a cell, taken while the planner has its composed config, and
-    what a failed record written in its job says of it when the cell cannot start there
-    (``record``: :data:`harness.cluster.launcher.RECORD_FIELDS`)."""
-    device_class = str(getattr(resolved, "device_class", None) or "cpu")
-    compute_dtype = str(getattr(resolved, "compute_dtype", None) or "float32")
-    return {
-        "model": str(cfg.model),
-        "zoo_dir": str(cfg.get("zoo_dir") or ""),
-        "trust_remote_code": bool(cfg.get("trust_remote_code", False)),
-        "device": str(cfg.get("device") or "auto"),  # as configured: "auto" or explicit
-        "device_class": device_class,
-        "compute_dtype": compute_dtype,
-        "tokens": cell_tokens(cfg),
-        "record": _record_fields(cfg, device_class, compute_dtype),
-    }
-
-
-def _record_fields(cfg: Any, device_class: str, compute_dtype: str) -> dict[str, Any]:
-    """The identity fields of a cell's record, as plain values (best effort: a field the
-    config does not have is left out, and the record keeps its default)."""
-
-    def name_of(value: Any) -> Any:
-        return value.get("name") if hasattr(value, "get") else value
-
-    fields: dict[str, Any] = {"device_class": device_class, "compute_dtype": compute_dtype}
-    try:
-        bits = int(cfg.get("bits"))
-        baseline = bits == 16
-        dtype, method = cfg.get("dtype"), cfg.get("method")
-        fields.update(
-            model=str(cfg.get("model")), bits=bits, centering=bool(cfg.get("centering")),
-            scale_format=str(cfg.get("scale_format") or "fp16"),
-            method="none" if baseline else str(name_of(method) or ""),
-            dtype="none" if baseline else str(name_of(dtype) or ""),
-            dtype_family="none" if baseline else str(
-                (dtype.get("family") if hasattr(dtype, "get") else "") or ""),
-            block_size=None if baseline else cfg.get("block_size"),
-        )  # fmt: skip
-        if cfg.get("model_family"):
-            fields["model_family"] = str(cfg.get("model_family"))
-    except (TypeError, ValueError, AttributeError, KeyError):
-        pass
-    return fields
-
-
-def planned_cell(cell: Any) -> dict[str, Any]:
-    """Where a planned cell's record goes, and what its job writes there if the cell cannot
-    start (:func:`harness.cluster.launcher.record_unrun_cell`)."""
-    return {
-        **dict(cell.meta.get("record") or {}),
-        "results_dir": str(cell.results_dir),
-        "sweep": str(cell.sweep),
-        "cell_id": str(cell.cell_id),
-    }
 
 
 def held_by_live_jobs(cells: Sequence[Any]) -> dict[tuple[str, str, str], Hold]:
@@ -259,7 +225,7 @@ def gpu_flags_problem(settings: Settings, launcher: Any) -> str | None:
     params = getattr(launcher, "params", {}) or {}
     asks = {
         "gres": "gpu" in str(params.get("gres") or ""),
-        "gpus_per_task": _count(params.get("gpus_per_task"), 0) > 0,
+        "gpus_per_task": unit_count(params.get("gpus_per_task"), 0) > 0,
     }
     for key, set_too in asks.items():
         if set_too:
@@ -363,152 +329,30 @@ def _launcher_label(launcher: Any) -> str:
     )
 
 
-def _array_limit(launcher: Any) -> int | None:
-    limit = getattr(launcher, "_array_limit", None)
-    return limit() if callable(limit) else None
-
-
-def describe_jobs(specs: Sequence[Any], launcher: Any) -> str:
-    """The plan printed before submitting: cells, jobs, arrays, and each resource class."""
-    classes: OrderedDict[tuple, list[Any]] = OrderedDict()
-    for spec in specs:
-        classes.setdefault(tuple(sorted(spec.resources.items())), []).append(spec)
-    limit = _array_limit(launcher)
-    arrays = sum(max(1, math.ceil(len(g) / limit)) if limit else 1 for g in classes.values())
-    cells = sum(len(s.cells) for s in specs)
-    sizes = [len(s.cells) for s in specs]
-    lines = [
-        f"plan: {cells} cells in {len(specs)} jobs ({min(sizes)}-{max(sizes)} cells per job, "
-        f"one model each), {arrays} array(s)"
-        + (f" of at most {limit} tasks (MaxArraySize)" if limit else "")
-        + f", {len(classes)} resource class(es):"
-    ]
-    for group in classes.values():
-        models = Counter(s.model for s in group)
-        hours = sum(s.minutes for s in group) / 60.0
-        numerics = Counter(
-            f"{p.get('device_class', '?')}/{p.get('compute_dtype', '?')}"
-            for s in group
-            for p in s.planned
-        )
-        lines.append(
-            f"  - {group[0].label}: {len(group)} jobs, {sum(len(s.cells) for s in group)} cells, "
-            f"~{hours:.1f} job-hours expected; numerics: {_short_list(numerics)}; "
-            f"models: {_short_list(models)}"
-        )
-    lines.append(_total_line(specs, launcher))
-    return "\n".join(lines)
-
-
-def job_gpus(params: dict[str, Any]) -> int:
-    """GPUs one job holds, from submitit's Slurm settings: ``gpus_per_node`` x ``nodes``, else
-    ``gpus_per_task`` x tasks, else a ``gpu[:type]:N`` gres (0 when none asks for GPUs)."""
-    nodes = _count(params.get("nodes"), 1)
-    if _count(params.get("gpus_per_node"), 0):
-        return _count(params.get("gpus_per_node"), 0) * nodes
-    if _count(params.get("gpus_per_task"), 0):
-        return (
-            _count(params.get("gpus_per_task"), 0) * _count(params.get("tasks_per_node"), 1) * nodes
-        )
-    for item in str(params.get("gres") or "").split(","):
-        parts = item.strip().split(":")
-        if parts[0] == "gpu":
-            return (_count(parts[-1], 1) if len(parts) > 1 else 1) * nodes
-    return 0
-
-
-def _count(value: Any, default: int) -> int:
-    """A count as submitit takes it (an int, or a string such as "2" or "a100:2")."""
-    if value is None or isinstance(value, bool):
-        return default
-    try:
-        return int(str(value).rsplit(":", 1)[-1])
-    except ValueError:
-        return default
-
-
-def _total_line(specs: Sequence[Any], launcher: Any) -> str:
-    """The plan's bottom line: what the grid costs in GPU-hours.
-
-    Why two numbers: the expected GPU-hours (each job's expected hours x its GPUs) are what
-    the grid should use; the reserved ones (each job's time limit x its GPUs) are what Slurm
-    holds while the jobs run and what an allocation is checked against before they start.
-    """
-    base = dict(getattr(launcher, "params", {}) or {})
-    expected = reserved = job_hours = 0.0
-    for spec in specs:
-        params = {**base, **spec.resources}
-        gpus = job_gpus(params)
-        hours = spec.minutes / 60.0
-        limit = float(params.get("timeout_min") or 0) / 60.0
-        job_hours += hours
-        expected += hours * gpus
-        reserved += limit * gpus
-    cells = sum(len(s.cells) for s in specs)
-    return (
-        f"  total: {len(specs)} jobs, {cells} cells, ~{_hours(job_hours)} job-hours, "
-        f"~{_hours(expected)} GPU-hours expected (each job's expected hours x its GPUs); "
-        f"{_hours(reserved)} GPU-hours at the time limits (each job's limit x its GPUs: what "
-        "Slurm reserves)"
-    )
-
-
-def _hours(value: float) -> str:
-    """Hours with one decimal, two below 1 h (a small test grid is not all ``0.0``)."""
-    return f"{value:.1f}" if value >= 1 or value == 0 else f"{value:.2f}"
-
-
-def sbatch_preview(launcher: Any, specs: Sequence[Any]) -> str | None:
-    """The sbatch script of the first job of the first array, as submitit would submit it,
-    with a header line; None for a launcher that submits no batch script (local processes).
-
-    A launcher that cannot build its executor here (no ``srun`` on this machine) gives a
-    one-line note instead: the plan is still valid, only the script cannot be shown.
-    """
-    script = getattr(launcher, "sbatch_script", None)
-    if not specs or not callable(script):
-        return None
-    try:
-        text = script(specs)
-    except Exception as err:  # submitit's executor needs Slurm's commands on this machine
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        return f"sbatch script: not shown ({type(err).__name__}: {first})"
-    if text is None:
-        return None
-    first = specs[0]
-    return (
-        f"sbatch script of the first array ({first.label}; its first job: {first.model}, "
-        f"{len(first.cells)} cells), as submitit submits it:\n{text.rstrip()}"
-    )
-
-
-def _short_list(counts: Counter, shown: int = 4) -> str:
-    names = list(counts)
-    text = ", ".join(names[:shown])
-    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
 def launch(
     launcher: Any, specs: Sequence[Any], todo: Sequence[Any], done: int = 0, held: int = 0
-) -> None:
-    """Submit ``specs``; wait with a progress line when the launcher waits, else return.
+) -> Counter[str] | None:
+    """Submit ``specs``; wait with a progress line when the launcher waits, else return None.
 
     ``done`` cells of the sweep were ok before this launch and ``held`` are left to live jobs
     of an earlier launch: the progress line counts the whole sweep (``done + held + todo``)
     and ends on the same count as the summary. After the jobs ended, a cell without a new
     record gets a ``failed`` record holding its job's error line (its result, else its log),
-    so a job that died before its cells could write anything is visible in the store.
+    so a job that died before its cells could write anything is visible in the store; the
+    return value is then those error lines (error line -> cells) for the sweep's outcome
+    (:func:`harness.sweep.outcome.report_outcome`, called by the sweeper: this layer does
+    not import the sweep). A submission the scheduler refuses raises :class:`JobsError`
+    (``refused`` when nothing was queued).
     """
     from harness import progress
     from harness.cluster.launcher import SubmissionError
-    from harness.sweep.plan import SweepError, report_outcome
 
     keys = [(c.results_dir, c.sweep, c.cell_id) for c in todo]
     baseline = progress.store_snapshot(keys) if launcher.waits else None
     try:
         submission = launcher.launch_packed(specs)
     except SubmissionError as err:
-        raise SweepError(f"submission failed: {err}", refused=not err.queued) from None
+        raise JobsError(f"submission failed: {err}", refused=not err.queued) from None
     arrays = ", ".join(f"{a} ({n} tasks)" for a, n, _ in submission.arrays)
     per_job = [len(s.cells) for s in specs]
     log.info(
@@ -528,7 +372,7 @@ def launch(
             "same command again submits only cells that have no ok record and no live job holds",
             status,
         )
-        return
+        return None
     name = ", ".join(sorted({c.sweep for c in todo}))
     line = progress.start(total=len(todo) + done + held, already_done=done, name=name)
     try:
@@ -538,7 +382,7 @@ def launch(
         errors = record_job_errors(specs, submission, missing, line) if missing else Counter()
     finally:
         progress.finish()
-    report_outcome(todo, done_before=done, held=held, job_errors=errors)
+    return errors
 
 
 def record_job_errors(
@@ -552,7 +396,7 @@ def record_job_errors(
     in its result or log, which the store's readers (``kbit-status --errors``) do not read.
     Returns error line -> cells.
     """
-    from harness.cluster.launcher import job_error_line, record_unrun_cell
+    from harness.cluster.in_job import job_error_line, record_unrun_cell
 
     errors: Counter[str] = Counter()
     for spec, job in zip(specs, submission.jobs, strict=True):

@@ -25,11 +25,21 @@ Hydra's plain ``launch(job_overrides)`` still works: one cell per task.
 A cell that cannot even start inside its job (its config does not compose there, a data type
 family registered only in the launching process, an import error, an exception while
 validating it) has no record of its own. The job then writes a ``failed`` record for it under
-its planned id (:func:`record_unrun_cell`, from the plan the launcher handed the job), runs the
-rest of its chunk, and ends with an error (:class:`UnrunCells`: a non-zero exit, no "completed
+its planned id (:func:`harness.cluster.in_job.record_unrun_cell`, from the plan the launcher handed the job), runs the
+rest of its chunk, and ends with an error (:class:`~harness.cluster.in_job.UnrunCells`: a non-zero exit, no "completed
 successfully" in its log). A launcher that waits reads the error line of every job that left a
-cell without a record (:func:`job_error_line`: its result, else its log) and writes the
+cell without a record (:func:`harness.cluster.in_job.job_error_line`: its result, else its log) and writes the
 failed records itself where the job could not.
+
+Plugins: before composing each cell, the job loads the plugins the cell names (its
+``plugins`` list as the planner composed it, and the ``kbit.plugins`` entry points)
+(:func:`harness.cluster.in_job.load_cell_plugins`), so a family, method or
+figure registered by a user's module exists in the job as it did where the sweep was planned.
+
+Why one module: it is one Hydra launcher plugin (its two config schemas, the shared mixin and
+the Slurm and local launchers that hydra_plugins.kbit_launcher registers); submitit pickles the
+launcher object into each job, so its submitting and its job-side methods are one class. What
+runs around each cell in the job lives in :mod:`harness.cluster.in_job`.
 """
 
 from __future__ import annotations
@@ -56,7 +66,16 @@ from hydra_plugins.hydra_submitit_launcher.config import (
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf
 
-from harness.cluster.leases import trace_error_line, write_claims
+from harness.cluster.in_job import (
+    UnrunCells,
+    error_line,
+    limit_threads,
+    load_cell_plugins,
+    process_age,
+    record_inode,
+    record_unrun_cell,
+)
+from harness.cluster.leases import write_claims
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +175,9 @@ class _PackedMixin:
         for offset, overrides in enumerate(chunk):
             num = first_num + offset
             target = planned[offset] if planned and offset < len(planned) else None
-            before = _record_inode(target)
+            before = record_inode(target)
             try:
+                load_cell_plugins(overrides, target)  # before Hydra composes the cell
                 ret = BaseSubmititLauncher.__call__(
                     self,  # type: ignore[arg-type]
                     list(overrides),
@@ -166,7 +186,7 @@ class _PackedMixin:
                     f"job_id_for_{num}",
                     singleton_state,
                 )
-            except Exception as err:  # composing the cell's config in this process
+            except Exception as err:  # loading its plugins or composing its config here
                 ret = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
                 ret.return_value = err
             results.append(ret)
@@ -175,13 +195,13 @@ class _PackedMixin:
             err = ret._return_value
             line = error_line(err)
             log.error("cell %d of this job could not run: %s", offset, line, exc_info=err)
-            if target is not None and _record_inode(target) not in (before, None):
+            if target is not None and record_inode(target) not in (before, None):
                 unrun.append((line, "its own record"))  # the cell wrote one, then raised
                 continue
             written = record_unrun_cell(target, line, err) if target else None
             unrun.append((line, written))
         log.info("job: %d cell(s) in %.1f s (process up %.1f s before the first cell)",
-                  len(chunk), time.monotonic() - started, _process_age(started))  # fmt: skip
+                  len(chunk), time.monotonic() - started, process_age(started))  # fmt: skip
         if unrun:
             recorded = sum(w is not None for _, w in unrun)
             raise UnrunCells(
@@ -341,53 +361,6 @@ class _PackedMixin:
         return all(job.done() for job in jobs)
 
 
-def limit_threads(cpus: Any) -> int | None:
-    """Run torch (and OpenMP/MKL) on as many threads as the job has CPUs; returns the count.
-
-    Why: torch starts one thread per core of the machine, not per CPU the scheduler gave the
-    job; jobs side by side on one node (submitit's local processes always, Slurm without CPU
-    binding) would each use every core and slow each other down. The job's CPUs are
-    ``SLURM_CPUS_PER_TASK`` (the resource rule's value on Slurm), else the launcher's
-    ``cpus_per_task``. A user's ``OMP_NUM_THREADS`` wins.
-    """
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    raw = os.environ.get("SLURM_CPUS_PER_TASK") or cpus
-    try:
-        n = int(raw)
-    except (TypeError, ValueError):
-        return None
-    if n < 1:
-        return None
-    os.environ["OMP_NUM_THREADS"] = str(n)  # before torch is imported: every pool follows it
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(n)
-    return n
-
-
-def _record_inode(planned: dict[str, Any] | None) -> int | None:
-    """The inode of a planned cell's record file (None: no file, or no plan)."""
-    if planned is None:
-        return None
-    try:
-        from harness.records import cell_path
-
-        return cell_path(planned["results_dir"], planned["sweep"], planned["cell_id"]).stat().st_ino
-    except Exception:  # no file, or a path that cannot be built: no record to keep
-        return None
-
-
-def _process_age(now: float) -> float:
-    """Seconds this process ran before ``now`` (a ``time.monotonic`` value); 0 if unknown."""
-    try:
-        ticks = os.sysconf("SC_CLK_TCK")
-        start = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - start / ticks - (time.monotonic() - now))
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
 @contextlib.contextmanager
 def _captured_stderr() -> Iterator[Callable[[], str]]:
     """File descriptor 2 goes to a temporary file for the duration (what child processes such
@@ -408,96 +381,6 @@ def _captured_stderr() -> Iterator[Callable[[], str]]:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
-
-
-class UnrunCells(RuntimeError):
-    """Raised by a job after its chunk when some of its cells could not run (the job fails)."""
-
-
-def error_line(err: BaseException) -> str:
-    """``Type: first line`` of an exception, as a failed record's first line shows it."""
-    try:
-        from harness.config.refusals import input_error_line
-
-        line = input_error_line(err)
-    except Exception:  # the import itself may be what fails in a broken job
-        line = None
-    if line is None:
-        text = (str(err).strip().splitlines() or [""])[0] or type(err).__name__
-        line = f"{type(err).__name__}: {text}"
-    return line if len(line) <= 500 else line[:497] + "..."
-
-
-# record fields a planned cell may carry into a failed record written without its config
-RECORD_FIELDS = (
-    "model", "model_family", "method", "dtype", "dtype_family", "bits", "block_size",
-    "scale_format", "centering", "device_class", "compute_dtype",
-)  # fmt: skip
-
-
-def record_unrun_cell(
-    planned: dict[str, Any], line: str, err: Any = None, job_id: str | None = None
-) -> Path | None:
-    """Write the ``failed`` record of a planned cell that has none (never over an ok one).
-
-    Why here and not in the cell: the cell never got far enough to write its own (its
-    config, its validation or an import failed in this process). The record holds the
-    planned id, what the plan knew of the cell, and the error line first. Returns the path,
-    or None when nothing could be written (the reason is logged).
-    """
-    try:
-        import socket
-        import traceback
-        from datetime import datetime, timezone
-
-        from harness.provenance import job_identity
-        from harness.records import STATUS_FAILED, STATUS_OK, Record, cell_path, cell_status
-        from harness.records import write_cell as write
-
-        path = cell_path(planned["results_dir"], planned["sweep"], planned["cell_id"])
-        if cell_status(path) == STATUS_OK:
-            return path
-        detail = ""
-        if isinstance(err, BaseException):
-            tb = traceback.format_exception(type(err), err, err.__traceback__)[-6:]
-            detail = "\n" + "".join(tb)
-        elif err:
-            detail = "\n" + str(err)[-3000:]
-        fields = {k: planned[k] for k in RECORD_FIELDS if planned.get(k) is not None}
-        record = Record(
-            **fields, sweep=str(planned["sweep"]), cell_id=str(planned["cell_id"]),
-            status=STATUS_FAILED, error=f"{line}{detail}", job_id=job_id or job_identity(),
-            hostname=socket.gethostname(), created_at=datetime.now(timezone.utc).isoformat(),
-        )  # fmt: skip
-        return write([record], path)
-    except Exception as exc:  # the caller reports the cell as unrecorded
-        log.error("no failed record could be written for cell %s: %s",
-                  planned.get("cell_id"), error_line(exc))  # fmt: skip
-        return None
-
-
-def job_error_line(job: Any) -> str:
-    """Why a submitit job left cells without a record: its error, from its result pickle, else
-    from its error log; a short reason when neither says (e.g. killed by the scheduler)."""
-    try:
-        paths = job.paths
-        if paths.result_pickle.exists():
-            from submitit.core import utils
-
-            outcome, value = utils.pickle_load(paths.result_pickle)
-            if outcome == "error":
-                return trace_error_line(value) or (str(value).strip().splitlines() or ["?"])[-1]
-            return "the job ended without an error, but wrote no record for these cells"
-        for log_path in (paths.stderr, paths.stdout):
-            if log_path.exists():
-                text = log_path.read_text(errors="replace")[-20000:]
-                line = trace_error_line(text)
-                if line:
-                    return line
-        state = getattr(job, "state", "UNKNOWN")
-        return f"the job ended ({state}) without a result or an error line in {paths.stderr}"
-    except Exception as exc:  # reading a job's files must not stop the report
-        return f"the job's result could not be read ({error_line(exc)})"
 
 
 def _slices(n: int, limit: int | None) -> list[range]:
@@ -531,7 +414,11 @@ class PackedSlurmLauncher(_PackedMixin, BaseSubmititLauncher):
         """The batch script of the first array, from submitit's Slurm executor set up exactly
         as :meth:`launch_packed` sets it up (the launcher's settings, the first array's
         resources, its task count as ``--array``); submitit builds an array's script the same
-        way (a copy of the executor with ``map_count``) when it submits one."""
+        way (a copy of the executor with ``map_count``) when it submits one.
+
+        Why submitit's private methods (``_executor``, ``_make_submission_file_text``): it has
+        no public way to render a script without submitting it. They are used here only;
+        submitit's tested range is pinned in pyproject.toml (tests/test_versions.py)."""
         if not specs:
             return None
         resources, indices = self.arrays(specs)[0]

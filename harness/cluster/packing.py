@@ -40,14 +40,11 @@ OVERHEAD_S = 20.0  # per cell: validation, restore, lm-eval set-up, writing the 
 # (~290k tokens in the GPT-2/NeoX tokenizers) and the paper's zero-shot tasks at their sizes
 # (examples x choices x ~tokens per choice).
 PERPLEXITY_TOKENS = 300_000
-TASK_TOKENS = {  # task -> (examples, tokens per example summed over choices)
-    "lambada_openai": (5153, 90),
-    "winogrande": (1267, 60),
-    "hellaswag": (10042, 400),
-    "piqa": (1838, 120),
-}
+# A task whose definition declares no cost (``kbit.cost`` in its YAML file under
+# harness/evaluate/local_tasks/; a hub task kbit has no file for): (examples, tokens per example)
 DEFAULT_TASK = (2000, 200)
-CALIBRATION_PASSES = 3  # GPTQ: a forward per layer input plus the Hessian accumulation
+# a method that needs calibration (GPTQ): a forward per layer input plus the Hessian accumulation
+CALIBRATION_PASSES = 3
 
 
 @dataclass
@@ -97,14 +94,18 @@ class PackedJob:
 
 
 def eval_tokens(eval_cfg: Any) -> float:
-    """Forward tokens one evaluation of ``eval_cfg`` reads (rough; sizes chunks only)."""
+    """Forward tokens one evaluation of ``eval_cfg`` reads (rough; sizes chunks only): each
+    task's size as its definition declares it (:func:`harness.evaluate.task_catalog.task_cost`),
+    else :data:`DEFAULT_TASK`."""
+    from harness.evaluate.task_catalog import task_cost
+
     limit = eval_cfg.get("limit") if eval_cfg is not None else None
     tokens = 0.0
     for spec in (eval_cfg or {}).get("perplexity") or []:
         cap = spec.get("max_tokens") if hasattr(spec, "get") else None
         tokens += min(PERPLEXITY_TOKENS, cap) if cap else PERPLEXITY_TOKENS
     for task in (eval_cfg or {}).get("tasks") or []:
-        examples, per_example = TASK_TOKENS.get(str(task), DEFAULT_TASK)
+        examples, per_example = task_cost(str(task)) or DEFAULT_TASK
         if limit is not None:
             examples = min(examples, limit if limit >= 1 else math.ceil(examples * limit))
         tokens += examples * per_example
@@ -112,15 +113,29 @@ def eval_tokens(eval_cfg: Any) -> float:
 
 
 def cell_tokens(cfg: Any) -> float:
-    """Forward tokens of one cell: its evaluation, plus GPTQ's calibration passes."""
+    """Forward tokens of one cell: its evaluation, plus the calibration passes of a method
+    that needs calibration data (the method registry says which: GPTQ today)."""
     tokens = eval_tokens(cfg.get("eval"))
     method = cfg.get("method")
     name = str(method.get("name", "")) if hasattr(method, "get") else str(method or "")
-    if name == "gptq" and int(cfg.get("bits", 16)) < 16:
-        n_seq = int(method.get("n_samples") or 128)
-        seqlen = int(method.get("seqlen") or 2048)
+    if int(cfg.get("bits", 16)) < 16 and needs_calibration(name):
+        settings = method if hasattr(method, "get") else {}
+        n_seq = int(settings.get("n_samples") or 128)
+        seqlen = int(settings.get("seqlen") or 2048)
         tokens += CALIBRATION_PASSES * n_seq * seqlen
     return tokens
+
+
+def needs_calibration(method: str) -> bool:
+    """Whether method ``method`` reads calibration data, as the method registry declares
+    (:func:`harness.quantize.methods.needs_calibration`); False for a name no method has (a
+    cell that names one is refused at planning, before packing)."""
+    from harness.quantize.methods import needs_calibration as declared
+
+    try:
+        return bool(declared(method))
+    except ValueError:
+        return False
 
 
 def estimate_cell_seconds(n_params: int, tokens: float, device_class: str) -> float:

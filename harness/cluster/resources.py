@@ -24,6 +24,11 @@ override (``models``: the spec itself, else the first matching fnmatch glob) rep
 the four. A model the rule cannot fit on one node (more GPUs than ``gpus_per_node``) is an
 error naming the model, its size, what it needs and the limit, unless an override sets its
 ``gpus`` explicitly: that is the user's decision (e.g. a smaller eval batch), logged.
+
+Why one module: the settings schema (:class:`ResourceConf`), the rule that reads it and the
+checks of its values are one contract that changes together (a new setting is a field, its
+range and its use), and the model's size is read only for this rule; split, each part would
+repeat the others' field names.
 """
 
 from __future__ import annotations

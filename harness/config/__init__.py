@@ -6,38 +6,33 @@ are imported on first use (PEP 562), so importing one stage's module never loads
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from harness.reexport import lazy_names
 
-_HOME = "harness.config.schema"
-__all__ = [
-    "CELL_BITS",
-    "CELL_BITS_ALLOWED",
-    "CELL_FIELDS",
-    "DEVICES_ALLOWED",
-    "DEVICE_PATTERN",
-    "EVAL_FIELDS",
-    "USER_PATH_FIELDS",
-    "CellConfig",
-    "ComputeDtype",
-    "ConfigError",
-    "EvalConfig",
-    "PerplexitySpec",
-    "ScaleFormat",
-    "check_bits",
-    "check_cell",
-    "check_limit",
-    "device_problem",
-    "eval_limit",
-    "mean_tasks",
-    "method_settings",
-    "plain_name",
-    "register_schema",
-    "with_user_paths",
-]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOME), name)
+_SCHEMA = "harness.config.schema"
+_HOMES = {
+    "CELL_BITS": _SCHEMA,
+    "CELL_BITS_ALLOWED": _SCHEMA,
+    "CELL_FIELDS": _SCHEMA,
+    "DEVICES_ALLOWED": _SCHEMA,
+    "DEVICE_PATTERN": _SCHEMA,
+    "EVAL_FIELDS": _SCHEMA,
+    "USER_PATH_FIELDS": _SCHEMA,
+    "CellConfig": _SCHEMA,
+    "ComputeDtype": _SCHEMA,
+    "ConfigError": _SCHEMA,
+    "EvalConfig": _SCHEMA,
+    "PerplexitySpec": _SCHEMA,
+    "ScaleFormat": _SCHEMA,
+    "check_bits": _SCHEMA,
+    "check_cell": _SCHEMA,
+    "check_limit": _SCHEMA,
+    "device_problem": _SCHEMA,
+    "eval_limit": _SCHEMA,
+    "mean_tasks": _SCHEMA,
+    "method_settings": _SCHEMA,
+    "plain_name": _SCHEMA,
+    "register_schema": _SCHEMA,
+    "with_user_paths": _SCHEMA,
+}
+__all__ = sorted(_HOMES)
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

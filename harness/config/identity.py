@@ -3,9 +3,10 @@
 A cell id is the sha256 of the *result-determining* part of a cell config (:func:`cell_config`),
 which is the composed config with three kinds of change:
 
-* dropped: fields that cannot change a result (:data:`NON_RESULT_FIELDS`: where results and the
-  zoo live, the sweep name, the plot label), and the quantization fields of the 16-bit
-  baseline (so the baseline is one cell however many data types a sweep lists);
+* dropped: fields that cannot change a result (:data:`NON_RESULT_FIELDS`, the ``run_only``
+  fields of the schema: where results and the zoo live, the sweep name, the plot label, the
+  plugin list), and the quantization fields of the 16-bit baseline (:data:`QUANT_FIELDS`, the
+  ``quantization`` role; both derived from :mod:`harness.config.axes`) (so the baseline is one cell however many data types a sweep lists);
 * resolved: ``device`` and ``compute_dtype`` become the *device class* and the *dtype the model
   runs in* (``auto`` is fp32 on a CPU and the checkpoint's 16-bit dtype on a GPU, so a CPU cell
   and a GPU cell of the same config are different measurements);
@@ -29,21 +30,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config.schema import device_problem, mean_tasks
+import harness.config.schema as cell_schema
+from harness.config.axes import non_result_fields, quantization_fields
+from harness.config.rules import dtype_overrides as dtype_overrides  # one rule, re-exported
+from harness.config.schema import CellConfig, device_problem, mean_tasks
 from harness.records import BASELINE_BITS
 
-NON_RESULT_FIELDS = (
-    "results_dir",
-    "data_root",  # replaced by the data sources
-    "zoo_dir",
-    "device",  # replaced by the device class
-    "compute_dtype",  # replaced by the resolved dtype
-    "sweep",
-    "model_family",
-    "hydra",
-)
-QUANT_FIELDS = ("dtype", "block_size", "scale_format", "centering", "method",
-                "quantize_embeddings", "quantize_head")  # fmt: skip
+# Derived from the roles declared in the cell schema (harness.config.axes): run-only and
+# resolved fields (+ "hydra") are dropped; quantization fields are left out of the baseline.
+NON_RESULT_FIELDS = non_result_fields(CellConfig)
+QUANT_FIELDS = quantization_fields(CellConfig)
 
 
 @dataclass(frozen=True)
@@ -86,21 +82,6 @@ def content_identity(source: str) -> str:
     """``local:<path>;sha256=<hex>[+local:...]`` -> ``sha256=<hex>[+<hex>]``; others as they are."""
     digests = re.findall(r";sha256=([0-9a-f]{64})", source)
     return "sha256=" + "+".join(digests) if source.startswith("local:") and digests else source
-
-
-def dtype_overrides(cfg: DictConfig) -> dict[str, Any]:
-    """Fields of ``cfg.dtype`` that differ from its catalogue entry (command-line overrides)."""
-    from harness.dtypes import get_spec
-
-    node = OmegaConf.to_container(cfg.dtype, resolve=True, enum_to_str=True)
-    spec = get_spec(node["name"])
-    out = {}
-    for key, value in node.items():
-        base = getattr(spec, key, None)
-        base = getattr(base, "value", base)
-        if key != "name" and value != base:
-            out[key] = value
-    return out
 
 
 def _numerics(model: str, zoo_dir: str, trust: bool, device: str, compute_dtype: str,
@@ -195,13 +176,18 @@ def identity_data(
     resolve=True, enum_to_str=True)``); ``data`` itself is not changed (only its top level is
     copied). ``data_identity``: ``resolved.data_identity()`` when the caller has it already."""
     data = dict(data)
-    for key in NON_RESULT_FIELDS:
+    schema = cell_schema.CellConfig  # looked up now: the roles as declared when it runs
+    for key in non_result_fields(schema):
         data.pop(key, None)
     if isinstance(data.get("eval"), dict):
         data["eval"] = _eval_identity(data["eval"])
     if data.get("bits") == BASELINE_BITS:
-        for key in QUANT_FIELDS:
+        for key in quantization_fields(schema):
             data.pop(key, None)
+    if isinstance(data.get("dtype"), dict):  # a table read from a file: its numbers, not its path
+        from harness.dtypes.table import identity_node
+
+        data["dtype"] = identity_node(data["dtype"])
     data["numerics"] = {"device_class": resolved.device_class,
                         "compute_dtype": resolved.compute_dtype}  # fmt: skip
     data["data"] = resolved.data_identity() if data_identity is None else data_identity

@@ -24,15 +24,18 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from harness.config.axes import flagged
 from harness.config.schema import CellConfig, ConfigError
 from harness.dtypes.spec import DtypeSpec
 from harness.files import PathError, user_path
 
-# cell fields that are user paths, and the environment variables conf/config.yaml reads them from
-PATH_FIELDS = ("results_dir", "data_root", "zoo_dir")
+# cell fields that are user paths (declared in the schema: harness.config.axes), and the
+# environment variables conf/config.yaml reads them from
+PATH_FIELDS = flagged(CellConfig, "user_path")
 PATH_ENV = ("KBIT_RESULTS_DIR", "KBIT_DATA_ROOT", "KBIT_ZOO_DIR", "KBIT_DTYPE_DIR")
 # what a format (conf/format/<name>.yaml) fixes: no other value of these may be set beside it
-FORMAT_FIELDS = ("bits", "block_size", "scale_format")
+# (the schema's fields declared with format=True)
+FORMAT_FIELDS = flagged(CellConfig, "format")
 BOOL_ALLOWED = "true or false"
 _OPTION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
 _PREFIX = {"ADD": "+", "FORCE_ADD": "++", "CHANGE": "", "DEL": "~"}
@@ -70,6 +73,21 @@ def command_overrides(argv: Sequence[str]) -> list[str]:
     except SystemExit:  # a bad flag: Hydra reports it itself
         return []
     return list(args.overrides or [])
+
+
+def plugin_modules(overrides: Sequence[str]) -> list[str]:
+    """The modules named by ``plugins=`` among ``overrides`` (each once, in order; every
+    value of a sweep ``plugins=a,b``): what the entry point loads before Hydra composes."""
+    out: list[str] = []
+    for o in parse(overrides):
+        if o.key_or_group != "plugins" or o.is_delete():
+            continue
+        values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+        for value in values:
+            for item in value if isinstance(value, list | tuple) else [value]:
+                if item is not None and str(item) not in out:
+                    out.append(str(item))
+    return out
 
 
 def parse(overrides: Sequence[str]) -> list[Any]:

@@ -27,9 +27,11 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
 
+from harness.config.axes import Role, axis, flagged
 from harness.dtypes.spec import DtypeSpec
 from harness.files import PathError, user_path
-from harness.names import did_you_mean, short_allowed
+from harness.kernels.scale_formats import names as scale_format_names
+from harness.names import did_you_mean, plain_name_problem, short_allowed
 from harness.records import BASELINE_BITS
 
 
@@ -47,15 +49,16 @@ class _Choice(str, Enum):
         return format(str(self.value), spec)
 
 
-class ScaleFormat(_Choice):
-    """How each block's absmax scale is stored (and counted in total model bits)."""
-
-    fp16 = "fp16"
-    bf16 = "bf16"
-    fp32 = "fp32"
-    e8m0 = "e8m0"  # power of two rounded up so nothing clips (kbit's)
-    mx = "mx"  # OCP MX: E8M0 = 2^(floor(log2 amax) - emax_elem), elements saturate
-    nvfp4 = "nvfp4"  # NVFP4: an E4M3 scale per block of 16 times one FP32 scale per tensor
+# How each block's absmax scale is stored (and counted in total model bits): one member per
+# entry of the scale-format registry (harness.kernels.scale_formats), so a format declared
+# there is a config value here and ``scale_format=fp17`` still fails when Hydra composes.
+ScaleFormat = _Choice(
+    "ScaleFormat",
+    [(name, name) for name in scale_format_names()],
+    module=__name__,
+    qualname="ScaleFormat",
+)
+ScaleFormat.__doc__ = "How each block's absmax scale is stored (harness.kernels.scale_formats)."
 
 
 class ComputeDtype(_Choice):
@@ -100,32 +103,64 @@ class EvalConfig:
 
 @dataclass
 class CellConfig:
-    """One grid cell. Field comments are the documentation of ``conf/config.yaml``."""
+    """One grid cell. Field comments are the documentation of ``conf/config.yaml``.
 
-    model: str = MISSING  # local folder, hub id, or zoo:<family>/<size>
-    bits: int = 4  # k: bits per weight; 16 = the unquantized baseline
-    block_size: int | None = 64  # elements per absmax block; null = one scale per tensor
-    scale_format: ScaleFormat = ScaleFormat.fp16
-    centering: bool = False  # subtract the block mean before quantizing
-    method: Any = MISSING  # conf/method/<name>.yaml: name + the method's own settings
-    quantize_embeddings: bool = False
-    quantize_head: bool = False
-    dtype: DtypeSpec = field(default_factory=DtypeSpec)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    sweep: str = "adhoc"  # a plain name: the store's subfolder
-    results_dir: str = "results"
-    data_root: str | None = None  # folder laid out like shared/data; null = hub datasets
-    zoo_dir: str = MISSING
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    compute_dtype: ComputeDtype = ComputeDtype.auto
-    trust_remote_code: bool = False  # run Python shipped in a model folder (never by default)
-    seed: int = 0
-    model_family: str | None = None  # family name for plot panels; null = guessed
+    Each field is declared with its role (:mod:`harness.config.axes`): the cell id, the
+    validator's memo keys, the user paths, the fields a format fixes and the record's columns
+    are derived from these declarations, so a new axis is one line here.
+    """
+
+    # local folder, hub id, or zoo:<family>/<size>
+    model: str = field(default=MISSING, metadata=axis(Role.identity, column="model",
+                                                      model_input=True))  # fmt: skip
+    # k: bits per weight; 16 = the unquantized baseline
+    bits: int = field(default=4, metadata=axis(Role.identity, column="bits", format=True))
+    # elements per absmax block; null = one scale per tensor
+    block_size: int | None = field(default=64, metadata=axis(Role.quantization,
+                                                             column="block_size", format=True))  # fmt: skip
+    scale_format: ScaleFormat = field(default=ScaleFormat.fp16, metadata=axis(
+        Role.quantization, column="scale_format", format=True))  # fmt: skip
+    # subtract the block mean before quantizing
+    centering: bool = field(default=False, metadata=axis(Role.quantization, column="centering"))
+    # conf/method/<name>.yaml: name + the method's own settings
+    method: Any = field(default=MISSING, metadata=axis(Role.quantization,
+                                                       column=("method", "method_settings")))  # fmt: skip
+    # no record column of their own: the record's generic ``axes`` column carries them
+    quantize_embeddings: bool = field(default=False, metadata=axis(Role.quantization))
+    quantize_head: bool = field(default=False, metadata=axis(Role.quantization))
+    dtype: DtypeSpec = field(default_factory=DtypeSpec, metadata=axis(
+        Role.quantization, column=("dtype", "dtype_family", "dtype_overrides")))  # fmt: skip
+    # hashed as its identity (mean_of, limit scope) with the data sources; recorded per row
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=axis(
+        Role.evaluation, column=("data_digest", "task", "metric")))  # fmt: skip
+    # a plain name: the store's subfolder
+    sweep: str = field(default="adhoc", metadata=axis(Role.run_only, column="sweep"))
+    results_dir: str = field(default="results", metadata=axis(Role.run_only, user_path=True))
+    # folder laid out like shared/data; null = hub datasets (the id hashes the data sources)
+    data_root: str | None = field(default=None, metadata=axis(
+        Role.evaluation, column="data_digest", resolved=True, user_path=True))  # fmt: skip
+    zoo_dir: str = field(default=MISSING, metadata=axis(Role.run_only, user_path=True,
+                                                        model_input=True))  # fmt: skip
+    # auto | cpu | cuda | cuda:N | mps (the id hashes the device class)
+    device: str = field(default="auto", metadata=axis(
+        Role.numerics, column="device_class", resolved=True, model_input=True))  # fmt: skip
+    compute_dtype: ComputeDtype = field(default=ComputeDtype.auto, metadata=axis(
+        Role.numerics, column="compute_dtype", resolved=True, model_input=True))  # fmt: skip
+    # run Python shipped in a model folder (never by default)
+    trust_remote_code: bool = field(default=False, metadata=axis(
+        Role.numerics, column="trust_remote_code", model_input=True))  # fmt: skip
+    seed: int = field(default=0, metadata=axis(Role.identity, column="seed"))
+    # family name for plot panels; null = guessed
+    model_family: str | None = field(default=None, metadata=axis(Role.run_only,
+                                                                 column="model_family"))  # fmt: skip
+    # modules that register data types, methods or figures, loaded before composing (every
+    # process that runs a cell loads the same list; records name each with its version)
+    plugins: list[str] = field(default_factory=list, metadata=axis(Role.run_only,
+                                                                   column="plugins"))  # fmt: skip
 
 
 CELL_FIELDS = tuple(f.name for f in fields(CellConfig))
 EVAL_FIELDS = tuple(f.name for f in fields(EvalConfig))
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")  # the device names a cell takes
 DEVICES_ALLOWED = "auto, cpu, cuda, cuda:N, mps"
 
@@ -182,7 +217,7 @@ def register_schema() -> None:
 
 
 # ----------------------------------------------------------------------------- rules
-USER_PATH_FIELDS = ("results_dir", "data_root", "zoo_dir")
+USER_PATH_FIELDS = flagged(CellConfig, "user_path")  # results_dir, data_root, zoo_dir
 CELL_BITS = (3, 4, 5, 6, 7, 8)  # k of a quantized cell; 16 (BASELINE_BITS) is the baseline
 CELL_BITS_ALLOWED = "3..8, or 16 for the baseline"
 
@@ -222,13 +257,10 @@ def check_bits(bits: Any) -> None:
 
 def plain_name(field_name: str, value: Any) -> str:
     """A name that is safe as one folder: letters, digits, ``_ . -``; never a path."""
-    text = str(value)
-    if not _PLAIN_NAME.match(text) or ".." in text:
-        raise ConfigError(
-            f"{field_name}={text!r} is not a plain name; allowed: letters, digits, '_', '.', '-' "
-            "(starting with a letter or digit, no '..', no '/'), at most 128 characters"
-        )
-    return text
+    problem = plain_name_problem(field_name, value)
+    if problem is not None:
+        raise ConfigError(problem)
+    return str(value)
 
 
 def _int_at_least(name: str, value: Any, minimum: int = 1, nullable: bool = False) -> None:
@@ -316,15 +348,24 @@ def method_settings(cfg: DictConfig) -> Any:
 
 
 def _check_quantization(cfg: DictConfig) -> None:
+    """k, the block size, the method's settings, then every cross-field rule of the
+    registries (:func:`harness.config.rules.quantization_problem`)."""
+    from harness.config.rules import quantization_problem
+
+    check_bits(cfg.bits)  # the product's range first: 3..8 (the library may build other k)
     _int_at_least("block_size", cfg.block_size, nullable=True)
-    method_settings(cfg)
+    problem = quantization_problem(cfg, method_settings(cfg))
+    if problem:
+        raise ConfigError(problem)
 
 
 def check_cell(cfg: DictConfig) -> None:
     """Every value rule of a composed cell config; raises :class:`ConfigError` (one line).
 
-    Cheap (no file is read): the checks that need the model folder or data files live in
-    :func:`harness.run.execute.validate_cell`, which calls this first.
+    Cheap (no model or data file is read; the data-type catalogue is read once and cached):
+    a quantized cell's cross-field rules are :mod:`harness.config.rules`'. The checks that
+    need the model folder or data files live in :func:`harness.run.execute.validate_cell`,
+    which calls this first.
     """
     if OmegaConf.is_missing(cfg, "model") or not str(cfg.model).strip():
         raise ConfigError(

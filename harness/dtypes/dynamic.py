@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from harness.dtypes.registry import register_family
+from harness.dtypes.family_registry import register_family
 from harness.dtypes.spec import DtypeSpec
 
 
-@register_family("dynamic", bits=range(2, 9))
+@register_family("dynamic", bits=range(2, 9), options=("signed",))
 def dynamic_codebook(
     spec: DtypeSpec, bits: int, tensor: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from harness.dtypes.registry import register_family
+from harness.dtypes.family_registry import register_family
 from harness.dtypes.spec import DtypeSpec
 
 
@@ -39,7 +39,12 @@ def validate_float(spec: DtypeSpec, bits: int) -> None:
         )
 
 
-@register_family("float", bits=range(2, 9), validate=validate_float)
+@register_family(
+    "float",
+    bits=range(2, 9),
+    validate=validate_float,
+    options=("exponent_bits", "mantissa_bits", "bias", "special"),
+)
 def float_codebook(spec: DtypeSpec, bits: int, tensor: torch.Tensor | None = None) -> torch.Tensor:
     """Every bit pattern of a sign/E/M float is a finite value (no inf/NaN encodings).
 

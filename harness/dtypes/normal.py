@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.dtypes.registry import register_family
+from harness.dtypes.family_registry import register_family
 from harness.dtypes.spec import DtypeSpec
 
 
@@ -22,7 +22,7 @@ def validate_normal(spec: DtypeSpec, bits: int) -> None:
         raise ValueError(f"offset={spec.offset} (dtype {spec.name!r}) must lie in (0.5, 1)")
 
 
-@register_family("normal", bits=range(2, 9), validate=validate_normal)
+@register_family("normal", bits=range(2, 9), validate=validate_normal, options=("offset",))
 def normal_codebook(spec: DtypeSpec, bits: int, tensor: torch.Tensor | None = None) -> torch.Tensor:
     """Quantiles of N(0, 1): 2^(k-1) positive, 2^(k-1) - 1 negative, and an exact zero.
 

@@ -7,8 +7,10 @@ block means, scale checks and input checks, so they live here, below the quantiz
 ``blockwise`` imports them and re-exports :func:`fit_population`, :class:`BlockNormalised`
 and :func:`normalised_values`.
 
-``scale_format`` is one of ``SCALE_FORMATS``; the element-grid formats (``mx``, ``nvfp4``,
-``ELEMENT_FORMATS``) quantize in a fixed grid and have no normalised values to fit to.
+``scale_format`` is a name of the scale-format registry (:mod:`harness.kernels.scale_formats`);
+the element-grid formats (``mx``, ``nvfp4``, ``ELEMENT_FORMATS``) quantize in a fixed grid and
+have no normalised values to fit to. The rules on the layout alone (:func:`layout_problem`)
+are the registry's, so planning (``harness.config.rules``) refuses exactly what this refuses.
 """
 
 from __future__ import annotations
@@ -17,10 +19,27 @@ import math
 
 import torch
 
-from harness.kernels import native, torch_ops
+from harness.kernels import native, scale_formats, torch_ops
 
-SCALE_FORMATS = ("fp16", "bf16", "fp32", "e8m0", "mx", "nvfp4")
-ELEMENT_FORMATS = torch_ops.ELEMENT_FORMATS  # quantized in the element grid, ties to even
+SCALE_FORMATS = scale_formats.names()
+ELEMENT_FORMATS = scale_formats.element_formats()  # quantized in the element grid, ties to even
+
+
+def layout_problem(block_size: int | None, scale_format: str, centering: bool) -> str:
+    """``""`` if a block layout is one every block-wise operation accepts, else one line.
+
+    No tensor needed: planning asks this before any weight exists.
+    """
+    if block_size is not None and (
+        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0
+    ):
+        return (
+            f"block_size={block_size!r}: must be a positive int (e.g. 64..4096) or None "
+            "(one scale per tensor)"
+        )
+    return scale_formats.format_problem(scale_format) or scale_formats.centering_problem(
+        scale_format, centering
+    )
 
 
 def check_inputs(
@@ -33,32 +52,17 @@ def check_inputs(
         raise ValueError(
             f"x: the tensor is empty (shape {tuple(x.shape)}); need at least one element"
         )
-    if block_size is not None and (
-        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0
-    ):
-        raise ValueError(
-            f"block_size={block_size!r}: must be a positive int (e.g. 64..4096) or None (one scale per tensor)"
-        )
-    if scale_format not in SCALE_FORMATS:
-        raise ValueError(
-            f"scale_format={scale_format!r} is unknown; allowed: {list(SCALE_FORMATS)}"
-        )
-    if centering and scale_format == "e8m0":
-        raise ValueError(
-            "centering=True with scale_format='e8m0': an unsigned power of two cannot store a block mean; use fp16, bf16 or fp32"
-        )
-    if centering and scale_format in ELEMENT_FORMATS:
-        raise ValueError(
-            f"centering=True with scale_format={scale_format!r}: the format stores no block mean; use fp16, bf16 or fp32"
-        )
+    problem = layout_problem(block_size, scale_format, centering)
+    if problem:
+        raise ValueError(problem)
 
 
 def refuse_element_format(scale_format: str, what: str) -> None:
-    """A clear ValueError if ``scale_format`` is an element-grid format (``what`` needs one)."""
-    if scale_format in ELEMENT_FORMATS:
-        raise ValueError(
-            f"scale_format={scale_format!r} with {what}: the format quantizes in a fixed element grid; allowed: a fixed codebook (float, int entries)"
-        )
+    """A clear ValueError if ``scale_format`` is an element-grid format (``what`` needs one):
+    the registry's :func:`harness.kernels.scale_formats.codebook_problem`."""
+    problem = scale_formats.codebook_problem(scale_format, True)
+    if problem:
+        raise ValueError(problem.replace("a data-dependent codebook", what, 1))
 
 
 def layout(numel: int, block_size: int | None) -> tuple[int, int, bool]:

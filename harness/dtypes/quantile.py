@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from harness.dtypes.registry import register_family
+from harness.dtypes.family_registry import register_family
 from harness.dtypes.spec import DtypeSpec, Estimator
 from harness.kernels import native
 
@@ -171,7 +171,13 @@ def validate_quantile(spec: DtypeSpec, bits: int) -> None:
         )
 
 
-@register_family("quantile", bits=range(2, 9), needs_tensor=True, validate=validate_quantile)
+@register_family(
+    "quantile",
+    bits=range(2, 9),
+    needs_tensor=True,
+    validate=validate_quantile,
+    options=("estimator", "sample_size", "seed"),
+)
 def quantile_codebook(
     spec: DtypeSpec, bits: int, tensor: torch.Tensor | Population | None = None
 ) -> torch.Tensor:

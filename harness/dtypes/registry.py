@@ -1,17 +1,16 @@
-"""Family registry and the catalogue of named data type entries.
+"""The catalogue of named data type entries, their checks, and their codebooks.
 
-*Families are code, data types are data*: a family is one function registered here with
-:func:`register_family`; a named data type is one YAML file in ``conf/dtype/`` that picks a
-family and its options. :func:`codebook` is the single lookup that turns a name into values.
+*Families are code, data types are data*: a family is one function registered with
+:func:`register_family` (:mod:`harness.dtypes.family_registry`, re-exported here); a named data type
+is one YAML file in ``conf/dtype/`` (or a plugin's folder, or ``$KBIT_DTYPE_DIR``) that picks
+a family and its options. :func:`codebook` is the single lookup that turns a name into values.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import os
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,81 +20,54 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from harness.dtypes.family_registry import (
+    BUILTIN_FAMILY_MODULES,
+    Family,
+    any_family_fields,
+    families,
+    family_or_none,
+    foreign_fields,
+    foreign_line,
+    generation,
+    get_family,
+    register_family,
+)
 from harness.dtypes.spec import DtypeSpec
 from harness.files import user_path
 from harness.names import unknown_name
 
 log = logging.getLogger(__name__)
 
-# Modules whose import registers the built-in families (imported lazily on first lookup).
-_BUILTIN_FAMILY_MODULES = (
-    "harness.dtypes.integer",
-    "harness.dtypes.floating",
-    "harness.dtypes.dynamic",
-    "harness.dtypes.normal",
-    "harness.dtypes.quantile",
-)
 DTYPE_DIR_ENV = "KBIT_DTYPE_DIR"
-
-BuildFn = Callable[[DtypeSpec, int, "torch.Tensor | None"], torch.Tensor]
-ValidateFn = Callable[[DtypeSpec, int], None]
-
-
-@dataclass(frozen=True)
-class Family:
-    """A registered family: how to build its codebook and which k it supports."""
-
-    name: str
-    build: BuildFn  # (spec, k, tensor) -> codebook values (any float dtype, any order)
-    bits: tuple[int, ...]  # every k the family can build in principle
-    needs_tensor: bool = False  # data-dependent codebook (quantile): built from the tensor
-    validate: ValidateFn | None = None  # extra (spec, k) checks, raising ValueError
-
-
-_FAMILIES: dict[str, Family] = {}
-
-
-def register_family(
-    name: str,
-    bits: Sequence[int],
-    *,
-    needs_tensor: bool = False,
-    validate: ValidateFn | None = None,
-) -> Callable[[BuildFn], BuildFn]:
-    """Decorator: register ``fn(spec, k, tensor) -> values`` as family ``name``."""
-
-    def wrap(fn: BuildFn) -> BuildFn:
-        if name in _FAMILIES and _FAMILIES[name].build is not fn:
-            raise ValueError(f"family {name!r} is already registered")
-        _FAMILIES[name] = Family(name, fn, tuple(bits), needs_tensor, validate)
-        return fn
-
-    return wrap
-
-
-def families() -> dict[str, Family]:
-    """All registered families by name (built-ins imported on first use)."""
-    for module in _BUILTIN_FAMILY_MODULES:
-        importlib.import_module(module)
-    return dict(_FAMILIES)
-
-
-def get_family(name: str) -> Family:
-    fams = families()
-    if name not in fams:
-        raise unknown_name("family", name, fams)
-    return fams[name]
 
 
 # --------------------------------------------------------------------------- entries (YAML)
+_PLUGIN_DIRS: list[Path] = []  # folders of entries registered by plugins, in load order
+
+
+def register_dtype_dir(folder: str | os.PathLike) -> None:
+    """Add a folder of data type entries (``<name>.yaml``) shipped by a plugin beside its
+    family: searched after ``conf/dtype`` and before ``$KBIT_DTYPE_DIR``, composed by
+    ``kbit-run dtype=<name>`` like a ``$KBIT_DTYPE_DIR`` entry. Registering it again is a no-op.
+    """
+    path = Path(folder).resolve()
+    if not path.is_dir():
+        raise ValueError(f"dtype folder {folder} is not a folder; allowed: a folder of "
+                         "data type entries (<name>.yaml)")  # fmt: skip
+    if path not in _PLUGIN_DIRS:
+        _PLUGIN_DIRS.append(path)
+        clear_cache()
+
+
 def default_dtype_dirs(dtype_dir: str | os.PathLike | None = None) -> tuple[Path, ...]:
-    """Folders searched for entries: the repo's ``conf/dtype``, then ``$KBIT_DTYPE_DIR`` if
-    set, then ``dtype_dir`` if given, so a user can add data types without touching the
-    checkout. A name defined in two of them is refused when used (docs/dtypes.md).
+    """Folders searched for entries: the repo's ``conf/dtype``, the plugins' folders
+    (:func:`register_dtype_dir`), then ``$KBIT_DTYPE_DIR`` if set, then ``dtype_dir`` if
+    given, so a user can add data types without touching the checkout. A name defined in two
+    of them is refused when used (docs/dtypes.md).
     """
     import harness
 
-    dirs = [Path(harness.__file__).resolve().parents[1] / "conf" / "dtype"]
+    dirs = [Path(harness.__file__).resolve().parents[1] / "conf" / "dtype", *_PLUGIN_DIRS]
     if os.environ.get(DTYPE_DIR_ENV):
         dirs.append(dtype_dir_from_env())
     if dtype_dir is not None:
@@ -126,12 +98,16 @@ def parse_entry(path: Path) -> DtypeSpec:
     if not isinstance(raw, DictConfig):
         raise ValueError(f"dtype entry {path}: must be a mapping of DtypeSpec fields")
     raw.pop("defaults", None)
-    fields = {f.name: f for f in dataclasses.fields(DtypeSpec)}
+    family = family_or_none(raw.get("family"))
+    schema = family.schema if family is not None else DtypeSpec
+    fields = {f.name: f for f in dataclasses.fields(schema)}
     for key in raw:
         if key not in fields:
+            if family is not None and key in any_family_fields():
+                raise ValueError(foreign_line(f"dtype entry {path}", family, str(key), raw[key]))
             raise unknown_name(f"dtype entry {path}: field", key, fields)
     try:
-        spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DtypeSpec), raw))
+        spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), raw))
     except OmegaConfBaseException as exc:
         key = str(getattr(exc, "key", None) or getattr(exc, "full_key", "") or "")
         if key in fields:
@@ -142,6 +118,9 @@ def parse_entry(path: Path) -> DtypeSpec:
         raise ValueError(f"dtype entry {path}: {_first_line(exc)}") from exc
     if spec.name != path.stem:
         raise ValueError(f"dtype entry {path}: name={spec.name!r} must equal the file stem")
+    if family is not None:
+        for key, value in foreign_fields(spec)[:1]:
+            raise ValueError(foreign_line(f"dtype entry {path}", family, key, value))
     return spec
 
 
@@ -158,8 +137,13 @@ class _Catalogue:
     where: dict[str, Path]  # name -> the file it came from (good and bad)
 
 
-@lru_cache(maxsize=16)
 def _load_entries(dirs: tuple[Path, ...]) -> _Catalogue:
+    """:func:`_parse_folders` of ``dirs``, once per family registration generation."""
+    return _parse_folders(dirs, generation())
+
+
+@lru_cache(maxsize=16)
+def _parse_folders(dirs: tuple[Path, ...], generation: int) -> _Catalogue:
     """Parse every file once; a bad file only spoils its own name (others stay usable)."""
     good: dict[str, DtypeSpec] = {}
     bad: dict[str, str] = {}
@@ -214,9 +198,10 @@ def user_entries() -> dict[str, DtypeSpec]:
 
 
 def clear_cache() -> None:
-    """Forget parsed entries and built codebooks (after editing YAML files in a session)."""
-    _load_entries.cache_clear()
-    _static_codebook.cache_clear()
+    """Forget parsed entries and built codebooks (after editing YAML files in a session, or
+    registering a family)."""
+    _parse_folders.cache_clear()
+    _STATIC_CODEBOOKS.clear()
 
 
 def get_spec(name: str, dtype_dir: str | os.PathLike | None = None, **overrides: Any) -> DtypeSpec:
@@ -229,9 +214,12 @@ def get_spec(name: str, dtype_dir: str | os.PathLike | None = None, **overrides:
     spec = known[name]
     if not overrides:
         return spec
-    fields = [f.name for f in dataclasses.fields(DtypeSpec)]
+    fields = [f.name for f in dataclasses.fields(spec)]
+    family = family_or_none(spec.family)
     for key in overrides:
         if key not in fields:
+            if family is not None and key in any_family_fields():
+                raise ValueError(foreign_line(f"dtype {name!r}", family, key, overrides[key]))
             raise unknown_name(f"dtype {name!r} override", key, fields)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(spec), overrides)
@@ -243,6 +231,8 @@ def get_spec(name: str, dtype_dir: str | os.PathLike | None = None, **overrides:
 # --------------------------------------------------------------------------- checks
 def _check_spec(spec: DtypeSpec, bits: int) -> Family:
     family = get_family(spec.family)
+    for key, value in foreign_fields(spec)[:1]:
+        raise ValueError(foreign_line(f"dtype {spec.name!r}", family, key, value))
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise ValueError(f"bits={bits!r} must be an int; allowed for {spec.name!r}: {_legal(spec)}")
     if spec.bits is not None and bits != spec.bits:
@@ -313,11 +303,24 @@ def _finish(values: torch.Tensor, bits: int, what: str) -> torch.Tensor:
     return validate_codebook(torch.unique(values), bits, what)
 
 
-@lru_cache(maxsize=256)
-def _static_codebook(key: tuple, bits: int) -> torch.Tensor:
-    spec = DtypeSpec(**dict(key))
-    values = get_family(spec.family).build(spec, bits, None)
-    return _finish(values, bits, f"dtype {spec.name!r} at bits={bits}")
+_STATIC_CODEBOOKS: dict[tuple, torch.Tensor] = {}  # (spec key, bits) -> codebook
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for a field value (a table's ``values`` list)."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _static_codebook(spec: DtypeSpec, bits: int) -> torch.Tensor:
+    """A fixed family's codebook, built once per (entry class, field values, k)."""
+    key = (type(spec), tuple((f.name, _frozen(getattr(spec, f.name)))
+                             for f in dataclasses.fields(spec)), bits)  # fmt: skip
+    if key not in _STATIC_CODEBOOKS:
+        if len(_STATIC_CODEBOOKS) >= 256:
+            _STATIC_CODEBOOKS.clear()
+        values = get_family(spec.family).build(spec, bits, None)
+        _STATIC_CODEBOOKS[key] = _finish(values, bits, f"dtype {spec.name!r} at bits={bits}")
+    return _STATIC_CODEBOOKS[key]
 
 
 def codebook(
@@ -338,11 +341,37 @@ def codebook(
     spec = get_spec(name, dtype_dir, **overrides)
     family = _check_spec(spec, bits)
     if not family.needs_tensor:
-        key = tuple(sorted(dataclasses.asdict(spec).items()))
-        return _static_codebook(key, bits).clone()
+        return _static_codebook(spec, bits).clone()
     if tensor is None:
         raise ValueError(
             f"tensor=None: dtype {name!r} (family {family.name!r}) is fitted to a tensor; pass one"
         )
     values = family.build(spec, bits, tensor)
     return _finish(values, bits, f"dtype {name!r} at bits={bits}")
+
+
+__all__ = [
+    "BUILTIN_FAMILY_MODULES",
+    "DTYPE_DIR_ENV",
+    "Family",
+    "any_family_fields",
+    "bad_entries",
+    "check",
+    "clear_cache",
+    "codebook",
+    "default_dtype_dirs",
+    "dtype_dir_from_env",
+    "entries",
+    "families",
+    "foreign_fields",
+    "foreign_line",
+    "get_family",
+    "get_spec",
+    "is_data_dependent",
+    "legal_bits",
+    "parse_entry",
+    "register_dtype_dir",
+    "register_family",
+    "user_entries",
+    "validate_codebook",
+]

@@ -1,9 +1,16 @@
 """The schema of a data type entry (``conf/dtype/<name>.yaml``).
 
-One flat dataclass for every family: the fields a family does not read stay at their
-defaults. Hydra validates each YAML entry against it at compose time (unknown keys and
-wrong types fail before any job starts), and :func:`harness.dtypes.codebook` validates the
-same files with the same class outside Hydra, so both paths accept exactly the same entries.
+One flat dataclass for the built-in families: the fields a family does not read stay at their
+defaults, and a field set away from its default on a family that does not declare it
+(``dtype=int dtype.exponent_bits=3``) is refused by :func:`harness.dtypes.check` with the
+family's allowed fields (each family declares its options when it is registered). The class
+stays flat because a cell id hashes every field of the composed ``dtype`` node: splitting it
+per family would change the id of every stored cell. A family with options of its own
+(``table``, a plugin's) extends it with a subclass (:class:`harness.dtypes.table.TableSpec`),
+so the built-in entries keep exactly these fields. Hydra validates each YAML entry against it
+at compose time (unknown keys and wrong types fail before any job starts), and
+:func:`harness.dtypes.codebook` validates the same files with the same class outside Hydra, so
+both paths accept exactly the same entries.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ class Estimator(str, Enum):
     approx = "approx"  # quantiles of a seeded random sample of ``sample_size`` values
 
 
+# Fields every family takes: the entry's name, its family and the one k it may be pinned to.
+COMMON_FIELDS = ("name", "family", "bits")
+
+
 @dataclass
 class DtypeSpec:
     """One named data type: a family plus the options that pin its codebook down.
@@ -38,7 +49,7 @@ class DtypeSpec:
     """
 
     name: str = MISSING  # the value that lands in the results table (`dtype` column)
-    family: str = MISSING  # registry key of the family function: int|float|dynamic|quantile|normal
+    family: str = MISSING  # registry key of the family: int|float|dynamic|quantile|normal|table
     bits: int | None = None  # null = any legal k of the family; an int = only this k
     # --- int ---------------------------------------------------------------------------
     asymmetric: bool = False  # int: 2^k levels (two's complement style) instead of 2^k - 1

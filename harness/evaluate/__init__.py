@@ -7,7 +7,14 @@ from harness.evaluate.perplexity import (
     perplexity,
     perplexity_details,
 )
-from harness.evaluate.task_catalog import builtin_task_names, check_task_names
+from harness.evaluate.task_catalog import (
+    builtin_task_names,
+    check_task_names,
+    local_task,
+    local_task_names,
+    register_task_dir,
+    task_cost,
+)
 from harness.evaluate.task_data import TaskSource, check_files, task_sources
 from harness.evaluate.timing import ForwardTimer
 from harness.evaluate.zeroshot import TaskResult, ZeroShotResult, evaluate_zeroshot, mean_accuracy
@@ -25,9 +32,13 @@ __all__ = [
     "evaluate_zeroshot",
     "limit_windows",
     "load_text",
+    "local_task",
+    "local_task_names",
     "mean_accuracy",
     "perplexity",
     "perplexity_details",
+    "register_task_dir",
+    "task_cost",
     "task_sources",
     "text_source",
     "token_ids",

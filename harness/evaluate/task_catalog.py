@@ -1,12 +1,16 @@
-"""The tasks kbit knows by name: its local task catalogue and lm-eval's built-ins.
+"""The tasks kbit knows by name: its local tasks (one YAML file each) and lm-eval's built-ins.
 
-:data:`LOCAL_TASKS` says, for each of kbit's local tasks, which files it reads (under the data
-root or the model folder), what every line of them must hold, which lm-eval built-in it is and
-how the shared files convert into the hub's document format. lm-eval's built-in task, group and
-tag names come from a fast regex index of its YAML files (no ``TaskManager``). The lookups here
-(:func:`check_task_names`, :func:`task_files`, :func:`is_local`) are what every other task
-module builds on: :mod:`harness.evaluate.task_data` checks and hashes the files,
-:mod:`harness.evaluate.tasks` writes the lm-eval task folder. This module imports neither.
+A local task is one file in ``harness/evaluate/local_tasks/`` in lm-eval's task format plus a
+``kbit:`` block (read by :mod:`harness.evaluate.task_definitions`); adding a local task is
+adding one such file and its data (``local_tasks/README.md``). :func:`local_task`,
+:func:`local_task_names` and :func:`task_cost` are how the rest of kbit learns about them.
+lm-eval's built-in task, group and tag names come from a fast regex index of its YAML files (no
+``TaskManager``); :func:`yaml_config` reads one of its task files with includes merged.
+
+The lookups here (:func:`check_task_names`, :func:`task_files`, :func:`is_local`) are what
+every other task module builds on: :mod:`harness.evaluate.task_data` checks and hashes the
+files, :mod:`harness.evaluate.tasks` writes the folder lm-eval's
+``TaskManager(include_path=...)`` loads. This module imports neither.
 """
 
 from __future__ import annotations
@@ -17,231 +21,82 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 
+import yaml
+
+from harness.evaluate.task_definitions import (
+    LOCAL_TASKS,
+    LocalTask,
+    TaskDefinitionError,
+    definitions_dir,
+    dump_yaml,
+    load_definition,
+    register_task_dir,
+    task_dirs,
+)
+from harness.evaluate.task_formats import jsonl_lines, read_jsonl
 from harness.files import atomic_write, user_path
 from harness.names import unknown_name
+
+__all__ = [
+    "ADAPTER_VERSION",
+    "LOCAL_TASKS",
+    "TASKS_VERSION",
+    "LocalTask",
+    "TaskDefinitionError",
+    "builtin_config",
+    "builtin_index",
+    "builtin_task_names",
+    "cache_root",
+    "check_task_names",
+    "config_version",
+    "definitions_dir",
+    "dump_yaml",
+    "is_local",
+    "jsonl_lines",
+    "lm_eval_tasks_dir",
+    "lm_eval_version",
+    "load_definition",
+    "local_task",
+    "local_task_names",
+    "read_jsonl",
+    "register_task_dir",
+    "task_cost",
+    "task_dirs",
+    "task_files",
+    "task_root",
+    "task_version",
+    "unknown_task_error",
+    "yaml_config",
+]
 
 TASKS_VERSION = "3"  # bump when a definition changes: the cache folder name includes it
 ADAPTER_VERSION = f"kbit{TASKS_VERSION}"
 
-_ACC = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
-_ACC_NORM = [*_ACC, {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]
-_LASTWORD = {
-    "output_type": "loglikelihood",
-    "doc_to_text": "context",
-    "doc_to_target": "target",
-    "metric_list": [
-        {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
-        *_ACC,
-    ],
-}
-_MC = {"output_type": "multiple_choice", "doc_to_target": "gold", "doc_to_choice": "choices"}
-
-
-# ------------------------------------------------------------------------------ reading files
-def jsonl_lines(path: Path) -> Iterable[tuple[int, str]]:
-    """(1-based line number, line) of the non-blank lines of a jsonl file."""
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if line.strip():
-                yield number, line
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for _, line in jsonl_lines(path)]
-
-
-def _read_labels(path: Path) -> list[int]:
-    return [int(x) for x in path.read_text(encoding="utf-8").split()]
-
-
-# --------------------------------------------------------------- conversions to the hub format
-def _convert_piqa(files: list[Path]) -> list[dict]:
-    """PIQA's AI2 files (documents + a label file) as ``baber/piqa`` rows."""
-    docs, labels = read_jsonl(files[0]), _read_labels(files[1])
-    if len(labels) != len(docs):
-        raise ValueError(
-            f"piqa: {len(docs)} docs in {files[0]} but {len(labels)} labels in {files[1]}"
-        )
-    return [{**d, "label": lab} for d, lab in zip(docs, labels, strict=True)]
-
-
-def _common_prefix(a: str, b: str) -> str:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return a[:n]
-
-
-def _winogrande_doc(doc: dict) -> dict:
-    """One partial-scoring row ``{context_options, continuation, gold}`` as a hub row.
-
-    The options are the two contexts minus their common prefix, cut back to a word boundary
-    (the blank usually follows a space); the blank ``_`` goes between the prefix and the
-    continuation. Any split that round-trips gives lm-eval's requests (checked by
-    :func:`harness.evaluate.tasks.hub_docs`).
-    """
-    first, second = doc["context_options"]
-    prefix = _common_prefix(first, second)
-    if " " in prefix and prefix != first and prefix != second:
-        prefix = prefix[: prefix.rfind(" ") + 1]
-    return {
-        "sentence": f"{prefix}_ {doc['continuation']}",
-        "option1": first[len(prefix) :],
-        "option2": second[len(prefix) :],
-        "answer": str(int(doc["gold"]) + 1),
-    }
-
-
-def _convert_winogrande(files: list[Path]) -> list[dict]:
-    return [_winogrande_doc(d) for d in read_jsonl(files[0])]
-
-
-_ARC_PREFIX = "Question: "
-
-
-def _arc_doc(doc: dict) -> dict:
-    """``{query: "Question: ...", choices, gold}`` as an ``allenai/ai2_arc`` row."""
-    if not doc["query"].startswith(_ARC_PREFIX):
-        raise ValueError(f"query does not start with {_ARC_PREFIX!r}: {doc['query'][:60]!r}")
-    labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
-    return {
-        "question": doc["query"][len(_ARC_PREFIX) :],
-        "choices": {"text": list(doc["choices"]), "label": labels},
-        "answerKey": labels[int(doc["gold"])],
-    }
-
-
-def _convert_arc(files: list[Path]) -> list[dict]:
-    return [_arc_doc(d) for d in read_jsonl(files[0])]
-
-
-def _convert_lastword(files: list[Path]) -> list[dict]:
-    """Zoo last-word format: everything before the last space-separated word, then " " + it."""
-    out = []
-    for d in read_jsonl(files[0]):
-        words = d["text"].split(" ")
-        out.append({**d, "context": " ".join(words[:-1]), "target": " " + words[-1]})
-    return out
-
-
-# What lm-eval's functions must give back on a converted document: (field, stored value).
-def _expect_winogrande(stored: dict) -> dict:
-    return {"doc_to_text": int(stored["gold"]), "doc_to_target": stored["continuation"],
-            "doc_to_choice": list(stored["context_options"])}  # fmt: skip
-
-
-def _expect_arc(stored: dict) -> dict:
-    # The shared file stores lm-eval's prompt without its "\nAnswer:" suffix (data/README.md).
-    return {"doc_to_text": stored["query"] + "\nAnswer:", "doc_to_target": int(stored["gold"]),
-            "doc_to_choice": list(stored["choices"])}  # fmt: skip
-
-
-# ---------------------------------------------- the (context, continuation) pairs of a document
-# What lm-eval scores for one line of a task's first file: the strings whose concatenation the
-# model reads (lm-eval 0.4 encodes ``context + continuation`` whole). Used to check that every
-# example fits the model's context before it is scored (task_data.check_context).
-Pairs = list[tuple[str, str]]
-
-
-def _lastword_pairs(doc: dict) -> Pairs:
-    context, _, word = doc["text"].rpartition(" ")
-    return [(context, " " + word)]
-
-
-def _query_pairs(doc: dict) -> Pairs:
-    return [(doc["query"], " " + str(c)) for c in doc["choices"]]
-
-
-def _arc_pairs(doc: dict) -> Pairs:
-    return [(doc["query"] + "\nAnswer:", " " + str(c)) for c in doc["choices"]]
-
-
-def _piqa_pairs(doc: dict) -> Pairs:
-    question = f"Question: {doc['goal']}\nAnswer:"
-    return [(question, " " + doc["sol1"]), (question, " " + doc["sol2"])]
-
-
-def _hellaswag_pairs(doc: dict) -> Pairs:
-    from lm_eval.tasks.hellaswag.utils import preprocess  # lm-eval's own process_docs step
-
-    query = preprocess(
-        doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-    )
-    return [(query, " " + preprocess(str(e))) for e in doc["endings"]]
-
-
-def _winogrande_pairs(doc: dict) -> Pairs:
-    return [(str(option), " " + doc["continuation"]) for option in doc["context_options"]]
-
 
 # ------------------------------------------------------------------------------ task catalogue
-@dataclass(frozen=True)
-class LocalTask:
-    """One local task: its source files (relative to its root) and how lm-eval reads them.
-
-    ``builtin``: the lm-eval YAML (relative to ``lm_eval/tasks``) that defines the task; None
-    for kbit's own zoo tasks, whose whole lm-eval config is ``config``. ``convert`` turns the
-    source files into hub-format documents (None: the first file already is); ``expect`` gives,
-    for a stored row, what lm-eval's ``doc_to_*`` must return on its converted document.
-    ``schema``: the fields (and types) every line of the first file needs. ``label``: (the
-    field holding the gold answer, the field listing the choices or their fixed number); every
-    label must index a choice (a ``.lst`` label file holds one label a line, checked alike).
-    ``pairs``: the (context, continuation) strings lm-eval scores for one line of the first file
-    (their length in tokens is checked against the model's context).
-    """
-
-    name: str
-    files: tuple[str, ...]
-    schema: Mapping[str, type | tuple[type, ...]]
-    builtin: str | None = None
-    split: str = "test"  # the built-in's evaluation split, which the local documents fill
-    convert: Callable[[list[Path]], list[dict]] | None = None
-    expect: Callable[[dict], dict] | None = None
-    precompute: bool = False  # prompts into columns (the built-in uses Jinja templates)
-    config: dict = field(default_factory=dict)
-    root: str = "data"  # "data": under data_root; "model": under the model folder
-    label: tuple[str, str | int] | None = None
-    pairs: Callable[[dict], Pairs] | None = None
 
 
-_HS_FIELDS = {"activity_label": str, "ctx_a": str, "ctx_b": str, "endings": list,
-              "label": (int, str)}  # fmt: skip
-_MC_FIELDS = {"query": str, "choices": list, "gold": int}
+def local_task_names() -> list[str]:
+    """The names of kbit's local tasks, in file order."""
+    return list(LOCAL_TASKS)
 
-LOCAL_TASKS: dict[str, LocalTask] = {
-    t.name: t
-    for t in [
-        LocalTask("lambada_openai", ("eval/lambada_openai/test.jsonl",), {"text": str},
-                  "lambada/lambada_openai.yaml", precompute=True, pairs=_lastword_pairs),
-        LocalTask("piqa", ("eval/piqa/valid.jsonl", "eval/piqa/valid-labels.lst"),
-                  {"goal": str, "sol1": str, "sol2": str}, "piqa/piqa.yaml", "validation",
-                  _convert_piqa, precompute=True, label=("label", 2), pairs=_piqa_pairs),
-        LocalTask("hellaswag", ("eval/hellaswag/validation.jsonl",), _HS_FIELDS,
-                  "hellaswag/hellaswag.yaml", "validation", precompute=True,
-                  label=("label", "endings"), pairs=_hellaswag_pairs),
-        LocalTask("winogrande", ("eval/winogrande/dev.jsonl",),
-                  {"context_options": list, "continuation": str, "gold": int},
-                  "winogrande/default.yaml", "validation", _convert_winogrande,
-                  _expect_winogrande, label=("gold", "context_options"),
-                  pairs=_winogrande_pairs),
-        LocalTask("arc_easy", ("eval/arc/arc_easy_test.jsonl",), _MC_FIELDS, "arc/arc_easy.yaml",
-                  "test", _convert_arc, _expect_arc, precompute=True, label=("gold", "choices"),
-                  pairs=_arc_pairs),
-        LocalTask("arc_challenge", ("eval/arc/arc_challenge_test.jsonl",), _MC_FIELDS,
-                  "arc/arc_challenge.yaml", "test", _convert_arc, _expect_arc, precompute=True,
-                  label=("gold", "choices"), pairs=_arc_pairs),
-        LocalTask("zoo_mc", ("kbit_eval/mc.jsonl",), _MC_FIELDS,
-                  config={**_MC, "doc_to_text": "query", "metric_list": _ACC_NORM},
-                  root="model", label=("gold", "choices"), pairs=_query_pairs),
-        LocalTask("zoo_lastword", ("kbit_eval/lastword.jsonl",), {"text": str},
-                  convert=_convert_lastword, config=_LASTWORD, root="model",
-                  pairs=_lastword_pairs),
-    ]
-}  # fmt: skip
+
+def local_task(name: str) -> LocalTask:
+    """The local task ``name``; one line naming the closest names when there is none."""
+    if name not in LOCAL_TASKS:
+        raise unknown_task_error(name, LOCAL_TASKS)
+    return LOCAL_TASKS[name]
+
+
+def task_cost(name: str) -> tuple[int, int] | None:
+    """(examples, forward tokens per example summed over choices) of a full evaluation of task
+    ``name``, as its definition declares (``kbit.cost``); None when it declares none or kbit
+    has no local definition of that name. For sizing scheduler jobs (rough)."""
+    task = LOCAL_TASKS.get(name)
+    return task.cost if task is not None else None
 
 
 # --------------------------------------------------------------------------- lm-eval built-ins
@@ -330,22 +185,67 @@ def builtin_task_names() -> frozenset[str]:
     return frozenset(tasks) | others
 
 
-def yaml_config(path: Path, resolve_functions: bool = False) -> dict:
-    """A lm-eval YAML with its includes merged, as lm-eval's own loader reads it."""
-    from lm_eval.tasks._yaml_loader import load_yaml
+def _read_yaml(path: Path) -> object:
+    """One YAML file of lm-eval's task format; ``!function spec`` as lm-eval keeps it unresolved
+    (the path ``<file's folder>/spec``)."""
+    base = path.parent
+    safe = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when built with it
 
-    return load_yaml(path, resolve_func=resolve_functions)
+    class Loader(safe):  # type: ignore[misc, valid-type]
+        pass
+
+    Loader.add_constructor(
+        "!function", lambda loader, node: str(base / loader.construct_scalar(node))
+    )
+    with path.open("rb") as fh:
+        return yaml.load(fh, Loader=Loader)  # a safe loader plus one string tag
 
 
-def builtin_config(task: LocalTask, resolve_functions: bool = False) -> dict:
-    """The lm-eval built-in config a local task is built from (functions resolved on request)."""
-    return yaml_config(lm_eval_tasks_dir() / task.builtin, resolve_functions)
+def yaml_config(path: str | os.PathLike, _seen: frozenset[Path] = frozenset()) -> dict:
+    """A lm-eval task YAML with its includes merged, functions left unresolved.
+
+    Why not lm-eval's own reader: it is private (``lm_eval.tasks._yaml_loader``) and has no
+    public equivalent that does not build the task (and so load its dataset). This follows the
+    task format as lm-eval documents it: each ``include`` (one or a list, relative to the file)
+    is read recursively and merged in order, the including file's keys win, an included
+    ``task_list`` is dropped. tests/test_local_tasks.py compares it with lm-eval's reader on
+    lm-eval's own files.
+    """
+    path = Path(path).expanduser().resolve()
+    if path in _seen:
+        raise ValueError(f"{path}: include cycle")
+    config = _read_yaml(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a YAML {type(config).__name__}, not a mapping")
+    if "include" not in config:
+        return config
+    includes = config.pop("include")
+    merged: dict = {}
+    for include in includes if isinstance(includes, list) else [includes]:
+        included = yaml_config(path.parent / include, _seen | {path})
+        included.pop("task_list", None)
+        merged.update(included)
+    return {**merged, **config}
+
+
+def builtin_config(task: LocalTask) -> dict:
+    """The lm-eval built-in config a local task includes (its includes merged)."""
+    return yaml_config(lm_eval_tasks_dir() / str(task.builtin))
 
 
 def config_version(config: dict) -> str:
     """A lm-eval config's ``metadata.version`` as a string (``"unknown"`` when missing)."""
     version = (config.get("metadata") or {}).get("version")
     return "unknown" if version is None else str(version)
+
+
+def task_version(task: LocalTask) -> str:
+    """The definition version a local task's provenance carries: its built-in's
+    ``metadata.version`` (or the file's own, for a task it defines whole) + kbit's adapter."""
+    if task.builtin is not None:
+        return f"{config_version(builtin_config(task))}+{ADAPTER_VERSION}"
+    version = (task.config.get("metadata") or {}).get("version")
+    return ADAPTER_VERSION if version is None else f"{version}+{ADAPTER_VERSION}"
 
 
 # ---------------------------------------------------------------------------- names and errors

@@ -23,19 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from harness.evaluate.task_catalog import (
-    ADAPTER_VERSION,
     LOCAL_TASKS,
-    builtin_config,
     builtin_index,
     builtin_task_names,
     config_version,
     is_local,
-    jsonl_lines,
     lm_eval_version,
     task_files,
+    task_version,
     unknown_task_error,
     yaml_config,
 )
+from harness.evaluate.task_formats import jsonl_lines
 
 log = logging.getLogger(__name__)
 
@@ -408,8 +407,6 @@ def task_sources(
         if not is_local(name, data_root):
             out[name] = _builtin_source(name)
             continue
-        task = LOCAL_TASKS[name]
-        base = config_version(builtin_config(task)) + "+" if task.builtin else ""
         files = task_files([name], data_root, model_dir)
-        out[name] = TaskSource(local_source(files), base + ADAPTER_VERSION)
+        out[name] = TaskSource(local_source(files), task_version(LOCAL_TASKS[name]))
     return out

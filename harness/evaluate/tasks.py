@@ -1,13 +1,15 @@
 """kbit's local lm-eval tasks: lm-eval's own task definitions, reading local files.
 
-Each of the paper's tasks (lambada_openai, piqa, hellaswag, winogrande, arc_easy,
-arc_challenge) is lm-eval's built-in task *itself*: its YAML is ``include``-d from the installed
-``lm_eval/tasks/`` (with its ``process_docs`` / ``doc_to_*`` functions) and only the data source
-changes (``dataset_path: json`` + ``data_files`` pointing at a local jsonl, and the splits). Where
-the shared files differ from the hub's document format (PIQA's separate label file,
-WinoGrande's partial-scoring form, ARC's ``{query, choices, gold}``) they are converted into the
-hub format, and the conversion is checked by round trip: lm-eval's own functions applied to each
-converted document must give back the stored strings exactly.
+Each local task is one YAML file in ``harness/evaluate/local_tasks/``, in lm-eval's task format
+(:mod:`harness.evaluate.task_definitions`). Each of the paper's tasks (lambada_openai, piqa,
+hellaswag, winogrande, arc_easy, arc_challenge) is lm-eval's built-in task *itself*: its file
+``include``-s the built-in from the installed ``lm_eval/tasks/`` (with its ``process_docs`` /
+``doc_to_*`` functions) and only the data source changes (``dataset_path: json`` + the local
+file as the evaluation split). Where the shared files differ from the hub's document format
+(PIQA's separate label file, WinoGrande's partial-scoring form, ARC's ``{query, choices,
+gold}``) they are converted into the hub format, and the conversion is checked by round trip:
+lm-eval's own task object, applied to each converted document, must give back the stored
+strings exactly.
 
 :func:`materialize` writes the task YAMLs (and the converted jsonl) into a cache folder; that
 folder is what kbit passes to ``TaskManager(include_path=...)`` and what the ``lm_eval`` command
@@ -15,13 +17,15 @@ line takes as ``--include_path``::
 
     python -m harness.evaluate --data-root ../shared/data --out /tmp/kbit_tasks [--plain]
 
-Two forms. ``plain=True``: the built-in definition with only the data source changed. The
-default (fast) form also precomputes the prompts of tasks whose ``doc_to_*`` are Jinja templates
-into columns, computed once per folder by lm-eval's own task object on the plain form: lm-eval
-compiles a template per document on every evaluation, which cost more than the forward passes of
-a small model. tests/test_tasks_equal.py requires both forms to give lm-eval's requests exactly.
+Two forms. ``plain=True``: the definition with only the data source filled in. The default
+(fast) form also precomputes the prompts of tasks whose ``doc_to_*`` are Jinja templates
+(``kbit.precompute``) into columns, computed once per folder by lm-eval's own task object on
+the plain form: lm-eval compiles a template per document on every evaluation, which cost more
+than the forward passes of a small model. tests/test_tasks_equal.py requires both forms to give
+lm-eval's requests exactly.
 
-The zoo tasks (``zoo_mc``, ``zoo_lastword``) are kbit's own and read the model folder.
+The zoo tasks (``zoo_mc``, ``zoo_lastword``) are kbit's own, defined whole in their files, and
+read the model folder.
 
 The task catalogue (names, files, lm-eval built-ins) is :mod:`harness.evaluate.task_catalog`;
 checking the files and their provenance is :mod:`harness.evaluate.task_data`. Their public
@@ -31,7 +35,6 @@ names are importable from here too.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import functools
 import hashlib
@@ -42,25 +45,33 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import yaml
-
 from harness.evaluate.task_catalog import (
     ADAPTER_VERSION,
     LOCAL_TASKS,
     TASKS_VERSION,
     LocalTask,
+    TaskDefinitionError,
     builtin_config,
     builtin_task_names,
     cache_root,
     check_task_names,
-    config_version,
+    definitions_dir,
+    dump_yaml,
     is_local,
     lm_eval_tasks_dir,
     lm_eval_version,
+    load_definition,
+    local_task,
+    local_task_names,
     read_jsonl,
+    register_task_dir,
+    task_cost,
+    task_dirs,
     task_files,
     task_root,
+    task_version,
     unknown_task_error,
+    yaml_config,
 )
 from harness.evaluate.task_data import (
     ContextFit,
@@ -84,6 +95,7 @@ __all__ = [
     "TASKS_VERSION",
     "ContextFit",
     "LocalTask",
+    "TaskDefinitionError",
     "TaskSource",
     "builtin_config",
     "builtin_task_names",
@@ -91,18 +103,29 @@ __all__ = [
     "check_files",
     "check_task_names",
     "context_fit",
+    "definitions_dir",
+    "dump_yaml",
     "file_sha256",
     "hub_docs",
     "hub_source",
     "is_local",
+    "lm_eval_tasks_dir",
+    "load_definition",
     "local_source",
+    "local_task",
+    "local_task_names",
     "main",
     "materialize",
     "model_max_length",
+    "register_task_dir",
+    "task_cost",
+    "task_dirs",
     "task_files",
     "task_root",
     "task_sources",
+    "task_version",
     "unknown_task_error",
+    "yaml_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -111,38 +134,25 @@ PROMPT_COLUMNS = {"doc_to_text": "kbit_text", "doc_to_target": "kbit_target",
 
 
 # ---------------------------------------------------------------------------- materializing
-def _apply(spec: object, doc: dict) -> object:
-    """A ``doc_to_*`` field applied the way lm-eval's ConfigurableTask applies it."""
-    import lm_eval.utils
-
-    if callable(spec):
-        return spec(doc)
-    if isinstance(spec, str) and spec in doc:
-        return doc[spec]
-    if isinstance(spec, str):
-        text = lm_eval.utils.apply_template(spec, doc)
-        if text.isdigit() or (text.startswith("[") and text.endswith("]")):
-            return ast.literal_eval(text)
-        return text
-    return spec
-
-
 def _check_round_trip(task: LocalTask, source: Path, stored: list[dict], docs: list[dict]) -> None:
-    """lm-eval's own doc_to_* on each converted document must give the stored strings back."""
+    """lm-eval's own doc_to_* on each converted document must give the stored strings back.
+
+    The functions are those of lm-eval's task object, built by its ``TaskManager`` from the
+    plain form over the converted documents: its templates, ``!function``s and conversions.
+    """
     if task.expect is None:
         return
-    config = builtin_config(task, resolve_functions=True)
-    with _templates_compiled_once():
-        _compare(config, task, source, stored, docs)
-
-
-def _compare(config: dict, task: LocalTask, source: Path, stored: list[dict], docs: list[dict]):
-    for number, (row, doc) in enumerate(zip(stored, docs, strict=True), 1):
-        for key, want in task.expect(row).items():
-            got = _apply(config[key], doc)
-            if got != want:
-                raise ValueError(f"{source} document {number}: converted {key} gives {got!r}, "
-                                 f"stored {want!r}")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="kbit-check-") as tmp:
+        data_file = Path(tmp) / f"{task.name}.hub.jsonl"
+        atomic_write(data_file, _jsonl_text(docs))
+        lm_task = _lm_eval_task(Path(tmp), task, _plain_yaml(task, data_file))
+        with _templates_compiled_once():
+            for number, (row, doc) in enumerate(zip(stored, docs, strict=True), 1):
+                for key, want in task.expect(row).items():
+                    got = getattr(lm_task, key)(doc)
+                    if got != want:
+                        raise ValueError(f"{source} document {number}: converted {key} gives "
+                                         f"{got!r}, stored {want!r}")  # fmt: skip
 
 
 def hub_docs(
@@ -150,7 +160,7 @@ def hub_docs(
 ) -> list[dict]:
     """The local documents of a built-in-based task in the hub's format (round-trip checked)."""
     files = [f.resolve() for f in task_files([name], data_root, model_dir)]
-    return _hub_docs(LOCAL_TASKS[name], files)
+    return _hub_docs(local_task(name), files)
 
 
 def _hub_docs(task: LocalTask, files: list[Path]) -> list[dict]:
@@ -165,49 +175,38 @@ def _jsonl_text(docs: Iterable[dict]) -> str:
     return "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
 
 
-def _data_source(task: LocalTask, data_file: Path) -> dict:
-    """What replaces the built-in's data source: a local jsonl in the evaluation split only."""
-    splits = {"training_split": None, "validation_split": None, "test_split": None}
-    splits[f"{task.split}_split"] = task.split
-    return {
-        "dataset_path": "json",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": {task.split: str(data_file)}},
-        **splits,
-        "tag": None,  # the built-in's tags stay with lm-eval's own tasks
-    }
-
-
 def _plain_yaml(task: LocalTask, data_file: Path) -> dict:
-    return {
-        "include": str(lm_eval_tasks_dir() / task.builtin),
-        "task": task.name,
-        **_data_source(task, data_file),
-    }
-
-
-def _zoo_yaml(task: LocalTask, data_file: Path) -> dict:
-    return {
-        "task": task.name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
-        "test_split": "test",
-        **task.config,
-        "metadata": {"version": ADAPTER_VERSION},
-    }
+    """The task's definition as lm-eval reads it: its ``include`` resolved under lm-eval's
+    tasks folder, the local file as the evaluation split, the ``kbit:`` block left out."""
+    config = dict(task.config)
+    if task.builtin is not None:
+        config["include"] = str(lm_eval_tasks_dir() / task.builtin)
+    kwargs = dict(config.get("dataset_kwargs") or {})
+    config["dataset_kwargs"] = {**kwargs, "data_files": {task.split: str(data_file)}}
+    if task.builtin is None:
+        config["metadata"] = {**(config.get("metadata") or {}), "version": task_version(task)}
+    return config
 
 
 @contextlib.contextmanager
 def _templates_compiled_once() -> Iterator[None]:
     """lm-eval's ``apply_template`` with each template compiled once, not once per document.
 
-    Same environment (``lm_eval.utils.env``), same template text, so the same strings; the
-    original function comes back on exit. Makes precomputing a folder ~3x faster.
+    The one place kbit replaces an lm-eval function. Why: lm-eval compiles a Jinja template
+    per document and call (``lm_eval.utils.apply_template``, no cache, no setting to add one),
+    which made precomputing a folder's prompts ~3x slower. Same environment
+    (``lm_eval.utils.env``), same template text, so the same strings (tests/test_tasks_equal.py
+    compares with lm-eval unpatched); the original comes back on exit. An lm-eval without
+    these names is left as it is.
     """
     import lm_eval.utils as lm_utils
 
-    original = lm_utils.apply_template
-    compiled = functools.lru_cache(maxsize=64)(lm_utils.env.from_string)
+    original = getattr(lm_utils, "apply_template", None)
+    env = getattr(lm_utils, "env", None)
+    if original is None or env is None:
+        yield
+        return
+    compiled = functools.lru_cache(maxsize=64)(env.from_string)
     lm_utils.apply_template = lambda template, doc: compiled(template).render(**doc)
     try:
         yield
@@ -215,10 +214,14 @@ def _templates_compiled_once() -> Iterator[None]:
         lm_utils.apply_template = original
 
 
-def _lm_eval_task(folder: Path, name: str):
+def _lm_eval_task(folder: Path, task: LocalTask, config: dict):
+    """lm-eval's task object for ``config``, written into ``folder`` and loaded by its public
+    ``TaskManager(include_path=...)``."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(folder), include_defaults=False).load([name])["tasks"][name]
+    atomic_write(folder / f"{task.name}.yaml", dump_yaml(config))
+    manager = TaskManager(include_path=str(folder), include_defaults=False)
+    return manager.load([task.name])["tasks"][task.name]
 
 
 def _precomputed_docs(task: LocalTask, plain_yaml: dict) -> list[dict]:
@@ -228,8 +231,7 @@ def _precomputed_docs(task: LocalTask, plain_yaml: dict) -> list[dict]:
     ``doc_to_text`` / ``doc_to_target`` / ``doc_to_choice`` results exactly.
     """
     with tempfile.TemporaryDirectory(prefix="kbit-plain-") as tmp, _templates_compiled_once():
-        atomic_write(Path(tmp) / f"{task.name}.yaml", yaml.safe_dump(plain_yaml, sort_keys=False))
-        lm_task = _lm_eval_task(Path(tmp), task.name)
+        lm_task = _lm_eval_task(Path(tmp), task, plain_yaml)
         multiple_choice = lm_task.config.output_type == "multiple_choice"
         out = []
         for doc in lm_task.eval_docs:
@@ -248,34 +250,24 @@ def _fast_yaml(task: LocalTask, data_file: Path, choices: bool) -> dict:
         **_plain_yaml(task, data_file),
         "process_docs": None,  # the documents are already processed
         **columns,
-        "metadata": {
-            **(base.get("metadata") or {}),
-            "version": f"{config_version(base)}+{ADAPTER_VERSION}",
-        },
+        "metadata": {**(base.get("metadata") or {}), "version": task_version(task)},
     }
 
 
 def _write_task(task: LocalTask, files: list[Path], out: Path, plain: bool) -> None:
     """Write one task's YAML (and its converted documents) into ``out``."""
-    if task.builtin is None:
-        data_file = files[0]
-        if task.convert is not None:
-            data_file = out / f"{task.name}.jsonl"
-            atomic_write(data_file, _jsonl_text(task.convert(files)), skip_same=True)
-        atomic_write(out / f"{task.name}.yaml", yaml.safe_dump(_zoo_yaml(task, data_file),
-                     sort_keys=False), skip_same=True)  # fmt: skip
-        return
     data_file = files[0]
     if task.convert is not None:
-        data_file = out / f"{task.name}.hub.jsonl"
+        suffix = ".hub.jsonl" if task.builtin is not None else ".jsonl"
+        data_file = out / f"{task.name}{suffix}"
         atomic_write(data_file, _jsonl_text(_hub_docs(task, files)), skip_same=True)
     config = _plain_yaml(task, data_file)
-    if task.precompute and not plain:
+    if task.builtin is not None and task.precompute and not plain:
         docs = _precomputed_docs(task, config)
         fast_file = out / f"{task.name}.prompts.jsonl"
         atomic_write(fast_file, _jsonl_text(docs), skip_same=True)
         config = _fast_yaml(task, fast_file, "kbit_choices" in docs[0])
-    atomic_write(out / f"{task.name}.yaml", yaml.safe_dump(config, sort_keys=False), skip_same=True)
+    atomic_write(out / f"{task.name}.yaml", dump_yaml(config), skip_same=True)
 
 
 _MANIFEST = "kbit_manifest.json"
@@ -316,9 +308,11 @@ def materialize(
     out.mkdir(parents=True, exist_ok=True)
     manifest = _manifest(out)
     for name in names:
-        task = LOCAL_TASKS[name]
+        task = local_task(name)
         files = [f.resolve() for f in task_files([name], data_root, model_dir)]
         stamp = [[*file_stamp(f)] for f in files] + [[TASKS_VERSION, lm_eval_version(), plain]]
+        if task.path is not None:  # an edited definition is written again
+            stamp.append([*file_stamp(task.path)])
         if manifest.get(name) == stamp and (out / f"{name}.yaml").is_file():
             continue
         _write_task(task, files, out, plain)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from harness.files import atomic_write
+from harness.kernels.scale_formats import SCALE_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ CACHE_ENV = "KBIT_CACHE_DIR"
 ABI = 6  # must equal kbit_abi() in native.c
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fno-strict-aliasing")
-SCALE_FORMAT_IDS = {"fp32": 0, "fp16": 1, "bf16": 2, "e8m0": 3}
+# the ids native.c knows the scale formats by (the element-grid formats run on torch only)
+SCALE_FORMAT_IDS = {n: f.native_id for n, f in SCALE_FORMATS.items() if f.native_id is not None}
 _PARALLEL_MIN_NUMEL = 1 << 16  # smaller tensors run on the calling thread
 
 _lock = threading.Lock()

@@ -10,6 +10,11 @@ comparison ``y > t[c]`` completes the search exactly. :func:`build_lut` picks th
 grid with that property (and returns ``None`` if none up to 2^21 buckets has it; the caller
 then uses ``searchsorted``). Every step is exact IEEE arithmetic (one division, compares,
 integer ops), so eager and ``torch.compile`` runs give bit-identical codes.
+
+Why one module: the lookup table, the block-scale rounding and the MX/NVFP4 element grids are
+the cores that ``torch.compile`` traces together (each quantize/fake/dequantize core calls the
+search and the rounding), and the native kernels reproduce exactly this file; split, the
+bit-identity between the three paths would be checked across modules for no reader's gain.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.kernels import native as native_kernels
+from harness.kernels import scale_formats
 
 log = logging.getLogger(__name__)
 
@@ -148,20 +154,29 @@ def code_index(
 
 
 def round_to_format(values: torch.Tensor, scale_format: str) -> torch.Tensor:
-    """Round float32 ``values`` to what ``scale_format`` stores (returned as float32)."""
-    if scale_format == "fp32":
+    """Round float32 ``values`` to what ``scale_format`` stores (returned as float32).
+
+    The rule is the format's ``rounding`` in :mod:`harness.kernels.scale_formats`.
+    """
+    rounding = scale_formats.get(scale_format).rounding
+    if rounding == "float32":
         return values
-    if scale_format == "fp16":
-        return values.to(torch.float16).to(torch.float32)
-    if scale_format == "bf16":
-        return values.to(torch.bfloat16).to(torch.float32)
-    if scale_format == "e8m0":
+    if rounding in _CAST_DTYPES:
+        return values.to(_CAST_DTYPES[rounding]).to(torch.float32)
+    if rounding == "pow2_up":
         # Power of two >= value: carry a non-zero mantissa into the exponent, drop the mantissa.
         # A NaN stays NaN (the carry would wrap it to 0 and hide it from the NaN check).
         bits = values.abs().view(torch.int32)
         rounded = ((bits + 0x007FFFFF) & 0x7F800000).view(torch.float32)
         return torch.where(torch.isnan(values), values, rounded)
-    raise ValueError(f"scale_format={scale_format!r} is unknown; allowed: fp16, bf16, fp32, e8m0")
+    raise ValueError(
+        f"scale_format={scale_format!r} has no block-scale rounding (it quantizes in its element "
+        f"grid); allowed: {[n for n, f in scale_formats.SCALE_FORMATS.items() if not f.element_grid]}"
+    )
+
+
+# a scale format's ``rounding`` that is a cast to this torch dtype and back
+_CAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def block_scale(centred: torch.Tensor, scale_format: str) -> torch.Tensor:
@@ -372,7 +387,7 @@ def dequantize_blocks(
 # negative values. So these formats quantize in the element grid instead (see ElementGrid)
 # and dequantize as grid value * grid scale, both exact float32 operations.
 
-ELEMENT_FORMATS = ("mx", "nvfp4")
+ELEMENT_FORMATS = scale_formats.element_formats()  # mx, nvfp4
 NVFP4_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 NVFP4_E4M3_TINY = 2.0**-6  # torch.finfo(torch.float8_e4m3fn).tiny (torchao's E4M3_EPS)
 NVFP4_E2M1_MAX = 6.0
@@ -491,9 +506,10 @@ def nvfp4_grid(code: torch.Tensor) -> ElementGrid:
     """The grid of ``code``, which must be E2M1 (NVFP4's element format)."""
     g = element_grid(code)
     if g.grid.numel() != 15 or g.grid[7:].tolist() != list(_E2M1_GRID):
+        dtype, bits = scale_formats.get("nvfp4").element_dtype or ("e2m1", 4)
         raise ValueError(
-            "scale_format='nvfp4': the codebook must be FP4 E2M1 (dtype 'e2m1', bits=4); "
-            f"got {code.numel()} codes"
+            f"scale_format='nvfp4': the codebook must be FP4 E2M1 (dtype {dtype!r}, bits={bits}); "
+            f"got {code.numel()} codes; allowed: dtype={dtype} bits={bits}"
         )
     return g
 
@@ -558,6 +574,18 @@ def mx_quantize_core(xb, table, thr, shift, nbins, zero, inv_p2, emax, n_max, un
 def mx_fake_core(xb, table, thr, shift, nbins, zero, inv_p2, emax, n_max, unit_exp, grid):
     idx, g = mx_core(xb, table, thr, shift, nbins, zero, inv_p2, emax, n_max, unit_exp)
     return grid[idx] * g, g
+
+
+def format_grid(code: torch.Tensor, scale_format: str) -> ElementGrid:
+    """The element grid ``scale_format`` quantizes ``code`` in, or ValueError (one line).
+
+    A format that requires one element codebook (NVFP4: E2M1, its ``element_dtype`` in
+    :mod:`harness.kernels.scale_formats`) checks for exactly that grid; the others (MX) take
+    any float or int grid.
+    """
+    if scale_formats.get(scale_format).element_dtype is not None:
+        return nvfp4_grid(code)
+    return element_grid(code)
 
 
 def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:

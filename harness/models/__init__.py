@@ -1,4 +1,4 @@
-"""Models: where a model's files are (files), how it loads (loading), where its layers go (placement) and how many tokens it was trained on (training_tokens).
+"""Models: where a model's files are (files), what a checkpoint holds (checkpoint), whether its tensors fit config.json (weights), how it loads (loading), where its layers go (placement) and how many tokens it was trained on (training_tokens).
 
 The names below are the package's public surface from before it was split into modules; they
 are imported on first use (PEP 562), so importing one stage's module never loads the others.
@@ -6,28 +6,25 @@ are imported on first use (PEP 562), so importing one stage's module never loads
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from harness.reexport import lazy_names
 
-_HOME = "harness.models.loading"
-__all__ = [
-    "PROXY_PAIRS",
-    "CheckpointMismatch",
-    "LoadedModel",
-    "check_loading_info",
-    "count_params",
-    "decoder_layers",
-    "embedding_modules",
-    "guess_family",
-    "is_conv1d",
-    "linear_weight",
-    "load_model",
-    "proxy_pairs",
-    "quantizable_modules",
-]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOME), name)
+_LOADING = "harness.models.loading"
+# Each public name and the module that defines it. The proxy method's layer pairs moved to the
+# method (a layer above this package); the old names still resolve, for old scripts.
+_HOMES = {
+    "CheckpointMismatch": _LOADING,
+    "LoadedModel": _LOADING,
+    "check_loading_info": _LOADING,
+    "count_params": _LOADING,
+    "decoder_layers": _LOADING,
+    "embedding_modules": _LOADING,
+    "guess_family": _LOADING,
+    "is_conv1d": _LOADING,
+    "linear_weight": _LOADING,
+    "load_model": _LOADING,
+    "quantizable_modules": _LOADING,
+    "PROXY_PAIRS": "harness.quantize.methods.proxy",
+    "proxy_pairs": "harness.quantize.methods.proxy",
+}
+__all__ = sorted(_HOMES)
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

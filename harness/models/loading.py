@@ -7,8 +7,8 @@ Llama without a copy of the rule per family; tests check the selected set agains
 hand-written list per family. Embeddings and the LM head stay in 16 bit unless asked for.
 If no weight is found the model is refused: a cell must never silently quantize nothing.
 
-Per family we only need one piece of extra knowledge: the layer pairs of proxy quantization
-(see :data:`PROXY_PAIRS`).
+Per family the one extra piece of knowledge a method needs, proxy quantization's layer pairs,
+lives with that method (``harness.quantize.methods.proxy.PROXY_PAIRS``).
 
 Loading is safe by default (docs/loading.md): :func:`load_model` first runs
 :func:`harness.models.files.inspect_model`, which checks a model from its config.json and
@@ -54,7 +54,6 @@ from harness.numerics import (
 )
 
 __all__ = [
-    "PROXY_PAIRS",
     "CheckpointMismatch",
     "LoadedModel",
     "ModelInfo",
@@ -67,7 +66,6 @@ __all__ = [
     "is_conv1d",
     "linear_weight",
     "load_model",
-    "proxy_pairs",
     "quantizable_modules",
     "resolve_compute_dtype",
     "resolve_device",
@@ -76,23 +74,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# Proxy (outlier-dependent) quantization, per model_type: (sources, target) suffixes inside one
-# decoder block. The hidden units of layer i are the *outputs* of the source(s); the matching
-# *input* dimensions of layer i + 1 (the target) are kept in 16 bit. We pair the MLP's two
-# matrices, where the paper's outlier features live and where output unit j of the first matrix
-# feeds exactly input dimension j of the second (after an element-wise activation). Attention
-# is left unpaired: with fused QKV and per-head layouts the mapping is not one-to-one.
-# Llama's hidden unit j is silu(gate_j) * up_j: both sources are ranked together.
-PROXY_PAIRS: dict[str, list[tuple[tuple[str, ...], str]]] = {
-    "gpt_neox": [(("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h")],
-    "gpt2": [(("mlp.c_fc",), "mlp.c_proj")],
-    "opt": [(("fc1",), "fc2")],
-    "bloom": [(("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h")],
-    "llama": [(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")],
-    "mistral": [(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")],
-    "qwen2": [(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")],
-}
 
 # Families guessed from a hub id or folder name (first match wins), for plot panels.
 _FAMILY_PATTERNS = [
@@ -201,7 +182,7 @@ def check_loading_info(source: str, loading: dict) -> None:
 
     Why: transformers fills a tensor missing from the checkpoint with a fresh random init
     and only logs "MISSING ... newly initialized"; a cell on such a model would be recorded
-    ``ok`` with a wrong number. The pre-load check (:func:`harness.models.files.weights_problem`)
+    ``ok`` with a wrong number. The pre-load check (:func:`harness.models.weights.weights_problem`)
     refuses this before loading where it can; this is the second line of defence (a model
     whose own Python builds it, or a check skipped for another reason). ``loading``: what
     ``from_pretrained(..., output_loading_info=True)`` returns beside the model.
@@ -440,24 +421,3 @@ def count_params(model: nn.Module) -> tuple[int, int]:
         excluded.update(id(p) for p in head.parameters())
     total = sum(sizes.values())
     return total, total - sum(sizes[i] for i in excluded if i in sizes)
-
-
-def proxy_pairs(model: nn.Module) -> list[tuple[list[str], str]]:
-    """(source module names, target module name) per block for proxy quantization."""
-    arch = model.config.model_type
-    if arch not in PROXY_PAIRS:
-        raise ValueError(
-            f"method=proxy: architecture={arch!r} has no layer pairing; allowed: {sorted(PROXY_PAIRS)}"
-        )
-    prefix, layers = decoder_layers(model)
-    modules = dict(model.named_modules())
-    pairs = []
-    for i in range(len(layers)):
-        for sources, target in PROXY_PAIRS[arch]:
-            names = [f"{prefix}.{i}.{s}" for s in sources]
-            tname = f"{prefix}.{i}.{target}"
-            missing = [n for n in [*names, tname] if n not in modules]
-            if missing:
-                raise ValueError(f"method=proxy: modules {missing} not found in {arch!r}")
-            pairs.append((names, tname))
-    return pairs

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from harness.dtypes import check as check_dtype
 from harness.dtypes import codebook, is_data_dependent
 from harness.dtypes.population import (
     ELEMENT_FORMATS,  # quantized in the element grid, ties to even
@@ -58,10 +59,11 @@ from harness.dtypes.population import (
     flat32,
     join,
     layout,
+    layout_problem,
     normalised_values,
     refuse_element_format,
 )
-from harness.kernels import torch_ops
+from harness.kernels import scale_formats, torch_ops
 
 __all__ = [
     "ELEMENT_FORMATS",
@@ -74,6 +76,7 @@ __all__ = [
     "normalised_values",
     "quantize_blockwise",
     "round_to_format",
+    "rounding_problem",
 ]
 
 MAX_CODES = 256  # codes are stored as uint8
@@ -106,6 +109,42 @@ def _check_code(code: torch.Tensor) -> torch.Tensor:
     if bool((code[1:] <= code[:-1]).any()):
         raise ValueError("code: values must be strictly increasing (sorted, unique)")
     return code
+
+
+def rounding_problem(
+    dtype: str,
+    bits: int,
+    block_size: int | None,
+    scale_format: str,
+    centering: bool,
+    overrides: dict[str, Any] | None = None,
+    dtype_dir: str | None = None,
+) -> str:
+    """``""`` if :func:`fake_quantize` accepts this quantization for any finite tensor, else
+    the one line it would raise; no tensor needed (planning asks it before any weight exists).
+
+    The same functions the rounding runs, in its order: the block layout and the scale format
+    (:func:`harness.dtypes.population.layout_problem`), a data-dependent codebook with an
+    element-grid format (:func:`harness.kernels.scale_formats.codebook_problem`), the data
+    type's family rules (building its codebook), and an element-grid format's grid
+    (:func:`harness.kernels.torch_ops.format_grid`).
+    """
+    problem = layout_problem(block_size, scale_format, centering)
+    if problem:
+        return problem
+    overrides = dict(overrides or {})
+    try:
+        data_dependent = is_data_dependent(dtype, dtype_dir)
+        problem = scale_formats.codebook_problem(scale_format, data_dependent, dtype)
+        if problem or data_dependent:  # a fitted codebook is built (and checked) per tensor
+            check_dtype(dtype, bits, dtype_dir, **overrides)
+            return problem
+        code = _check_code(codebook(dtype, bits, dtype_dir=dtype_dir, **overrides))
+        if scale_formats.get(scale_format).element_grid:
+            torch_ops.format_grid(code, scale_format)
+    except ValueError as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+    return ""
 
 
 def _part_compile(compile: bool | None, compile_ok: bool, part: torch.Tensor) -> bool | None:
@@ -310,15 +349,15 @@ def _element_pieces(
     fake: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], float | None]:
     """(codes or dequantized values per part, stored scales per part, nvfp4 tensor scale)."""
+    g = torch_ops.format_grid(code, scale_format)
     if scale_format == "nvfp4":
-        g = torch_ops.nvfp4_grid(code)
         pts = torch_ops.nvfp4_tensor_scale(flat32(x)).view(1, 1)
         if not finite_extremes(pts):
             check_stats(flat32(x).view(1, -1), pts, None, scale_format)
         # An all-zero tensor: torchao divides 0 by 0 (NaN); kbit keeps it zero.
         pts = torch.where(pts > 0, pts, torch.ones_like(pts))
     else:
-        g, pts = torch_ops.element_grid(code), None
+        pts = None
     values, scales = [], []
     for xb, _, compile_ok, dyn in block_parts(x, block_size, scale_format, False):
         result, gs = torch_ops.element_blocks(

@@ -19,6 +19,10 @@ so its scale comes from the weight before any update, which is the current weigh
 Data-dependent codebooks (quantile) are fitted once, to the block-normalised values of the
 weight before any update (after dead-column zeroing; as :func:`fake_quantize` fits them), and
 then kept fixed.
+
+Why one module: the Hessian collection, the column loop with its lazy batches and the per-layer
+driver share the block-scale state (when a block's scale is fixed) and the dead-column rule;
+they are one algorithm, read top to bottom next to the paper.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 from torch import nn
 
 from harness.dtypes import codebook, is_data_dependent
+from harness.kernels.scale_formats import SCALE_FORMATS
 from harness.kernels.torch_ops import ELEMENT_FORMATS, thresholds
 from harness.models.loading import decoder_layers, linear_weight
 from harness.models.placement import input_device, module_device, on_device
@@ -279,7 +284,8 @@ def check_scale_format(scale_format: str) -> None:
     if scale_format in ELEMENT_FORMATS:
         raise ValueError(
             f"scale_format={scale_format!r} with GPTQ: element-grid formats "
-            f"({', '.join(ELEMENT_FORMATS)}) are not implemented; allowed: fp16, bf16, fp32, e8m0"
+            f"({', '.join(ELEMENT_FORMATS)}) are not implemented; allowed: "
+            f"{', '.join(n for n in SCALE_FORMATS if n not in ELEMENT_FORMATS)}"
         )
 
 

@@ -13,9 +13,11 @@ ordinary (pageable) CPU tensors: pinning hundreds of GB of host memory can fail 
 node, and restoring is a small share of a cell's time.
 
 *How* the weights become k-bit values is a method (``harness.quantize.methods``: blockwise,
-proxy, gptq, hqq, or one you register); this module is what every method shares: the pristine
-copies, the per-module round-to-nearest loop (:func:`quantize_each`), the report a record is
-built from, and the bit count.
+proxy, gptq, hqq, or one you register); this module is what every method shares: the request a
+method is given (:class:`QuantRequest`), the pristine copies, the per-module round-to-nearest
+loop (:func:`quantize_each`), the report a record is built from, and the bit count. It never
+imports the method registry: the registry (and ``quantize_model``, which looks a method up)
+imports this module, and each method module imports both.
 
 Layout: weights are quantized in ``nn.Linear`` layout (out, in), so blocks of ``block_size``
 run along the input dimension for every family; GPT-2's ``Conv1D`` (stored (in, out)) is
@@ -24,9 +26,9 @@ transposed before and after.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +46,38 @@ _PRISTINE = "_kbit_pristine"
 
 
 @dataclass
+class QuantRequest:
+    """Everything a method needs besides the model: the data type, the layout, its settings.
+
+    Build it by keyword (``QuantRequest(dtype=..., bits=..., block_size=..., ...)``): its
+    builders, :func:`harness.quantize.methods.quantize_model` (from its arguments) and
+    :func:`harness.config.rules.quant_request` (from a cell config), name every field, so a
+    new field cannot shift the others.
+    """
+
+    dtype: str
+    bits: int
+    block_size: int | None
+    scale_format: str = "fp16"
+    centering: bool = False
+    dtype_overrides: dict[str, Any] = field(default_factory=dict)
+    quantize_embeddings: bool = False
+    quantize_head: bool = False
+    settings: Any = None  # the method's settings dataclass instance
+    calibration: torch.Tensor | None = None  # (n_samples, seqlen) token ids, when needed
+    progress: bool = True
+
+
+def settings_dict(settings: Any) -> dict[str, Any]:
+    """A settings instance as plain data without its name (for records and labels)."""
+    if settings is None:
+        return {}
+    data = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(settings)
+    data.pop("name", None)
+    return {k: (v.value if hasattr(v, "value") else v) for k, v in data.items()}
+
+
+@dataclass
 class TensorEntry:
     """One quantized weight, as bit accounting needs it."""
 
@@ -56,7 +90,12 @@ class TensorEntry:
 
 @dataclass
 class QuantizeReport:
-    """What ``quantize_model`` did; everything a record and the bit count need."""
+    """What ``quantize_model`` did; everything a record and the bit count need.
+
+    Method-agnostic: a method's own settings travel as plain data in ``settings`` (the
+    record's ``method_settings``); a record column named like a setting (``outlier_fraction``
+    for proxy) is filled from there by the record assembly, never from a field per method.
+    """
 
     method: str
     dtype: str
@@ -64,12 +103,17 @@ class QuantizeReport:
     block_size: int | None
     scale_format: str
     centering: bool
-    outlier_fraction: float = 0.0  # proxy's share of input dims kept in 16 bit (else 0)
     tensors: list[TensorEntry] = field(default_factory=list)
     quantize_s: float = 0.0
     settings: dict = field(default_factory=dict)  # the method's own settings, as plain data
     # per-block offsets stored beside the scales (zero points), counted like centering means
     block_offsets: bool = False
+
+    @property
+    def outlier_fraction(self) -> float:
+        """Proxy's setting as the old report field read it (0.0 for other methods); kept for
+        callers of that field: new code reads ``settings``."""
+        return float(self.settings.get("outlier_fraction", 0.0) or 0.0)
 
     @property
     def modules(self) -> list[str]:
@@ -132,8 +176,8 @@ def _quantize_one(
     return out
 
 
-def fake_quantize_kwargs(request: Any) -> dict[str, Any]:
-    """``fake_quantize`` keywords of a :class:`harness.quantize.methods.QuantRequest`."""
+def fake_quantize_kwargs(request: QuantRequest) -> dict[str, Any]:
+    """``fake_quantize`` keywords of a :class:`QuantRequest`."""
     return dict(
         dtype=request.dtype, bits=request.bits, block_size=request.block_size,
         scale_format=request.scale_format, centering=request.centering,
@@ -141,7 +185,7 @@ def fake_quantize_kwargs(request: Any) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def selected_modules(model: nn.Module, request: Any) -> dict[str, nn.Module]:
+def selected_modules(model: nn.Module, request: QuantRequest) -> dict[str, nn.Module]:
     """The modules whose weights the request quantizes (see ``harness.models.loading``)."""
     return quantizable_modules(
         model, embeddings=request.quantize_embeddings, head=request.quantize_head
@@ -150,7 +194,7 @@ def selected_modules(model: nn.Module, request: Any) -> dict[str, nn.Module]:
 
 def quantize_each(
     model: nn.Module,
-    request: Any,
+    request: QuantRequest,
     report: QuantizeReport,
     keep: dict[str, torch.Tensor] | None = None,
     names: list[str] | None = None,
@@ -194,69 +238,20 @@ def tensor_entry(
     )
 
 
-def quantize_model(
-    model: nn.Module,
-    dtype: str,
-    bits: int,
-    block_size: int | None,
-    *,
-    scale_format: str = "fp16",
-    centering: bool = False,
-    method: str = "blockwise",
-    settings: Any = None,
-    outlier_fraction: float | None = None,
-    quantize_embeddings: bool = False,
-    quantize_head: bool = False,
-    dtype_overrides: dict[str, Any] | None = None,
-    calibration: torch.Tensor | None = None,
-    progress: bool = True,
-) -> QuantizeReport:
-    """Quantize every selected weight in place with ``method``, from the pristine copies.
-
-    ``settings``: the method's settings (its dataclass, or a dict of its fields; None = its
-    defaults). ``outlier_fraction`` is kept as a shorthand for ``method="proxy"``'s setting.
-    ``calibration``: (n_samples, seqlen) token ids for methods that need them (gptq).
-    ``dtype_overrides`` go to the data type entry (e.g. ``exponent_bits``).
-    """
-    from harness.quantize.methods import QuantRequest, get_method, make_settings
-
-    entry = get_method(method)
-    if settings is None or isinstance(settings, dict):
-        values = dict(settings or {})
-        if outlier_fraction is not None:
-            values["outlier_fraction"] = outlier_fraction
-        settings = make_settings(method, values)
-    if entry.needs_calibration and calibration is None:
-        raise ValueError(f"method={method!r} needs calibration token ids; none given")
-    request = QuantRequest(
-        dtype, bits, block_size, scale_format, centering, dict(dtype_overrides or {}),
-        quantize_embeddings, quantize_head, settings, calibration, progress,
-    )  # fmt: skip
-    if entry.validate is not None:
-        entry.validate(settings, request)
-    start = time.perf_counter()
-    restore_model(model)  # weights outside this config's selection go back to pristine
-    report = entry.apply(model, request)
-    report.quantize_s = time.perf_counter() - start
-    names = [t.name for t in report.tensors]
-    _check_finite(model, names, dict(model.named_modules()))
-    return report
-
-
-def _check_finite(model: nn.Module, names: list[str], modules: dict[str, nn.Module]) -> None:
+def check_finite(model: nn.Module, names: list[str]) -> None:
+    """FloatingPointError naming the quantized weights that contain NaN or inf."""
+    modules = dict(model.named_modules())
     bad = [n for n in names if not bool(torch.isfinite(modules[n].weight).all())]
     if bad:
         raise FloatingPointError(f"quantized weights of {bad[:5]} contain NaN/inf")
 
 
-def new_report(request: Any, method: str) -> QuantizeReport:
+def new_report(request: QuantRequest, method: str) -> QuantizeReport:
     """An empty report for ``request`` (methods fill in the tensors)."""
-    from harness.quantize.methods import settings_dict
-
-    settings = settings_dict(request.settings) if request.settings is not None else {}
     return QuantizeReport(
-        method, request.dtype, request.bits, request.block_size, request.scale_format,
-        request.centering, float(settings.get("outlier_fraction", 0.0) or 0.0), settings=settings,
+        method=method, dtype=request.dtype, bits=request.bits, block_size=request.block_size,
+        scale_format=request.scale_format, centering=request.centering,
+        settings=settings_dict(request.settings),
     )  # fmt: skip
 
 

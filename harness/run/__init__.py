@@ -1,4 +1,5 @@
-"""One cell, end to end: ``kbit-run`` (execute), its results table (report).
+"""One cell, end to end: ``kbit-run`` (execute: load, quantize, write, entry point), its checks
+(validate), its record fields (record), its measurements (measure), its results table (report).
 
 The names below are the package's public surface from before it was split into modules; they
 are imported on first use (PEP 562), so importing one stage's module never loads the others.
@@ -10,6 +11,19 @@ import importlib
 from typing import Any
 
 _HOME = "harness.run.execute"
+# names whose home is another module of the package (the rest live in execute)
+_HOMES = {
+    "CellValidator": "harness.run.validate",
+    "ValidateCell": "harness.run.validate",
+    "quant_request": "harness.run.validate",
+    "validate_cell": "harness.run.validate",
+    "base_fields": "harness.run.record",
+    "cell_fields": "harness.run.record",
+    "cell_outcome": "harness.run.record",
+    "failed_record": "harness.run.record",
+    "quantization_fields": "harness.run.record",
+    "perplexity_limit": "harness.run.measure",
+}
 __all__ = [
     "CellValidator",
     "CellWriteError",
@@ -19,6 +33,7 @@ __all__ = [
     "cell_fields",
     "cell_outcome",
     "failed_record",
+    "load_command_line_plugins",
     "main",
     "perplexity_limit",
     "prepare_command_line",
@@ -34,4 +49,4 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOME), name)
+    return getattr(importlib.import_module(_HOMES.get(name, _HOME)), name)

@@ -8,28 +8,18 @@ See docs/zoo.md. The names below are imported on first use (PEP 562), so that ch
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from harness.reexport import lazy_names
 
-_WHERE = {
+_HOMES = {
     "FamilyConfig": "harness.zoo.config",
     "ZooConfigError": "harness.zoo.config",
     "family_names": "harness.zoo.config",
     "load_family_config": "harness.zoo.config",
-    "ZooModelNotBuiltError": "harness.zoo.build",
+    "ZooModelNotBuiltError": "harness.zoo.paths",
     "build_family": "harness.zoo.build",
-    "family_sizes": "harness.zoo.build",
+    "family_sizes": "harness.zoo.paths",
     "resolve_model": "harness.zoo.resolve",
 }
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_WHERE[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+__all__ = sorted(_HOMES)
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

@@ -1,4 +1,4 @@
-"""Build a family (train every size not built yet) and resolve ``zoo:<family>/<size>``.
+"""Build a family: train every size not built yet (``zoo:`` specs resolve in harness.zoo.resolve).
 
 Layout::
 
@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -38,74 +38,16 @@ import harness
 from harness.files import atomic_write
 from harness.models.loading import count_params
 from harness.zoo.card import write_card
-from harness.zoo.config import (
-    FamilyConfig,
-    SizeConfig,
-    family_hash,
-    load_family_config,
-    size_hash,
-    stable_hash,
-    token_label,
-    zoo_dir_path,
-)
-from harness.zoo.corpus import corpus_hash, corpus_name, load_corpus, training_text
+from harness.zoo.config import FamilyConfig, SizeConfig, token_label
+from harness.zoo.corpus import corpus_name, load_corpus, training_text
 from harness.zoo.evalsets import is_current, write_eval_sets
 from harness.zoo.model import build_config
+from harness.zoo.paths import CHECKPOINTS_DIR, FamilyPaths, family_paths, size_hash, stable_hash
 from harness.zoo.request import BuildRequest, check_request
-from harness.zoo.tokenizer import get_tokenizer, token_stream, tokenizer_key
+from harness.zoo.tokenizer import get_tokenizer, token_stream
 from harness.zoo.train import TrainPlan, train, val_windows
 
 log = logging.getLogger(__name__)
-
-
-CHECKPOINTS_DIR = "checkpoints"  # <size>/checkpoints/<label>/: a model folder per checkpoint
-
-
-class ZooModelNotBuiltError(FileNotFoundError):
-    """A zoo:<family>/<size> spec has no complete build for the current config."""
-
-
-@dataclass
-class FamilyPaths:
-    """Where a family lives and under which hashes."""
-
-    cfg: FamilyConfig
-    zoo_dir: Path
-    corpus_hash: str
-    tokenizer_key: str
-    hash: str
-
-    @property
-    def folder(self) -> Path:
-        return self.zoo_dir / f"{self.cfg.name}-{self.hash}"
-
-    def size_folder(self, size: SizeConfig) -> Path:
-        return self.folder / size.name
-
-    def is_built(self, size: SizeConfig) -> bool:
-        meta = self.size_folder(size) / "kbit_zoo.json"
-        return meta.is_file() and json.loads(meta.read_text()).get("size_hash") == size_hash(
-            self.hash, size
-        )
-
-
-def family_paths(
-    cfg: FamilyConfig, zoo_dir: str | Path | None, c_hash: str | None = None
-) -> FamilyPaths:
-    """Hash a family without training anything (the corpus is read, not tokenized).
-
-    ``zoo_dir`` goes through :func:`harness.zoo.config.zoo_dir_path` (``~`` and ``$VAR``
-    expanded); ``c_hash``, when the caller has it, saves reading the corpus again.
-    """
-    zoo = zoo_dir_path(zoo_dir)
-    c_hash = c_hash or corpus_hash(cfg.corpus)
-    t_key = tokenizer_key(cfg.tokenizer, c_hash, cfg.max_train_chars)
-    return FamilyPaths(cfg, zoo, c_hash, t_key, family_hash(cfg, c_hash, t_key))
-
-
-def family_sizes(name: str) -> list[str]:
-    """Size names of a shipped family, smallest first as listed in its YAML."""
-    return [s.name for s in load_family_config(name).sizes]
 
 
 def _pick_device(device: str) -> torch.device:

@@ -22,7 +22,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from harness.config.refusals import EXIT_FAILED, EXIT_REFUSED, input_error_line, target_overrides
 from harness.files import PathError, user_path
 from harness.names import did_you_mean
-from harness.zoo.config import CONF_DIR, ZooConfigError, check_keys, default_zoo_dir, family_names
+from harness.zoo.config import CONF_DIR, ZooConfigError, check_keys, family_names
+from harness.zoo.paths import default_zoo_dir
 from harness.zoo.request import BuildRequest, check_request
 
 log = logging.getLogger(__name__)

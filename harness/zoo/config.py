@@ -9,19 +9,16 @@ to a family reuses the sizes already built while any other change builds a new f
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from harness.files import PathError, user_path
-from harness.names import closest, did_you_mean
+from harness.names import closest, did_you_mean, plain_name_problem
 
 # Bump when the build changes its output for an unchanged config (forces a rebuild).
 ZOO_FORMAT_VERSION = 3
@@ -172,9 +169,9 @@ def check_keys(raw: Any, schema: type | None = None, prefix: str = "") -> None:
 
 def _one_line(err: Exception) -> str:
     """OmegaConf's error (several lines: message, key, type) as one line with what is allowed."""
-    from harness.config.refusals import input_error_line
+    from harness.error_lines import composition_error_line
 
-    line = input_error_line(err) or str(err).strip().splitlines()[0]
+    line = composition_error_line(err) or str(err).strip().splitlines()[0]
     return f"zoo config field {line}"
 
 
@@ -271,13 +268,11 @@ def validate(cfg: FamilyConfig) -> None:
     Every size, count and rate must make sense before a build starts: a non-positive value
     would otherwise fail deep inside training (or, like ``grad_clip=0``, train nothing).
     """
-    from harness.config.schema import ConfigError, plain_name
     from harness.zoo.model import ARCHITECTURES
 
-    try:  # the folder prefix <family>-<hash>/ and the <family> of zoo:<family>/<size>
-        plain_name("name", cfg.name)
-    except ConfigError as err:
-        raise ZooConfigError(f"zoo config field {err}") from None
+    # the folder prefix <family>-<hash>/ and the <family> of zoo:<family>/<size>
+    if (problem := plain_name_problem("name", cfg.name)) is not None:
+        raise ZooConfigError(f"zoo config field {problem}")
     if cfg.architecture not in ARCHITECTURES:
         known = sorted(ARCHITECTURES)
         raise ZooConfigError(
@@ -415,50 +410,3 @@ def parse_token_label(text: str) -> int:
         raise ValueError(f"{text!r} is not a token count; expected e.g. 500k, 2M, 1.5G or 123456")
     unit = dict(_SUFFIXES).get(match.group(2), 1)
     return round(float(match.group(1)) * unit)
-
-
-def stable_hash(obj: Any, length: int = 12) -> str:
-    """Short sha256 of a JSON-serializable object with sorted keys (stable across runs)."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]
-
-
-def family_hash(cfg: FamilyConfig, corpus_hash: str, tokenizer_hash: str) -> str:
-    """Hash of everything shared by the sizes; the corpus enters by content, not by path."""
-    shared = asdict(cfg)
-    for key in ("name", "description", "sizes", "corpus"):
-        shared.pop(key)
-    if not shared["checkpoints"]:  # families without checkpoints keep the hash they had
-        shared.pop("checkpoints")
-    shared["tokenizer"] = tokenizer_hash
-    return stable_hash({"v": ZOO_FORMAT_VERSION, "cfg": shared, "corpus": corpus_hash})
-
-
-def size_hash(fam_hash: str, size: SizeConfig) -> str:
-    """Hash of one size within its family (stored in the size folder's kbit_zoo.json)."""
-    return stable_hash({"family": fam_hash, "size": asdict(size)})
-
-
-def zoo_dir_path(zoo_dir: str | os.PathLike | None) -> Path:
-    """The folder a ``zoo_dir`` value means (None = :func:`default_zoo_dir`).
-
-    ``$VAR`` and ``~`` are expanded by :func:`harness.files.user_path`, so the folder checked
-    is the folder written (``zoo_dir=~/z`` is ``$HOME/z``, never a literal ``./~``).
-    """
-    if zoo_dir is None:
-        return default_zoo_dir()
-    try:
-        return user_path(zoo_dir, "zoo_dir")
-    except PathError as err:
-        raise ZooConfigError(str(err)) from None
-
-
-def default_zoo_dir() -> Path:
-    """Same default as conf/config.yaml's zoo_dir: $KBIT_ZOO_DIR or ~/.cache/kbit/zoo."""
-    env = os.environ.get(ZOO_DIR_ENV)
-    if not env:
-        return Path.home() / ".cache" / "kbit" / "zoo"
-    try:
-        return user_path(env, ZOO_DIR_ENV)
-    except PathError as err:
-        raise ZooConfigError(str(err)) from None

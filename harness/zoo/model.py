@@ -9,21 +9,33 @@ checking a family's ``architecture`` (``kbit-zoo`` refusing a bad value) does no
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-from harness.zoo.config import SizeConfig
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-ConfigBuilder = Callable[[SizeConfig, int, int, int, int], "PretrainedConfig"]
+
+class SizeShape(Protocol):
+    """The size fields a builder reads (a :class:`harness.zoo.config.SizeConfig` has them).
+
+    Why a protocol rather than the config class: harness.zoo.config checks ``architecture``
+    against :data:`ARCHITECTURES`, so this module must not import it back.
+    """
+
+    layers: int
+    width: int
+    heads: int
+    ffn: int | None
 
 
-def _ffn(size: SizeConfig) -> int:
+ConfigBuilder = Callable[[SizeShape, int, int, int, int], "PretrainedConfig"]
+
+
+def _ffn(size: SizeShape) -> int:
     return size.ffn if size.ffn is not None else 4 * size.width
 
 
-def _gpt_neox(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) -> PretrainedConfig:
+def _gpt_neox(size: SizeShape, vocab: int, context: int, eos: int, pad: int) -> PretrainedConfig:
     # Pythia's shape: parallel residual, rotary on a quarter of each head, untied head.
     from transformers import GPTNeoXConfig
 
@@ -36,7 +48,7 @@ def _gpt_neox(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) ->
     )  # fmt: skip
 
 
-def _gpt2(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) -> PretrainedConfig:
+def _gpt2(size: SizeShape, vocab: int, context: int, eos: int, pad: int) -> PretrainedConfig:
     from transformers import GPT2Config
 
     return GPT2Config(
@@ -46,7 +58,7 @@ def _gpt2(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) -> Pre
     )  # fmt: skip
 
 
-def _opt(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) -> PretrainedConfig:
+def _opt(size: SizeShape, vocab: int, context: int, eos: int, pad: int) -> PretrainedConfig:
     from transformers import OPTConfig
 
     return OPTConfig(
@@ -58,7 +70,7 @@ def _opt(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) -> Pret
     )  # fmt: skip
 
 
-def _llama(size: SizeConfig, vocab: int, context: int, eos: int, pad: int) -> PretrainedConfig:
+def _llama(size: SizeShape, vocab: int, context: int, eos: int, pad: int) -> PretrainedConfig:
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -79,7 +91,7 @@ ARCHITECTURES: dict[str, ConfigBuilder] = {
 
 
 def build_config(
-    architecture: str, size: SizeConfig, vocab: int, context: int, eos: int, pad: int
+    architecture: str, size: SizeShape, vocab: int, context: int, eos: int, pad: int
 ) -> PretrainedConfig:
     """The Hugging Face config of one size (architecture validated by config.validate)."""
     return ARCHITECTURES[architecture](size, vocab, context, eos, pad)

@@ -15,8 +15,9 @@ from pathlib import Path
 from harness.config.schema import DEVICE_PATTERN, DEVICES_ALLOWED, device_problem
 from harness.files import writable_dir_problem
 from harness.names import unknown_name
-from harness.zoo.config import FamilyConfig, ZooConfigError, load_family_config, zoo_dir_path
+from harness.zoo.config import FamilyConfig, ZooConfigError, load_family_config
 from harness.zoo.corpus import corpus_hash
+from harness.zoo.paths import zoo_dir_path
 
 
 @dataclass

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 from harness.names import did_you_mean
-from harness.zoo.build import CHECKPOINTS_DIR, ZooModelNotBuiltError, family_paths
 from harness.zoo.config import (
     CORPUS_ENV,
     FamilyConfig,
@@ -21,6 +20,7 @@ from harness.zoo.config import (
     parse_token_label,
     token_label,
 )
+from harness.zoo.paths import CHECKPOINTS_DIR, ZooModelNotBuiltError, family_paths
 
 PREFIX = "zoo:"
 

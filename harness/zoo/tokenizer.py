@@ -8,7 +8,6 @@ tokens mirror the Pythia tokenizer: ``<|endoftext|>`` (bos/eos, also between doc
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -17,19 +16,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from harness.files import atomic_output, atomic_write
-from harness.zoo.config import TokenizerConfig, ZooConfigError, stable_hash
+from harness.zoo.config import TokenizerConfig, ZooConfigError
 
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
 PAD = "<|padding|>"
-
-
-def tokenizer_key(cfg: TokenizerConfig, corpus_hash: str, max_chars: int | None) -> str:
-    """Cache key: what the tokenizer depends on (file content for a given tokenizer file)."""
-    if cfg.kind == "file":
-        return "file-" + hashlib.sha256(Path(str(cfg.path)).read_bytes()).hexdigest()[:12]
-    return f"bpe{cfg.vocab_size}-" + stable_hash([corpus_hash, max_chars, cfg.vocab_size])
 
 
 def _train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:

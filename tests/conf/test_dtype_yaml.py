@@ -10,7 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from harness.config.schema import register_schema
-from harness.dtypes import entries, legal_bits
+from harness.dtypes import entries, get_family, legal_bits
 from harness.dtypes.spec import DtypeSpec
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -29,7 +29,9 @@ def hydra_compose():
 @pytest.mark.parametrize("name", NAMES)
 def test_entry_composes_and_matches_the_library_view(hydra_compose, name):
     cfg = hydra_compose("config", overrides=[f"dtype={name}", "model=x"])
-    assert OmegaConf.get_type(cfg.dtype) is DtypeSpec
+    # every entry composes as its family's schema: DtypeSpec, or TableSpec for family: table
+    assert OmegaConf.get_type(cfg.dtype) is get_family(entries()[name].family).schema
+    assert issubclass(get_family(entries()[name].family).schema, DtypeSpec)
     spec = OmegaConf.to_object(cfg.dtype)
     assert spec == entries()[name]
     assert legal_bits(name), name

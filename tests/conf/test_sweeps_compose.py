@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from harness.sweep.plan import expand_union
+from harness.sweep.expand import expand_union
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))

@@ -14,23 +14,42 @@ hqq             HQQ through the ``hqq`` library (int data type, calibration-free
 
 A new method: ``harness/quantize/methods/<name>.py`` with a settings dataclass (a ``name``
 field equal to the method name, defaults for everything else, value rules in
-``__post_init__``) and ``@register_method("<name>", Settings)`` on a function
+``__post_init__``) and ``@register_method("<name>", Settings, needs_calibration=...,
+validate=...)`` (from :mod:`harness.quantize.methods.registry`) on a function
 ``(model, request) -> QuantizeReport``; plus ``conf/method/<name>.yaml`` and its tests.
-Add the module to :data:`BUILTIN_METHOD_MODULES` (or import it before composing).
+Add the module to :data:`BUILTIN_METHOD_MODULES` (or register it from a plugin).
+
+What a method declares is asked of the registry, never of its name: :func:`needs_calibration`
+(the runner and the job packer), its ``validate`` rules (planning: ``harness.config.rules``),
+its settings (records: ``QuantizeReport.settings``). Imports run one way: ``registry`` and
+``harness.quantize.model`` <- each method module <- this package (which imports the built-in
+modules by name and holds :func:`quantize_model`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import time
 from typing import Any
 
 import torch
 from torch import nn
 
 from harness.names import unknown_name
+from harness.quantize.methods.registry import (
+    MethodEntry,
+    check_rounding,
+    register_method,
+    registered,
+)
+from harness.quantize.model import (
+    QuantizeReport,
+    QuantRequest,
+    check_finite,
+    restore_model,
+    settings_dict,
+)
 
 BUILTIN_METHOD_MODULES = (
     "harness.quantize.methods.blockwise",
@@ -40,89 +59,11 @@ BUILTIN_METHOD_MODULES = (
 )
 
 
-@dataclass
-class QuantRequest:
-    """Everything a method needs besides the model: the data type, the layout, its settings."""
-
-    dtype: str
-    bits: int
-    block_size: int | None
-    scale_format: str = "fp16"
-    centering: bool = False
-    dtype_overrides: dict[str, Any] = field(default_factory=dict)
-    quantize_embeddings: bool = False
-    quantize_head: bool = False
-    settings: Any = None  # the method's settings dataclass instance
-    calibration: torch.Tensor | None = None  # (n_samples, seqlen) token ids, when needed
-    progress: bool = True
-
-
-@dataclass(frozen=True)
-class MethodEntry:
-    """A registered method: its settings schema and the function that applies it."""
-
-    name: str
-    settings: type
-    apply: Callable[[nn.Module, QuantRequest], Any]
-    needs_calibration: bool = False
-    validate: Callable[[Any, QuantRequest], None] | None = None  # extra (settings, request) rules
-
-
-_METHODS: dict[str, MethodEntry] = {}
-
-
-def register_method(
-    name: str,
-    settings: type,
-    *,
-    needs_calibration: bool = False,
-    validate: Callable[[Any, QuantRequest], None] | None = None,
-) -> Callable[[Callable], Callable]:
-    """Decorator: register ``fn(model, request) -> QuantizeReport`` as method ``name``.
-
-    ``settings`` is a dataclass whose ``name`` field defaults to ``name``; ``validate`` checks a
-    (settings, request) pair before any model loads (e.g. the data types a method supports).
-    """
-    names = {f.name: f for f in dataclasses.fields(settings)}
-    if "name" not in names or names["name"].default != name:
-        raise ValueError(f"method {name!r}: its settings need a field name = {name!r}")
-
-    def wrap(fn: Callable) -> Callable:
-        if name in _METHODS and _METHODS[name].apply is not fn:
-            raise ValueError(f"method {name!r} is already registered")
-        _METHODS[name] = MethodEntry(name, settings, fn, needs_calibration, validate)
-        return fn
-
-    return wrap
-
-
-def check_rounding(settings: Any, request: QuantRequest) -> None:
-    """Refuse, before any model loads, what kbit's block-wise rounding refuses for ``request``.
-
-    Why a probe rather than a list of rules: the rounding kernels are the authority on what
-    they accept (a scale format that stores no mean with ``centering``, an element format with
-    a codebook that is not its grid, a data-dependent codebook with ``mx``, ...). Running them
-    on a small probe tensor laid out in the request's blocks raises exactly their one-line
-    refusal now instead of after the model has loaded, and cannot drift from them. Costs about
-    a millisecond; a sweep's validator runs it once per distinct quantization.
-    """
-    del settings  # the rounding does not depend on a method's own settings
-    from harness.quantize.blockwise import fake_quantize
-
-    size = request.block_size if request.block_size is not None else 64
-    probe = torch.linspace(-1.0, 1.0, min(4 * size, 1 << 16))
-    fake_quantize(
-        probe, request.dtype, request.bits, request.block_size,
-        scale_format=request.scale_format, centering=request.centering,
-        **(request.dtype_overrides or {}),
-    )  # fmt: skip
-
-
 def methods() -> dict[str, MethodEntry]:
     """All registered methods by name (the built-in modules imported on first use)."""
     for module in BUILTIN_METHOD_MODULES:
         importlib.import_module(module)
-    return dict(_METHODS)
+    return registered()
 
 
 def get_method(name: str) -> MethodEntry:
@@ -131,6 +72,15 @@ def get_method(name: str) -> MethodEntry:
     if name not in known:
         raise unknown_name("method", name, known)
     return known[name]
+
+
+def needs_calibration(name: str) -> bool:
+    """Whether method ``name`` reads calibration token ids (its registered declaration).
+
+    The runner prepares the calibration set only then, and the job packer
+    (``harness.cluster.packing``) keeps it with the job only then: neither compares names.
+    """
+    return get_method(name).needs_calibration
 
 
 def make_settings(name: str, values: dict[str, Any] | None = None) -> Any:
@@ -145,21 +95,81 @@ def make_settings(name: str, values: dict[str, Any] | None = None) -> Any:
     return entry.settings(**values)
 
 
-def settings_dict(settings: Any) -> dict[str, Any]:
-    """A settings instance as plain data without its name (for records and labels)."""
-    data = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(settings)
-    data.pop("name", None)
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in data.items()}
+def check_request(request: QuantRequest) -> None:
+    """The method's own rules for ``request`` (its ``validate``), raising a one-line ValueError.
+
+    Asked at planning (``harness.config.rules``) and again by :func:`quantize_model`.
+    """
+    entry = get_method(request.settings.name)
+    if entry.validate is not None:
+        entry.validate(request.settings, request)
+
+
+def quantize_model(
+    model: nn.Module,
+    dtype: str,
+    bits: int,
+    block_size: int | None,
+    *,
+    scale_format: str = "fp16",
+    centering: bool = False,
+    method: str = "blockwise",
+    settings: Any = None,
+    outlier_fraction: float | None = None,
+    quantize_embeddings: bool = False,
+    quantize_head: bool = False,
+    dtype_overrides: dict[str, Any] | None = None,
+    calibration: torch.Tensor | None = None,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Quantize every selected weight in place with ``method``, from the pristine copies.
+
+    ``settings``: the method's settings (its dataclass, or a dict of its fields; None = its
+    defaults). ``outlier_fraction`` is kept as a shorthand for ``method="proxy"``'s setting.
+    ``calibration``: (n_samples, seqlen) token ids for methods that need them (gptq).
+    ``dtype_overrides`` go to the data type entry (e.g. ``exponent_bits``).
+    """
+    entry = get_method(method)
+    if settings is None or isinstance(settings, dict):
+        values = dict(settings or {})
+        if outlier_fraction is not None:
+            values["outlier_fraction"] = outlier_fraction
+        settings = make_settings(method, values)
+    if entry.needs_calibration and calibration is None:
+        raise ValueError(f"method={method!r} needs calibration token ids; none given")
+    request = QuantRequest(
+        dtype=dtype,
+        bits=bits,
+        block_size=block_size,
+        scale_format=scale_format,
+        centering=centering,
+        dtype_overrides=dict(dtype_overrides or {}),
+        quantize_embeddings=quantize_embeddings,
+        quantize_head=quantize_head,
+        settings=settings,
+        calibration=calibration,
+        progress=progress,
+    )
+    check_request(request)
+    start = time.perf_counter()
+    restore_model(model)  # weights outside this config's selection go back to pristine
+    report = entry.apply(model, request)
+    report.quantize_s = time.perf_counter() - start
+    check_finite(model, [t.name for t in report.tensors])
+    return report
 
 
 __all__ = [
     "BUILTIN_METHOD_MODULES",
     "MethodEntry",
     "QuantRequest",
+    "check_request",
     "check_rounding",
     "get_method",
     "make_settings",
     "methods",
+    "needs_calibration",
+    "quantize_model",
     "register_method",
     "settings_dict",
 ]

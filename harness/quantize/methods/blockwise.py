@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from harness.quantize.methods import QuantRequest, check_rounding, register_method
-from harness.quantize.model import QuantizeReport, new_report, quantize_each
+from harness.quantize.methods.registry import check_rounding, register_method
+from harness.quantize.model import QuantizeReport, QuantRequest, new_report, quantize_each
 
 
 @dataclass

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from harness.quantize.gptq import check_scale_format, gptq_quantize_model
-from harness.quantize.methods import QuantRequest, check_rounding, register_method
+from harness.quantize.methods.registry import check_rounding, register_method
 from harness.quantize.model import (
     QuantizeReport,
+    QuantRequest,
     linear_layout,
     new_report,
     pristine_weights,

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from harness.kernels.scale_formats import SCALE_FORMATS as REGISTERED_SCALE_FORMATS
 from harness.quantize.hqq import HQQ_BITS, hqq_fake_quantize, supported
-from harness.quantize.methods import QuantRequest, register_method
+from harness.quantize.methods.registry import register_method
 from harness.quantize.model import (
     QuantizeReport,
+    QuantRequest,
     linear_layout,
     new_report,
     pristine_weights,
@@ -33,8 +35,11 @@ from harness.quantize.model import (
 )
 
 DTYPES = ("int",)  # HQQ's grid is its own asymmetric integer grid
-# how the scale and zero point are stored (and rounded to before dequantizing)
-SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# how the scale and zero point are stored (and rounded to before dequantizing): every
+# registered scale format whose rounding is a float dtype (a zero point needs a signed float)
+_FLOAT_ROUNDINGS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SCALE_DTYPES = {name: _FLOAT_ROUNDINGS[f.rounding] for name, f in REGISTERED_SCALE_FORMATS.items()
+                if f.rounding in _FLOAT_ROUNDINGS}  # fmt: skip
 SCALE_FORMATS = tuple(SCALE_DTYPES)
 
 

@@ -5,8 +5,8 @@ The hidden units of layer i whose weight rows have the largest standard deviatio
 ``outlier_fraction``) are taken as outlier dimensions; the matching input columns of layer
 i + 1 are kept in 16 bit. The other columns are quantized as usual, with the kept columns
 zeroed first so the outliers do not inflate the block scales. The layer pairing per family is
-:data:`harness.models.loading.PROXY_PAIRS` (the MLP's two matrices; docs/methods.md says what that
-covers and what it does not).
+:data:`PROXY_PAIRS` here, with the method that is its only reader (the MLP's two matrices;
+docs/methods.md says what that covers and what it does not).
 """
 
 from __future__ import annotations
@@ -16,16 +16,34 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harness.models.loading import proxy_pairs
-from harness.quantize.methods import QuantRequest, check_rounding, register_method
+from harness.models.loading import decoder_layers
+from harness.quantize.methods.registry import check_rounding, register_method
 from harness.quantize.model import (
     QuantizeReport,
+    QuantRequest,
     linear_layout,
     new_report,
     pristine_weights,
     quantize_each,
     selected_modules,
 )
+
+# Proxy (outlier-dependent) quantization, per model_type: (sources, target) suffixes inside one
+# decoder block. The hidden units of layer i are the *outputs* of the source(s); the matching
+# *input* dimensions of layer i + 1 (the target) are kept in 16 bit. We pair the MLP's two
+# matrices, where the paper's outlier features live and where output unit j of the first matrix
+# feeds exactly input dimension j of the second (after an element-wise activation). Attention
+# is left unpaired: with fused QKV and per-head layouts the mapping is not one-to-one.
+# Llama's hidden unit j is silu(gate_j) * up_j: both sources are ranked together.
+PROXY_PAIRS: dict[str, list[tuple[tuple[str, ...], str]]] = {
+    "gpt_neox": [(("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h")],
+    "gpt2": [(("mlp.c_fc",), "mlp.c_proj")],
+    "opt": [(("fc1",), "fc2")],
+    "bloom": [(("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h")],
+    "llama": [(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")],
+    "mistral": [(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")],
+    "qwen2": [(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")],
+}
 
 
 @dataclass
@@ -39,6 +57,27 @@ class ProxySettings:
         fraction = self.outlier_fraction
         if isinstance(fraction, bool) or not 0.0 < float(fraction) < 1.0:
             raise ValueError(f"method.outlier_fraction={fraction!r}; allowed: 0 < f < 1")
+
+
+def proxy_pairs(model: nn.Module) -> list[tuple[list[str], str]]:
+    """(source module names, target module name) per block for proxy quantization."""
+    arch = model.config.model_type
+    if arch not in PROXY_PAIRS:
+        raise ValueError(
+            f"method=proxy: architecture={arch!r} has no layer pairing; allowed: {sorted(PROXY_PAIRS)}"
+        )
+    prefix, layers = decoder_layers(model)
+    modules = dict(model.named_modules())
+    pairs = []
+    for i in range(len(layers)):
+        for sources, target in PROXY_PAIRS[arch]:
+            names = [f"{prefix}.{i}.{s}" for s in sources]
+            tname = f"{prefix}.{i}.{target}"
+            missing = [n for n in [*names, tname] if n not in modules]
+            if missing:
+                raise ValueError(f"method=proxy: modules {missing} not found in {arch!r}")
+            pairs.append((names, tname))
+    return pairs
 
 
 def outlier_columns(sources: list[torch.Tensor], fraction: float) -> torch.Tensor:
