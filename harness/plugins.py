@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import os
 import re
 from collections.abc import Sequence
 from importlib import metadata
@@ -144,3 +145,19 @@ def _first_line(exc: BaseException) -> str:
 
 
 __all__ = ["ENTRY_POINT_GROUP", "PluginError", "load_plugins", "loaded", "source_digest"]
+
+
+def add_plugin_folder(
+    folders: list[Path], folder: str | os.PathLike, what: str, holds: str
+) -> bool:
+    """Append ``folder`` (resolved) to a registry's list of plugin folders; False when it is
+    there already (registering twice is a no-op). One rule for every registry a plugin ships
+    folders to (data-type entries, task definitions): ``what`` names the folder kind and
+    ``holds`` what it holds, for the one-line refusal of a path that is not a folder."""
+    path = Path(folder).resolve()
+    if not path.is_dir():
+        raise ValueError(f"{what} {folder} is not a folder; allowed: a folder of {holds}")
+    if path in folders:
+        return False
+    folders.append(path)
+    return True

@@ -50,12 +50,9 @@ def register_dtype_dir(folder: str | os.PathLike) -> None:
     family: searched after ``conf/dtype`` and before ``$KBIT_DTYPE_DIR``, composed by
     ``kbit-run dtype=<name>`` like a ``$KBIT_DTYPE_DIR`` entry. Registering it again is a no-op.
     """
-    path = Path(folder).resolve()
-    if not path.is_dir():
-        raise ValueError(f"dtype folder {folder} is not a folder; allowed: a folder of "
-                         "data type entries (<name>.yaml)")  # fmt: skip
-    if path not in _PLUGIN_DIRS:
-        _PLUGIN_DIRS.append(path)
+    from harness.plugins import add_plugin_folder
+
+    if add_plugin_folder(_PLUGIN_DIRS, folder, "dtype folder", "data type entries (<name>.yaml)"):
         clear_cache()
 
 

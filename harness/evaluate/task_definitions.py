@@ -113,12 +113,9 @@ def definitions_dir() -> Path:
 def register_task_dir(folder: str | os.PathLike) -> None:
     """Add a folder of task definitions shipped by a plugin (searched after kbit's own, before
     ``$KBIT_TASK_DIR``). Registering it again is a no-op."""
-    path = Path(folder).resolve()
-    if not path.is_dir():
-        raise ValueError(f"task folder {folder} is not a folder; allowed: a folder of task "
-                         "definitions (<task>.yaml)")  # fmt: skip
-    if path not in _PLUGIN_DIRS:
-        _PLUGIN_DIRS.append(path)
+    from harness.plugins import add_plugin_folder
+
+    add_plugin_folder(_PLUGIN_DIRS, folder, "task folder", "task definitions (<task>.yaml)")
 
 
 def task_dirs() -> tuple[Path, ...]:
